@@ -1,0 +1,89 @@
+"""Pieces shared by attention kinds: the builder, rotary embeddings, the KV cache, masks.
+
+Rotary position embedding: Su et al. 2021, "RoFormer", eq. (34): each pair of query/key channels
+(2i, 2i+1) at position m is rotated by angle m * theta_i, theta_i = base^(-2i/d).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from routelab.registry import ATTENTION
+
+
+def build_attention(cfg, layer_idx: int = 0) -> nn.Module:
+    """Build the attention module that ``cfg.attention.kind`` names.
+
+    Args:
+        cfg: the ``ModelConfig`` (sizes, heads, causality and positions come from it; kind-specific
+            options from ``cfg.attention``). The whole model config is passed, not only the section,
+            because every kind needs d_model, n_heads, causal and the position scheme.
+        layer_idx: index of the block, so kinds with per-layer randomness (BigBird) can seed by it.
+    """
+    entry = ATTENTION.get(cfg.attention.kind)
+    return entry.module_class(cfg, layer_idx=layer_idx)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables, extended on demand; ``rotate(x, offset)`` rotates ``x: (B, H, T, hd)``."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0, max_seq_len: int = 2048) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._build(max_seq_len)
+
+    def _build(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)  # (n, hd/2)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def rotate(self, x: Tensor, offset: int = 0) -> Tensor:
+        """x: (B, H, T, hd) -> same shape, rotated for positions offset .. offset+T-1."""
+        T = x.shape[-2]
+        if offset + T > self.cos.shape[0]:
+            self._build(max(offset + T, 2 * self.cos.shape[0]))
+        cos = self.cos[offset : offset + T].to(x.dtype)  # (T, hd/2)
+        sin = self.sin[offset : offset + T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, T, hd/2) each: channel pairs (2i, 2i+1)
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
+        return out.flatten(-2)
+
+
+@dataclass
+class KVCache:
+    """Keys and values seen so far by one attention layer, for incremental decoding.
+
+    ``k``/``v`` are (B, H, S, hd) or None before the first step. ``offset`` is the absolute position
+    of the next token (equal to S for kinds that keep everything; kinds that evict keys keep
+    ``offset`` counting while S stays bounded).
+    """
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    offset: int = 0
+    extra: dict = field(default_factory=dict)  # kind-specific state (e.g. cluster assignments)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new k, v (B, H, T, hd); return all keys/values (B, H, S+T, hd)."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        self.offset += k.shape[2]
+        return self.k, self.v
+
+
+def causal_mask(q_len: int, k_len: int, offset: int, device: torch.device) -> Tensor:
+    """Bool (q_len, k_len), True = may attend: query i (absolute offset+i) sees keys j <= offset+i.
+
+    Keys are assumed to start at absolute position ``offset + q_len - k_len``.
+    """
+    q_pos = torch.arange(q_len, device=device) + offset
+    k_pos = torch.arange(k_len, device=device) + (offset + q_len - k_len)
+    return k_pos[None, :] <= q_pos[:, None]

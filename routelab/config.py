@@ -1,0 +1,457 @@
+"""Typed configuration: dataclasses, YAML load/save, ``--set a.b=c`` overrides, validation.
+
+All validation lives here (STYLE.md, practice 3). A config is a tree of dataclasses:
+
+    Config
+      model: ModelConfig
+        attention: <the dataclass registered for attention.kind>   (e.g. DenseAttentionConfig)
+        ffn:       <the dataclass registered for ffn.kind>         (e.g. DenseFFNConfig)
+      data:  DataConfig
+      train: TrainConfig
+
+Building from a dict (``from_dict``) rejects unknown keys with a "did you mean" hint and wrong
+types with a message naming the field, the value and what is allowed; each dataclass's
+``__post_init__`` checks ranges. Every error is a ``ConfigError`` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from routelab.registry import ATTENTION, FFN, Registry, UnknownKindError
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field, the value and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# checks used by __post_init__
+
+
+def check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise ``ConfigError`` naming ``name``, ``value`` and ``allowed`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def check_positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        check(v is not None and v > 0, _qual(obj, n), v, "a number > 0")
+
+
+def check_fraction(obj: Any, name: str, closed_right: bool = False) -> None:
+    v = getattr(obj, name)
+    ok = 0.0 <= v <= 1.0 if closed_right else 0.0 <= v < 1.0
+    check(ok, _qual(obj, name), v, "0 <= value <= 1" if closed_right else "0 <= value < 1")
+
+
+def _qual(obj: Any, name: str) -> str:
+    prefix = getattr(obj, "_section", type(obj).__name__)
+    return f"{prefix}.{name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class AttentionConfig:
+    """Base of every attention kind's options. Subclasses add fields; ``kind`` picks the entry."""
+
+    _section = "model.attention"
+    kind: str = "dense"  # registry key: routelab.attention (dense; sparse/learned kinds plug in)
+    dropout: float = 0.0  # dropout on attention probabilities (training only)
+
+    def __post_init__(self) -> None:
+        check_fraction(self, "dropout")
+
+
+@dataclass
+class FFNConfig:
+    """Base of every feed-forward kind's options. Subclasses add fields; ``kind`` picks the entry."""
+
+    _section = "model.ffn"
+    kind: str = "dense"  # registry key: routelab.ffn (dense; moe plugs in)
+    hidden: Optional[int] = None  # hidden width; None = 4 * d_model (8/3 * d_model for swiglu)
+    activation: Literal["gelu", "relu", "swiglu"] = "gelu"  # swiglu adds a gate matrix (Shazeer 2020)
+    bias: bool = True  # biases in w_in/w_out, as in y = W2 act(W1 x + b1) + b2
+
+    def __post_init__(self) -> None:
+        if self.hidden is not None:
+            check_positive(self, "hidden")
+
+
+def _default_attention() -> AttentionConfig:
+    return _section_from_dict(ATTENTION, {"kind": "dense"}, "model.attention")
+
+
+def _default_ffn() -> FFNConfig:
+    return _section_from_dict(FFN, {"kind": "dense"}, "model.ffn")
+
+
+HEADS = ("lm", "classification", "token_classification")
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer: sizes, norm and positions, the task head, and the routed sections."""
+
+    _section = "model"
+    vocab_size: Optional[int] = None  # None = taken from the tokenizer when training
+    d_model: int = 128  # residual width
+    n_layers: int = 2  # number of pre-norm blocks
+    n_heads: int = 4  # attention heads; d_model must divide by it
+    max_seq_len: int = 256  # longest sequence (learned positions and inputs are bounded by it)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # pre-norm flavour (RMSNorm: Zhang & Sennrich 2019)
+    norm_eps: float = 1e-5  # epsilon inside the norm
+    positions: Literal["rope", "learned", "none"] = "rope"  # RoPE (Su et al. 2021) or a learned table
+    rope_base: float = 10000.0  # RoPE frequency base theta
+    dropout: float = 0.0  # residual and embedding dropout
+    head: Literal["lm", "classification", "token_classification"] = "lm"  # task head
+    num_labels: Optional[int] = None  # classes for classification heads; None = from the data
+    tie_embeddings: bool = True  # LM head shares the token-embedding matrix (Press & Wolf 2017)
+    causal: Optional[bool] = None  # None = derived: True for the lm head, False for encoders
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    embeddings_path: Optional[str] = None  # word2vec/GloVe text file to initialise token embeddings
+    freeze_embeddings: bool = False  # keep loaded embeddings fixed during training
+    attention: AttentionConfig = field(default_factory=_default_attention)
+    ffn: FFNConfig = field(default_factory=_default_ffn)
+
+    def __post_init__(self) -> None:
+        if self.vocab_size is not None:
+            check_positive(self, "vocab_size")
+        check_positive(self, "d_model", "n_layers", "n_heads", "max_seq_len", "norm_eps", "rope_base")
+        check(
+            self.d_model % self.n_heads == 0,
+            "model.d_model",
+            self.d_model,
+            f"a multiple of model.n_heads={self.n_heads}",
+        )
+        if self.positions == "rope":
+            check(
+                (self.d_model // self.n_heads) % 2 == 0,
+                "model.n_heads",
+                self.n_heads,
+                "a head count giving an even head dimension (RoPE rotates pairs)",
+            )
+        check_fraction(self, "dropout")
+        if self.num_labels is not None:
+            check(self.num_labels >= 2, "model.num_labels", self.num_labels, "an integer >= 2")
+        if self.causal is None:
+            self.causal = self.head == "lm"
+        check(
+            not (self.head == "lm" and not self.causal),
+            "model.causal",
+            self.causal,
+            "True for the lm head (a bidirectional LM would see the token it predicts)",
+        )
+        if isinstance(self.attention, dict):
+            self.attention = _section_from_dict(ATTENTION, self.attention, "model.attention")
+        if isinstance(self.ffn, dict):
+            self.ffn = _section_from_dict(FFN, self.ffn, "model.ffn")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.ffn.hidden is not None:
+            return self.ffn.hidden
+        if self.ffn.activation == "swiglu":  # keep parameters equal to a 4x GELU FFN
+            return int(8 * self.d_model / 3 + 7) // 8 * 8
+        return 4 * self.d_model
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it becomes token ids."""
+
+    _section = "data"
+    source: str = "stdlib"  # 'stdlib' (Python's own source), 'listops', a file/folder path, or 'hf:NAME'
+    task: Literal["lm", "classification", "token_classification"] = "lm"
+    tokenizer: Literal["byte", "bpe"] = "byte"  # bytes need no training; BPE is trained on the train split
+    bpe_vocab_size: int = 4096  # BPE vocabulary size (tokenizer: bpe)
+    seq_len: int = 256  # LM window length; classification inputs longer than this error or truncate
+    truncate: bool = False  # classification: cut inputs longer than seq_len instead of raising
+    val_fraction: float = 0.05  # fraction of files/rows held out for validation
+    max_bytes: Optional[int] = None  # cap on the corpus size read (None = all)
+    text_column: str = "text"  # JSONL/CSV/HF column holding the text
+    label_column: str = "label"  # JSONL/CSV/HF column holding the label (classification)
+    hf_split: str = "train"  # HF dataset split to read
+    hf_allow_download: bool = False  # never download unless asked
+    listops_train: int = 2000  # ListOps examples (LRA: 96000 / 2000 / 2000)
+    listops_val: int = 200
+    listops_test: int = 200
+    listops_min_len: int = 20  # keep sequences with min_len <= tokens <= max_len (LRA: 500..2000)
+    listops_max_len: int = 120
+    listops_max_depth: int = 10  # LRA: 10
+    listops_max_args: int = 10  # LRA: 10 (operators take 2..max_args arguments)
+    seed: int = 0  # seeds data generation and splits
+
+    def __post_init__(self) -> None:
+        check(bool(self.source), "data.source", self.source, "'stdlib', 'listops', a path, or 'hf:NAME'")
+        check_positive(self, "seq_len", "bpe_vocab_size", "listops_max_depth")
+        check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "0 < value < 1")
+        if self.max_bytes is not None:
+            check_positive(self, "max_bytes")
+        for n in ("listops_train", "listops_val", "listops_test"):
+            check(getattr(self, n) >= 0, f"data.{n}", getattr(self, n), "an integer >= 0")
+        check(self.listops_max_args >= 2, "data.listops_max_args", self.listops_max_args, "an integer >= 2")
+        check(
+            1 <= self.listops_min_len <= self.listops_max_len,
+            "data.listops_min_len",
+            self.listops_min_len,
+            f"1 <= listops_min_len <= listops_max_len={self.listops_max_len}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation, logging and checkpointing."""
+
+    _section = "train"
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup from 0
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not norms, biases, embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    eval_every: int = 200  # steps between validation passes (0 = only at the end)
+    eval_batches: int = 20  # validation batches per pass (0 = the whole split)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 200  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    seed: int = 0  # seeds init, dropout and batch order
+    device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+    threads: Optional[int] = None  # torch.set_num_threads; None = torch's default
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        check_positive(self, "steps", "batch_size", "grad_accum", "lr")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "0 <= value <= 1")
+        for n in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "weight_decay", "grad_clip"):
+            check(getattr(self, n) >= 0, f"train.{n}", getattr(self, n), "a number >= 0")
+        check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "train.beta1/beta2", (self.beta1, self.beta2), "0 <= beta < 1")
+        if self.threads is not None:
+            check_positive(self, "threads")
+
+
+@dataclass
+class Config:
+    """A whole run: model, data and training sections."""
+
+    _section = "config"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        head_task = {"lm": "lm", "classification": "classification", "token_classification": "token_classification"}
+        check(
+            head_task[self.model.head] == self.data.task,
+            "data.task",
+            self.data.task,
+            f"the task matching model.head={self.model.head!r} ({head_task[self.model.head]!r})",
+        )
+        check(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            self.data.seq_len,
+            f"<= model.max_seq_len={self.model.max_seq_len}",
+        )
+
+    # -- I/O -----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        return from_dict(cls, data, "")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(apply_overrides(data, overrides or []))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# generic dict <-> dataclass with validation
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _section_from_dict(registry: Registry, data: Any, path: str) -> Any:
+    """Build a registered section (attention/ffn): its ``kind`` picks the dataclass."""
+    _ensure_registered()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping with a 'kind' key, got {data!r}")
+    kind = data.get("kind", "dense")
+    try:
+        entry = registry.get(kind)
+    except UnknownKindError as e:
+        raise ConfigError(f"{path}.kind: {e}") from None
+    return from_dict(entry.config_class, data, path)
+
+
+def from_dict(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types; ``path`` names the section."""
+    where = path or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    fields = _fields(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"unknown key {_join(path, key)!r}{did_you_mean} (known keys: {', '.join(fields)})"
+            )
+        kwargs[key] = _coerce(value, hints[key], _join(path, key))
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a range check raised something else
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against type ``tp``; allow int -> float; return the value to store."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is AttentionConfig:
+        return _section_from_dict(ATTENTION, value, name)
+    if tp is FFNConfig:
+        return _section_from_dict(FFN, value, name)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, name)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}={value!r} matches none of {non_none}")
+    if origin is Literal:
+        if value not in args:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{name}={value!r} is invalid{did_you_mean}; allowed: {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: a list")
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: a string")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")  # a bug in a config class
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars.
+
+    ``--set model.d_model=256`` -> ``data['model']['d_model'] = 256``. Keys are checked later by
+    ``from_dict``, so a typo still gets its "did you mean".
+    """
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. model.d_model=256)")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"override {item!r} has an empty key; expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    return from_dict(ModelConfig, data, "model")
+
+
+def _ensure_registered() -> None:
+    """Import the packages whose modules register attention and FFN kinds."""
+    import routelab.attention  # noqa: F401
+    import routelab.ffn  # noqa: F401

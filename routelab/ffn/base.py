@@ -1,0 +1,29 @@
+"""The feed-forward contract: every FFN kind returns an ``FFNOutput``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from routelab.registry import FFN
+
+
+@dataclass
+class FFNOutput:
+    """What a feed-forward layer returns.
+
+    Attributes:
+        hidden: same shape as the input, (..., D).
+        aux_loss: scalar tensor already weighted (MoE balancing losses), or None.
+        stats: routing statistics (tokens per expert, drop fraction, ...); empty for dense.
+    """
+
+    hidden: Tensor
+    aux_loss: Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def build_ffn(cfg, layer_idx: int = 0) -> nn.Module:
+    """Build the FFN module that ``cfg.ffn.kind`` names from the whole ``ModelConfig``."""
+    return FFN.get(cfg.ffn.kind).module_class(cfg, layer_idx=layer_idx)

@@ -1,0 +1,224 @@
+"""RoutedTransformer: embeddings, pre-norm blocks with pluggable attention and FFN, task heads.
+
+Pre-norm residual blocks (Xiong et al. 2020): x = x + attn(norm(x)); x = x + ffn(norm(x)).
+The attention and FFN modules come from registries keyed by ``cfg.attention.kind`` and
+``cfg.ffn.kind``, so routing families plug in without touching this file.
+
+Heads:
+- ``lm``: next-token logits over the vocabulary (optionally tied to the embeddings).
+- ``classification``: the final representation of the leading CLS token -> linear -> softmax,
+  trained with cross-entropy.
+- ``token_classification``: a label per token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from routelab.attention import KVCache, build_attention
+from routelab.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from routelab.ffn import build_ffn
+
+IGNORE_INDEX = -100  # label value that is not scored (padding, positions without a label)
+
+
+@dataclass
+class ModelOutput:
+    """What ``RoutedTransformer.forward`` returns.
+
+    Attributes:
+        logits: (B, T, V) for lm, (B, L) for classification, (B, T, L) for token classification.
+        loss: task loss + aux_loss, or None without labels.
+        aux_loss: sum of the layers' weighted auxiliary losses (scalar; 0 for dense layers).
+        routing: per-layer routing statistics, e.g. ``{"layers.0.ffn": {...}}``; empty for dense.
+        task_loss: the task loss alone (for evaluation and bits-per-byte), or None.
+    """
+
+    logits: Tensor
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    routing: dict = field(default_factory=dict)
+    task_loss: Tensor | None = None
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer block."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = build_norm(cfg)
+        self.attn = build_attention(cfg, layer_idx)
+        self.ffn_norm = build_norm(cfg)
+        self.ffn = build_ffn(cfg, layer_idx)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, padding_mask=None, cache=None, token_ids=None):
+        """x: (B, T, D) -> (x (B, T, D), FFNOutput)."""
+        x = x + self.dropout(self.attn(self.attn_norm(x), padding_mask=padding_mask, cache=cache))
+        ffn_pad = padding_mask[:, -x.shape[1] :] if padding_mask is not None else None
+        out = self.ffn(self.ffn_norm(x), token_ids=token_ids, padding_mask=ffn_pad)
+        return x + self.dropout(out.hidden), out
+
+
+class RoutedTransformer(nn.Module):
+    """A Transformer whose attention and FFN layers are chosen by config (see module docstring)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ConfigError("model.vocab_size is None; set it, or let the trainer take it from the tokenizer")
+        if cfg.head != "lm" and cfg.num_labels is None:
+            raise ConfigError(f"model.num_labels is None; the {cfg.head!r} head needs the number of labels")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = build_norm(cfg)
+        out_dim = cfg.vocab_size if cfg.head == "lm" else cfg.num_labels
+        self.head = nn.Linear(cfg.d_model, out_dim, bias=cfg.head != "lm")
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
+            if name.endswith(("o_proj.weight", "w_out.weight")) or name.endswith("experts.w_out"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        if cfg.head == "lm" and cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        if cfg.freeze_embeddings:
+            self.tok_emb.weight.requires_grad_(False)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------------------------------
+    def new_cache(self) -> list[KVCache]:
+        """One empty KV cache per layer, for ``forward(..., cache=...)``."""
+        return [KVCache() for _ in self.layers]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> ModelOutput:
+        """Run the model.
+
+        Shapes: B batch, T tokens, D model dim, V vocabulary, L labels.
+
+        Args:
+            input_ids: (B, T) token ids.
+            labels: lm: (B, T) ids, shifted inside (position t predicts labels[t+1]); classification:
+                (B,); token classification: (B, T). ``-100`` is ignored.
+            attention_mask: (B, T) or, with a cache, (B, cached + T); 1/True = real token, 0 = padding.
+            cache: per-layer ``KVCache`` list from ``new_cache()`` for incremental decoding.
+        """
+        cfg = self.cfg
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        offset = cache[0].offset if cache else 0
+        if offset + T > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {offset + T} exceeds model.max_seq_len={cfg.max_seq_len}; "
+                "truncate the input (data.truncate=true) or raise model.max_seq_len"
+            )
+        if cache is not None and not cfg.causal:
+            raise ValueError("a KV cache needs a causal model (model.causal=true); encoders see the future")
+        padding_mask = None
+        if attention_mask is not None:
+            padding_mask = attention_mask == 0  # (B, S) True = padding
+            if not padding_mask.any():
+                padding_mask = None
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(offset, offset + T, device=input_ids.device))
+        x = self.drop(x)
+        aux_losses, routing = [], {}
+        for i, layer in enumerate(self.layers):
+            x, out = layer(x, padding_mask=padding_mask, cache=cache[i] if cache else None, token_ids=input_ids)
+            if out.aux_loss is not None:
+                aux_losses.append(out.aux_loss)
+            if out.stats:
+                routing[f"layers.{i}.ffn"] = out.stats
+        x = self.norm(x)
+        if cfg.head == "classification":
+            logits = self.head(x[:, 0])  # (B, L): the CLS token's representation
+        else:
+            logits = self.head(x)  # (B, T, V or L)
+        aux = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros(())
+        task_loss = self.task_loss(logits, labels) if labels is not None else None
+        loss = task_loss + aux if task_loss is not None else None
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, routing=routing, task_loss=task_loss)
+
+    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.head == "lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+            n_classes = cfg.vocab_size
+        else:
+            n_classes = cfg.num_labels
+        scored = labels[labels != IGNORE_INDEX]
+        if scored.numel() and (scored.min() < 0 or scored.max() >= n_classes):
+            bad = scored[(scored < 0) | (scored >= n_classes)][0].item()
+            raise ValueError(f"label {bad} is out of range; allowed: 0..{n_classes - 1} (or -100 to ignore)")
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    # ------------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically each)."""
+        from routelab.io import atomic_write_json, save_state_dict
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_state_dict(self.state_dict(), directory / "model.safetensors")
+        atomic_write_json(directory / "config.json", to_dict(self.cfg))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "RoutedTransformer":
+        """Rebuild a model written by ``save_pretrained``."""
+        from routelab.io import load_state_dict
+
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} not found: is {str(directory)!r} a saved routelab model?")
+        model = cls(model_config_from_dict(json.loads(cfg_path.read_text())))
+        model.load_state_dict(load_state_dict(directory / "model.safetensors", map_location))
+        return model
+
+    def load_word_vectors(self, path: str | Path, vocab: list[str]) -> int:
+        """Initialise token embeddings from a word2vec/GloVe text file; returns rows filled.
+
+        ``vocab[i]`` is the string of token id i. A word2vec header line ("count dim") is skipped.
+        """
+        from routelab.embeddings import read_word_vectors
+
+        vectors = read_word_vectors(path, self.cfg.d_model, wanted=set(vocab))
+        weight = self.tok_emb.weight
+        filled = 0
+        with torch.no_grad():
+            for i, tok in enumerate(vocab):
+                vec = vectors.get(tok)
+                if vec is not None:
+                    weight[i] = torch.tensor(vec, dtype=weight.dtype, device=weight.device)
+                    filled += 1
+        return filled

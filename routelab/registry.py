@@ -1,0 +1,61 @@
+"""Small explicit registries: a variant is chosen by one string field (STYLE.md, practice 4).
+
+Each registry maps a name to a pair ``(config_class, module_class)``. The config class is a
+dataclass holding that variant's options (so YAML sections are typed and validated per kind);
+the module class is built from it. An unknown name raises an error listing the known names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class UnknownKindError(ValueError):
+    """Raised for a name that is not in a registry; the message lists the known names."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    config_class: type
+    module_class: type
+
+
+class Registry:
+    """A name -> (config dataclass, module class) table for one family (attention, ffn, ...)."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, config_class: type) -> Callable[[type], type]:
+        """Class decorator: ``@ATTENTION.register("dense", DenseAttentionConfig)``."""
+
+        def decorator(module_class: type) -> type:
+            if name in self._entries:
+                raise ValueError(f"{self.family} kind {name!r} is registered twice")
+            self._entries[name] = Entry(name, config_class, module_class)
+            return module_class
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: Any) -> Entry:
+        if name not in self._entries:
+            hint = difflib.get_close_matches(str(name), self.names(), n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise UnknownKindError(
+                f"unknown {self.family} kind {name!r}{did_you_mean}; known kinds: {', '.join(self.names())}"
+            )
+        return self._entries[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+ATTENTION = Registry("attention")
+FFN = Registry("ffn")
