@@ -1,0 +1,148 @@
+"""Command line: a thin map of subcommand -> function.
+
+    routelab train CONFIG [--set k=v ...] [--out DIR] [--resume]
+    routelab eval RUN_DIR [--split val|test]
+    routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    routelab data listops --out DIR [--set data.listops_train=...]
+
+Errors a user can cause (bad config, missing file, bad data) print one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from routelab.config import Config, ConfigError, DataConfig, apply_overrides, from_dict
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or the name of a preset in configs/ (``lm-tiny`` -> configs/lm-tiny.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = CONFIGS_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if preset.is_file():
+        return preset
+    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
+    raise ConfigError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(known) or 'none'}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from routelab.train import train
+
+    cfg_path = resolve_config_path(args.config)
+    cfg = Config.load(cfg_path, args.set)
+    out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
+    summary = train(cfg, out, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    if cfg.model.head == "lm" and not args.no_sample:
+        text = sample_text(out, args.prompt, max_new_tokens=200, temperature=0.8, top_k=0, top_p=0.95, seed=0)
+        print(f"\n--- sample (prompt {args.prompt!r}) ---\n{text}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from routelab.train import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_dir, split=args.split), indent=2))
+    return 0
+
+
+def sample_text(run_dir, prompt: str, **sampling) -> str:
+    import torch
+
+    from routelab.generate import SamplingConfig, generate
+    from routelab.train import load_run
+
+    _, model, tokenizer = load_run(run_dir)
+    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    device = next(model.parameters()).device
+    cfg = SamplingConfig(stop_tokens=(tokenizer.eos_id,), **sampling)
+    out = generate(model, torch.tensor([ids], device=device), cfg)
+    return prompt + tokenizer.decode(out[0, len(ids) :].tolist())
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    print(
+        sample_text(
+            args.run_dir,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    )
+    return 0
+
+
+def cmd_data_listops(args: argparse.Namespace) -> int:
+    from routelab.data import generate_listops_splits, write_lra_tsv
+
+    cfg = from_dict(DataConfig, apply_overrides({"source": "listops"}, [s.removeprefix("data.") for s in args.set]), "data")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, examples in generate_listops_splits(cfg).items():
+        path = out / f"basic_{split}.tsv"
+        write_lra_tsv(path, examples)
+        print(f"wrote {len(examples)} examples to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="routelab", description="Routing in Transformer language models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a YAML config", description="Train a model; writes a run directory.")
+    t.add_argument("config", help="YAML config file, or a preset name from configs/ (e.g. lm-tiny, listops-tiny)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set model.d_model=256 (repeatable)")
+    t.add_argument("--out", help="run directory (default: runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    t.add_argument("--prompt", default="def ", help="prompt for the sample printed after LM training")
+    t.add_argument("--no-sample", action="store_true", help="do not print a generated sample after LM training")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a finished run", description="Evaluate a run directory's model.")
+    e.add_argument("run_dir", help="run directory written by `routelab train`")
+    e.add_argument("--split", default="val", choices=["val", "test"], help="split to evaluate (test: classification only)")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a trained LM", description="Sample a continuation with a KV cache.")
+    g.add_argument("run_dir", help="run directory written by `routelab train` (lm head)")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="generate or convert data sets", description="Data utilities.")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    lo = dsub.add_parser("listops", help="write ListOps train/val/test in LRA's TSV format", description="Generate ListOps (Long Range Arena spec) as basic_{train,val,test}.tsv.")
+    lo.add_argument("--out", required=True, help="output folder")
+    lo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data option, e.g. --set listops_train=96000 --set listops_min_len=500")
+    lo.set_defaults(func=cmd_data_listops)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"routelab: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # DataError and other input errors are ValueErrors with clear messages
+        print(f"routelab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
