@@ -83,12 +83,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_listops(args: argparse.Namespace) -> int:
-    from routelab.data import generate_listops_splits, write_lra_tsv
+    from routelab.data import write_lra_tsv
+    from routelab.data.listops import listops_splits
 
     cfg = from_dict(DataConfig, apply_overrides({"source": "listops"}, [s.removeprefix("data.") for s in args.set]), "data")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for split, examples in generate_listops_splits(cfg).items():
+    splits = listops_splits(
+        cfg.listops_train, cfg.listops_val, cfg.listops_test, cfg.listops_min_len, cfg.listops_max_len,
+        cfg.listops_max_depth, cfg.listops_max_args, cfg.seed,
+    )
+    for split, examples in zip(("train", "val", "test"), splits):
         path = out / f"basic_{split}.tsv"
         write_lra_tsv(path, examples)
         print(f"wrote {len(examples)} examples to {path}")

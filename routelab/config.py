@@ -202,7 +202,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.source), "data.source", self.source, "'stdlib', 'listops', a path, or 'hf:NAME'")
-        check_positive(self, "seq_len", "bpe_vocab_size", "listops_max_depth")
+        check_positive(self, "seq_len", "bpe_vocab_size")
+        check(self.listops_max_depth >= 2, "data.listops_max_depth", self.listops_max_depth, "an integer >= 2 (the root is an operator)")
         check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "0 < value < 1")
         if self.max_bytes is not None:
             check_positive(self, "max_bytes")

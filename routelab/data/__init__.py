@@ -1,0 +1,59 @@
+"""Data for routelab: tokenizers, LM corpora, the ListOps generator, classification files, batches.
+
+Nothing here downloads: the default LM corpus is the Python standard library's source, ListOps is
+generated, and Hugging Face datasets are read from the local cache unless explicitly allowed.
+``tokenizers`` and ``datasets`` are optional (``pip install 'routelab[hf]'``).
+"""
+
+from routelab.data.classification import (
+    ClassificationData,
+    classification_batch,
+    classification_batches,
+    classification_eval_batches,
+    collate_classification,
+    load_classification_data,
+)
+from routelab.data.corpus import (
+    LMData,
+    lm_eval_batches,
+    load_lm_data,
+    read_texts,
+    sample_lm_batch,
+    split_documents,
+    stdlib_files,
+)
+from routelab.data.errors import DataError
+from routelab.data.listops import (
+    ListOpsTokenizer,
+    evaluate_listops,
+    generate_listops,
+    read_lra_tsv,
+    write_lra_tsv,
+)
+from routelab.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "ClassificationData",
+    "DataError",
+    "LMData",
+    "ListOpsTokenizer",
+    "Tokenizer",
+    "classification_batch",
+    "classification_batches",
+    "classification_eval_batches",
+    "collate_classification",
+    "evaluate_listops",
+    "generate_listops",
+    "lm_eval_batches",
+    "load_classification_data",
+    "load_lm_data",
+    "load_tokenizer",
+    "read_lra_tsv",
+    "read_texts",
+    "sample_lm_batch",
+    "split_documents",
+    "stdlib_files",
+    "write_lra_tsv",
+]

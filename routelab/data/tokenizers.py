@@ -1,0 +1,233 @@
+"""Tokenizers: raw UTF-8 bytes (no training) and byte-level BPE (Sennrich et al. 2016; GPT-2's
+byte-level variant, Radford et al. 2019) through the optional Hugging Face ``tokenizers`` package.
+
+Every tokenizer has the same small interface (``Tokenizer`` below): four special ids
+(``pad_id``, ``bos_id``, ``eos_id``, ``cls_id``), ``vocab_size``, ``encode``/``decode``,
+``id_to_token`` and ``save(directory)``, which writes ``tokenizer.json``; ``load_tokenizer``
+reads back any kind (byte, BPE, or the ListOps vocabulary of ``routelab.data.listops``).
+``encode`` never adds special tokens; callers add BOS/EOS/CLS where their task needs them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from routelab.data.errors import DataError, hf_missing
+
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<cls>")  # pad, bos, eos, cls: in this order everywhere
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the rest of routelab needs from a tokenizer."""
+
+    kind: str  # 'byte', 'bpe' or 'listops'
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    cls_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def id_to_token(self, i: int) -> str: ...
+
+    def save(self, directory: str | Path) -> Path: ...
+
+
+def as_id_list(ids: Any) -> list[int]:
+    """Turn a list, tuple or 1-D tensor/array of ids into a list of Python ints."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    return [int(i) for i in ids]
+
+
+def check_ids(ids: list[int], vocab_size: int, kind: str) -> None:
+    """Raise ``DataError`` naming the first id outside ``[0, vocab_size)``."""
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise DataError(f"token id {i} is outside the {kind} tokenizer's vocabulary [0, {vocab_size})")
+
+
+def write_json(directory: str | Path, data: dict) -> Path:
+    """Write ``data`` as ``directory/tokenizer.json`` (creating the folder); return the file path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / TOKENIZER_FILE
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# bytes
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then ``<pad>``=256, ``<s>``=257, ``</s>``=258, ``<cls>``=259."""
+
+    kind = "byte"
+    pad_id = 256
+    bos_id = 257
+    eos_id = 258
+    cls_id = 259
+    vocab_size = 260
+
+    def encode(self, text: str) -> list[int]:
+        """Return the UTF-8 bytes of ``text`` as ids, shape ``(len(text.encode()),)``; no specials."""
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Return the text of ``ids``, skipping special ids; invalid UTF-8 becomes U+FFFD."""
+        ids = as_id_list(ids)
+        check_ids(ids, self.vocab_size, self.kind)
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def id_to_token(self, i: int) -> str:
+        """Printable ASCII as itself, other bytes as ``<0xNN>``, specials by name."""
+        check_ids([int(i)], self.vocab_size, self.kind)
+        if i >= 256:
+            return SPECIAL_TOKENS[i - 256]
+        return chr(i) if 32 <= i < 127 else f"<0x{i:02X}>"
+
+    def save(self, directory: str | Path) -> Path:
+        return write_json(
+            directory,
+            {
+                "routelab_tokenizer": "byte",
+                "vocab_size": self.vocab_size,
+                "special_tokens": dict(zip(SPECIAL_TOKENS, range(256, 260))),
+            },
+        )
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=260)"
+
+
+# ----------------------------------------------------------------------------------------------
+# byte-level BPE (optional dependency)
+
+
+def _import_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise hf_missing("tokenizers") from None
+    return tokenizers
+
+
+class BPETokenizer:
+    """Byte-level BPE from Hugging Face ``tokenizers``; specials ``<pad> <s> </s> <cls>`` are ids 0..3.
+
+    Text that happens to contain ``"<s>"`` etc. is encoded as ordinary text, never as a special id.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self._tok = hf_tokenizer
+        self._tok.encode_special_tokens = True  # literal "<s>" in a text stays text
+        ids = [self._tok.token_to_id(t) for t in SPECIAL_TOKENS]
+        missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None]
+        if missing:
+            raise DataError(f"BPE tokenizer lacks the special tokens {missing}; it needs all of {list(SPECIAL_TOKENS)}")
+        self.pad_id, self.bos_id, self.eos_id, self.cls_id = ids
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Learn merges from ``texts`` until the vocabulary has ``vocab_size`` entries (or no pair is left).
+
+        Args:
+            texts: training documents (the train split only).
+            vocab_size: target size including the 256 byte symbols and the 4 specials (>= 260).
+        """
+        if vocab_size < 260:
+            raise DataError(f"bpe_vocab_size={vocab_size} is too small; allowed: >= 260 (256 bytes + 4 specials)")
+        tk = _import_tokenizers()
+        tok = tk.Tokenizer(tk.models.BPE())
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BPETokenizer:
+        tk = _import_tokenizers()
+        try:
+            return cls(tk.Tokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises a bare Exception on a malformed file
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{str(path)!r} is not a readable BPE tokenizer file: {e}") from None
+
+    def encode(self, text: str) -> list[int]:
+        """Return the BPE ids of ``text``, shape ``(n_tokens,)``; no specials added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once (parallel in Rust)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = as_id_list(ids)
+        check_ids(ids, self.vocab_size, self.kind)
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def id_to_token(self, i: int) -> str:
+        check_ids([int(i)], self.vocab_size, self.kind)
+        return self._tok.id_to_token(int(i))
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        self._tok.save(str(path))
+        return path
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Read a tokenizer saved by any ``save``: ``path`` is the folder or its ``tokenizer.json``."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"no tokenizer at {str(path)!r}: expected a folder holding {TOKENIZER_FILE} or that file")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{str(file)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{str(file)!r} does not describe a tokenizer (expected a JSON object)")
+    kind = data.get("routelab_tokenizer")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "listops":
+        from routelab.data.listops import ListOpsTokenizer
+
+        return ListOpsTokenizer.from_dict(data)
+    if kind is None and "model" in data:  # a Hugging Face tokenizers file
+        return BPETokenizer.from_file(file)
+    raise DataError(f"{str(file)!r} has unknown tokenizer kind {kind!r}; allowed: 'byte', 'listops', or a BPE file")
