@@ -27,17 +27,20 @@ def measure(preset: str, steps: int, warmup: int) -> dict:
     from routelab import RoutedTransformer
     from routelab.cli import resolve_config_path
     from routelab.config import Config
-    from routelab.train.trainer import build_batch_source  # same batches the trainer draws
+    from routelab.train.run import load_task_data, resolve_config
+    from routelab.train.trainer import micro_batch  # the same batches the trainer draws
 
     cfg = Config.load(resolve_config_path(preset), ["data.max_bytes=2000000"] if "lm" in preset else [])
     torch.manual_seed(0)
-    source = build_batch_source(cfg, run_dir=None)
-    model = RoutedTransformer(source.model_config(cfg.model))
+    data = load_task_data(cfg, None)
+    cfg = resolve_config(cfg, data)
+    model = RoutedTransformer(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     times, tokens = [], []
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    perms: dict = {}
     for step in range(warmup + steps):
-        batch = source.train_batch(step, 0)
+        batch = micro_batch(cfg, data, step + 1, 0, perms)
         t0 = time.perf_counter()
         out = model(**batch)
         out.loss.backward()

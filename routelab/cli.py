@@ -47,9 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from routelab.train import evaluate_run
+    from routelab.train import evaluate, load_run
 
-    print(json.dumps(evaluate_run(args.run_dir, split=args.split), indent=2))
+    run = load_run(args.run_dir, with_data=True)
+    print(json.dumps(evaluate(run.model, run.data, run.cfg, split=args.split, max_batches=0), indent=2))
     return 0
 
 
@@ -59,7 +60,8 @@ def sample_text(run_dir, prompt: str, **sampling) -> str:
     from routelab.generate import SamplingConfig, generate
     from routelab.train import load_run
 
-    _, model, tokenizer = load_run(run_dir)
+    run = load_run(run_dir)
+    model, tokenizer = run.model, run.tokenizer
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
     device = next(model.parameters()).device
     cfg = SamplingConfig(stop_tokens=(tokenizer.eos_id,), **sampling)

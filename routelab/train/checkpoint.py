@@ -1,0 +1,224 @@
+"""Checkpoints: ``<run>/checkpoints/step_{step:07d}/`` holding three files.
+
+- ``model.safetensors``: the model's state dict (tied weights stored once, see ``routelab.io``).
+- ``optimizer.safetensors``: every optimizer state tensor as ``state.{param_idx}.{name}`` plus the
+  random-number generator states as uint8 tensors (``rng.torch``, ``rng.cuda``).
+- ``state.json``: the step, the optimizer's param groups and non-tensor state, the Python and NumPy
+  RNG states, and the trainer's bookkeeping. Written last.
+
+A checkpoint is written into a hidden temporary folder and renamed into place, and only a folder
+with ``state.json`` counts, so a run killed mid-write leaves the previous checkpoint as the newest
+valid one. Nothing is pickled: tensors go to safetensors, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from routelab.io import atomic_write_json, load_state_dict, save_state_dict
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step_(\d{7,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Valid checkpoints (folders ``step_NNNNNNN`` holding ``state.json``), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _NAME.match(path.name)
+        if m and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest valid checkpoint folder, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer and RNG state <-> (tensors, JSON)
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.{idx}.{name}``) and JSON-able data."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, param_state in sd["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of ``optimizer_to_flat``: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else dict(g) for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def capture_rng(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """The torch (CPU, and CUDA for a CUDA ``device``), Python and NumPy RNG states."""
+    tensors = {"rng.torch": torch.get_rng_state()}  # uint8 tensor
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> None:
+    """Inverse of ``capture_rng``."""
+    torch.set_rng_state(tensors["rng.torch"].cpu())
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """Rename folder ``src`` to ``dst``; an existing ``dst`` is moved aside first, then deleted."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    bookkeeping: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically, then keep only the ``keep`` newest; return its folder.
+
+    ``bookkeeping`` (JSON-able trainer counters) is stored in ``state.json``.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        save_state_dict(model.state_dict(), tmp / MODEL_FILE)
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        rng_tensors, rng_meta = capture_rng(_device_of(model))
+        save_state_dict({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
+        state = {"format": FORMAT_VERSION, "step": step, **bookkeeping, "optimizer": opt_meta, "rng": rng_meta}
+        atomic_write_json(tmp / STATE_FILE, state)  # last: marks the checkpoint complete
+        _move_into_place(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest valid checkpoints, and leftovers of killed writes
+    (hidden temporary folders, ``step_*`` folders without ``state.json``)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    valid = list_checkpoints(run_dir)
+    for _, path in valid[: max(len(valid) - keep, 0)]:
+        shutil.rmtree(path)
+    valid_paths = {p for _, p in valid}
+    for path in root.iterdir():
+        if path.is_dir() and path not in valid_paths and (path.name.startswith(".") or _NAME.match(path.name)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_checkpoint_state(path: str | Path) -> dict:
+    """The ``state.json`` of checkpoint folder ``path``."""
+    state_path = Path(path) / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path} not found: {str(path)!r} is not a complete checkpoint")
+    state = json.loads(state_path.read_text())
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {str(path)!r} has format {state.get('format')!r}; this version reads {FORMAT_VERSION}"
+        )
+    return state
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    rng: bool = True,
+) -> dict:
+    """Load weights into ``model`` (and state into ``optimizer``, and the RNG states if ``rng``).
+
+    Returns:
+        the checkpoint's ``state.json`` (step and bookkeeping).
+    """
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    model.load_state_dict(load_state_dict(path / MODEL_FILE))
+    if optimizer is not None or rng:
+        tensors = load_state_dict(path / OPTIMIZER_FILE)
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+        if rng:
+            restore_rng(tensors, state["rng"], _device_of(model))
+    return state

@@ -1,0 +1,112 @@
+"""Evaluation of a model on a data split: LM loss and bits per byte, or classification accuracy.
+
+Bits per byte (as in Gao et al. 2020, The Pile) makes LMs with different tokenizers comparable:
+
+    bpb = (mean nats per token / ln 2) * (tokens in the split / UTF-8 bytes in the split)
+
+Evaluation runs in ``eval()`` mode under ``no_grad`` and inside ``torch.random.fork_rng``, so it
+never moves the training RNG: a run evaluated at different steps trains identically.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from routelab.config import Config
+from routelab.data import (
+    ClassificationData,
+    LMData,
+    classification_eval_batches,
+    collate_classification,
+    lm_eval_batches,
+)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: LMData | ClassificationData,
+    cfg: Config,
+    split: str = "val",
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``split`` of ``data``.
+
+    Args:
+        split: 'val' or 'train' (LM); 'val', 'test' or 'train' (classification).
+        max_batches: batches of ``cfg.train.batch_size`` to score; None = ``cfg.train.eval_batches``,
+            0 = the whole split.
+
+    Returns:
+        LM: ``{"loss", "bpb" (val only), "tokens"}``; classification: ``{"loss", "accuracy", "examples"}``.
+        ``loss`` is the task loss in nats (auxiliary routing losses excluded).
+    """
+    if max_batches is None:
+        max_batches = cfg.train.eval_batches
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            if isinstance(data, LMData):
+                return _evaluate_lm(model, data, cfg, split, max_batches, device)
+            if isinstance(data, ClassificationData):
+                return _evaluate_classification(model, data, cfg, split, max_batches, device)
+            raise TypeError(f"cannot evaluate on {type(data).__name__}; expected LMData or ClassificationData")
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_lm(model, data: LMData, cfg: Config, split: str, max_batches: int, device) -> dict[str, Any]:
+    splits = {"train": data.train, "val": data.val}
+    if split not in splits:
+        raise ValueError(f"LM data has no split {split!r}; allowed: {', '.join(splits)}")
+    total_nats, total_tokens = 0.0, 0
+    for x in lm_eval_batches(splits[split], cfg.train.batch_size, cfg.data.seq_len, max_batches):  # (b, T)
+        x = x.to(device)
+        out = model(x, labels=x)
+        n = x.shape[0] * (x.shape[1] - 1)  # predicted positions: t predicts t + 1
+        total_nats += out.task_loss.item() * n
+        total_tokens += n
+    loss = total_nats / total_tokens
+    result: dict[str, Any] = {"loss": loss}
+    if split == "val":
+        result["bpb"] = bits_per_byte(loss, data.val_tokens, data.val_bytes)
+    result["tokens"] = total_tokens
+    return result
+
+
+def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
+    """Mean nats per token -> bits per UTF-8 byte, for a split of ``tokens`` tokens and ``n_bytes`` bytes."""
+    return loss_nats / math.log(2) * tokens / n_bytes
+
+
+def _evaluate_classification(
+    model, data: ClassificationData, cfg: Config, split: str, max_batches: int, device
+) -> dict[str, Any]:
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    if split not in splits:
+        raise ValueError(f"classification data has no split {split!r}; allowed: {', '.join(splits)}")
+    examples = splits[split]
+    if not examples:
+        raise ValueError(f"the {split!r} split is empty")
+    total_nats, correct, seen = 0.0, 0, 0
+    for i, batch in enumerate(classification_eval_batches(examples, cfg.train.batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        b = collate_classification(batch, data.tokenizer, cfg.data.seq_len, cfg.data.truncate, data.num_classes)
+        labels = b["labels"].to(device)  # (B,)
+        out = model(b["input_ids"].to(device), labels=labels, attention_mask=b["attention_mask"].to(device))
+        total_nats += out.task_loss.item() * labels.numel()
+        correct += int((out.logits.argmax(-1) == labels).sum())
+        seen += labels.numel()
+    return {"loss": total_nats / seen, "accuracy": correct / seen, "examples": seen}

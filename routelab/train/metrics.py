@@ -1,0 +1,114 @@
+"""``metrics.jsonl``: one JSON object per line, appended as training goes.
+
+Train lines hold ``step, loss, task_loss, aux_loss, lr, grad_norm, tokens_per_s, elapsed_s`` and the
+model's routing statistics flattened to ``routing/<layer>/<stat>``; eval lines hold
+``step, split`` and the evaluation metrics (``loss`` and ``bpb`` or ``accuracy``). A line is written
+with one ``write`` and flushed, so a killed run leaves at most one partial last line, which
+``truncate_after`` drops on resume along with every line past the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from routelab.io import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def to_jsonable(value: Any) -> Any:
+    """A 0-d tensor becomes a float, any other tensor a (nested) list; numbers stay numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu()
+        return value.item() if value.dim() == 0 else value.tolist()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+def flatten_routing(routing: dict) -> dict[str, Any]:
+    """``{"layers.0.ffn": {"entropy": t}}`` -> ``{"routing/layers.0.ffn/entropy": float or list}``."""
+    flat = {}
+    for layer, stats in routing.items():
+        for name, value in stats.items():
+            flat[f"routing/{layer}/{name}"] = to_jsonable(value)
+    return flat
+
+
+def mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Element-wise mean of flattened stats over micro-batches (numbers and equal-length lists);
+    a key whose values cannot be averaged keeps its last value."""
+    out: dict[str, Any] = {}
+    for key in records[-1]:
+        values = [r[key] for r in records if key in r]
+        try:
+            out[key] = torch.tensor(values, dtype=torch.float64).mean(0).tolist()
+        except (TypeError, ValueError, RuntimeError):
+            out[key] = values[-1]
+    return out
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLog:
+    """Appends records to ``run_dir/metrics.jsonl``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps({k: _finite(v) for k, v in record.items()})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Drop lines with ``step > step`` and unreadable lines (a partial write); return how many."""
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and record.get("step", 0) <= step
+            except json.JSONDecodeError:
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        return dropped
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file (or of the run folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024

@@ -1,0 +1,281 @@
+"""The training loop: ``train(cfg, out_dir)`` runs AdamW with warmup + cosine, gradient
+accumulation and clipping, logs to ``metrics.jsonl``, evaluates, checkpoints and resumes.
+
+Resumption is exact: every micro-batch is a pure function of ``(seed, step, micro)``, the learning
+rate a pure function of ``step``, and checkpoints hold the optimizer and RNG states, so N steps in
+one go and N/2 + resume to N end with bitwise identical parameters (same device, same threads).
+
+One optimizer update (``step``, 1-based) = ``grad_accum`` micro-batches of ``batch_size`` sequences;
+each micro-batch loss is divided by ``grad_accum`` so the gradient is that of their mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from routelab.config import Config, ConfigError
+from routelab.data import ClassificationData, LMData, classification_batch, collate_classification, sample_lm_batch
+from routelab.io import atomic_write_json
+from routelab.model import RoutedTransformer
+from routelab.train.checkpoint import load_checkpoint, save_checkpoint
+from routelab.train.evaluation import evaluate
+from routelab.train.metrics import METRICS_FILE, MetricsLog, flatten_routing, mean_records, peak_rss_mb
+from routelab.train.optim import build_optimizer
+from routelab.train.run import (
+    CONFIG_FILE,
+    MODEL_DIR,
+    SUMMARY_FILE,
+    TOKENIZER_FILE,
+    load_task_data,
+    prepare_run_dir,
+    resolve_config,
+    save_config,
+)
+from routelab.train.schedule import lr_at
+
+log = logging.getLogger("routelab.train")
+
+SUPPORTED_TASKS = ("lm", "classification")
+EVAL_KEYS = ("loss", "bpb", "accuracy")  # what an eval line of metrics.jsonl holds
+
+
+# ----------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device={name!r} is invalid ({e}); allowed: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for micro-batch ``index`` of run seed ``seed`` (NumPy ``SeedSequence`` mixing,
+    so nearby (seed, index) pairs give unrelated streams)."""
+    return int(np.random.SeedSequence([seed % 2**64, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def micro_batch(
+    cfg: Config, data: LMData | ClassificationData, step: int, micro: int, perms: dict
+) -> dict[str, torch.Tensor]:
+    """Micro-batch ``micro`` of update ``step`` (1-based): a pure function of (seed, step, micro).
+
+    Returns:
+        ``input_ids`` (B, T) and ``labels`` ((B, T) for LM, (B,) for classification), plus
+        ``attention_mask`` (B, T) for classification. ``perms`` caches epoch permutations.
+    """
+    t = cfg.train
+    index = (step - 1) * t.grad_accum + micro  # global micro-batch number, from 0
+    if isinstance(data, LMData):
+        gen = torch.Generator().manual_seed(batch_seed(t.seed, index))
+        x = sample_lm_batch(data.train, t.batch_size, cfg.data.seq_len, gen)  # (B, T)
+        return {"input_ids": x, "labels": x}  # the model shifts labels inside
+    examples = classification_batch(data.train, t.batch_size, t.seed, index, perms)
+    return collate_classification(examples, data.tokenizer, cfg.data.seq_len, cfg.data.truncate, data.num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# one update
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    data: LMData | ClassificationData,
+    step: int,
+    perms: dict,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Run update ``step``: ``grad_accum`` forward/backward passes, clip, AdamW step, zero grads.
+
+    Returns:
+        ``loss``, ``task_loss``, ``aux_loss`` (means over micro-batches), ``lr``, ``grad_norm``
+        (before clipping), ``tokens`` (non-padding input tokens) and flattened routing stats.
+    """
+    t = cfg.train
+    lr = lr_at(step, t)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    totals = torch.zeros(3, device=device)  # loss, task_loss, aux_loss summed over micro-batches
+    routing, tokens = [], 0
+    for micro in range(t.grad_accum):
+        batch = {k: v.to(device) for k, v in micro_batch(cfg, data, step, micro, perms).items()}
+        out = model(**batch)
+        (out.loss / t.grad_accum).backward()
+        totals += torch.stack([out.loss.detach(), out.task_loss.detach(), out.aux_loss.detach().float()])
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if out.routing:
+            routing.append(flatten_routing(out.routing))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if t.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss, task_loss, aux_loss = (totals / t.grad_accum).tolist()
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss} at step {step}; lower train.lr or raise train.warmup_steps")
+    return {
+        "loss": loss,
+        "task_loss": task_loss,
+        "aux_loss": aux_loss,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": tokens,
+        **(mean_records(routing) if routing else {}),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into run folder ``out_dir`` (see ``routelab.train.run`` for its layout).
+
+    Args:
+        cfg: the run's config; ``model.vocab_size`` / ``model.num_labels`` may be None (from the data).
+        out_dir: run folder. A fresh run refuses a folder holding a checkpoint or finished model.
+        resume: continue from the newest complete checkpoint in ``out_dir``; the config must match
+            the saved one except ``train.steps`` (and ``train.progress``).
+        stop_after: stop once global step ``stop_after`` is done (checkpointing there) although the
+            schedule still runs to ``train.steps``; None = run to ``train.steps``.
+
+    Returns:
+        the summary, also written to ``summary.json``.
+    """
+    start_time = time.perf_counter()
+    if cfg.data.task not in SUPPORTED_TASKS:
+        load_task_data(cfg, None)  # raises the "not supported by the built-in data yet" error
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after={stop_after} is invalid; allowed: None or a step >= 1")
+    out = Path(out_dir)
+    ckpt = prepare_run_dir(out, cfg, resume)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+
+    data = load_task_data(cfg, out)
+    if not (out / TOKENIZER_FILE).is_file():
+        data.tokenizer.save(out)
+    cfg = resolve_config(cfg, data)
+    save_config(cfg, out / CONFIG_FILE)
+    model = RoutedTransformer(cfg.model).to(device)
+    if cfg.model.embeddings_path and ckpt is None:
+        vocab = [data.tokenizer.id_to_token(i) for i in range(data.tokenizer.vocab_size)]
+        filled = model.load_word_vectors(cfg.model.embeddings_path, vocab)
+        log.info("word vectors from %s filled %d of %d embedding rows", cfg.model.embeddings_path, filled, len(vocab))
+    optimizer = build_optimizer(model, cfg.train)
+    metrics = MetricsLog(out / METRICS_FILE)
+
+    book: dict[str, Any] = {"tokens_seen": 0, "elapsed_s": 0.0, "train_loss": None}
+    step = 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)  # also restores the RNG states
+        step = state["step"]
+        book.update(state["bookkeeping"])
+        dropped = metrics.truncate_after(step)
+        log.info("resuming from %s (step %d); dropped %d metrics lines past it", ckpt, step, dropped)
+    last = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    start_step, elapsed_before = step, book["elapsed_s"]
+    loop_start = time.perf_counter()
+
+    def checkpoint() -> None:
+        book["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
+        save_checkpoint(out, step, model, optimizer, {"bookkeeping": dict(book)}, cfg.train.keep_checkpoints)
+
+    def run_eval(write: bool = True) -> dict[str, Any]:
+        result = evaluate(model, data, cfg, "val")
+        if write:
+            metrics.write({"step": step, "split": "val", **{k: v for k, v in result.items() if k in EVAL_KEYS}})
+        log.info("step %d val %s", step, {k: round(v, 4) for k, v in result.items() if k in EVAL_KEYS})
+        return result
+
+    train_time, run_tokens = 0.0, 0  # this invocation, for throughput
+    window_time, window_tokens = 0.0, 0  # since the last metrics line
+    show_bar = cfg.train.progress and sys.stderr.isatty()
+    bar = tqdm(total=last, initial=step, disable=not show_bar, desc="train", dynamic_ncols=True)
+    perms: dict = {}
+    model.train()
+    try:
+        while step < last:
+            step += 1
+            t0 = time.perf_counter()
+            result = train_step(model, optimizer, cfg, data, step, perms, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            train_time, window_time = train_time + dt, window_time + dt
+            run_tokens, window_tokens = run_tokens + result["tokens"], window_tokens + result["tokens"]
+            book["tokens_seen"] += result["tokens"]
+            book["train_loss"] = result["loss"]
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == last:
+                tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
+                record = {"step": step, **{k: v for k, v in result.items() if k != "tokens"}}
+                record["tokens_per_s"] = tokens_per_s
+                record["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
+                metrics.write(record)
+                bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                window_time, window_tokens = 0.0, 0
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != last:
+                run_eval()
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != last:
+                checkpoint()
+    finally:
+        bar.close()
+
+    final = run_eval(write=step > start_step or ckpt is None)  # a no-op resume logs nothing twice
+    if step > start_step or ckpt is None:
+        checkpoint()
+    completed = step >= cfg.train.steps
+    if completed:
+        model.save_pretrained(out / MODEL_DIR)
+        data.tokenizer.save(out / MODEL_DIR)
+    summary = {
+        "steps": step,
+        "target_steps": cfg.train.steps,
+        "completed": completed,
+        "final_train_loss": book["train_loss"],
+        "val_loss": final["loss"],
+        **({"val_bpb": final["bpb"]} if "bpb" in final else {}),
+        **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
+        "tokens_per_s": run_tokens / train_time if train_time > 0 else None,
+        "train_tokens": book["tokens_seen"],
+        "wall_time_s": time.perf_counter() - start_time,
+        "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+        "num_parameters": model.num_parameters(),
+        "peak_rss_mb": peak_rss_mb(),
+        "device": str(device),
+    }
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    return summary
