@@ -1,0 +1,86 @@
+"""The CLI end to end on tiny data: train -> eval -> generate -> resume, and its error handling."""
+
+import json
+
+import pytest
+import yaml
+
+from routelab.cli import main, resolve_config_path
+
+TINY = {
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 32},
+    "data": {"source": "SOURCE", "seq_len": 32, "val_fraction": 0.2},
+    "train": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "eval_batches": 2, "progress": False, "log_every": 2},
+}
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 60)
+    cfg = json.loads(json.dumps(TINY).replace("SOURCE", str(text)))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_eval_generate_and_resume(tiny_yaml, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_yaml), "--out", str(out), "--set", "train.checkpoint_every=3", "--no-sample"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["completed"] is True
+    assert main(["eval", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    assert result["bpb"] == pytest.approx(summary["val_bpb"], rel=0.2)  # full split vs eval_batches
+    assert main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    # a second fresh run into the same folder is refused; a longer resumed run continues it
+    assert main(["train", str(tiny_yaml), "--out", str(out), "--no-sample"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", str(tiny_yaml), "--out", str(out), "--resume", "--set", "train.checkpoint_every=3", "--set", "train.steps=8", "--no-sample"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "model.d_modle=64"], "did you mean 'd_model'"),
+        (["--set", "train.lr=fast"], "train.lr='fast' is invalid; allowed: a number"),
+        (["--set", "data.source=/no/such/file.txt"], "/no/such/file.txt"),
+        (["--set", "model.max_seq_len=16"], "data.seq_len=32 is invalid; allowed: <= model.max_seq_len=16"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_yaml, tmp_path, capsys, args, message):
+    assert main(["train", str(tiny_yaml), "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("routelab: error:") and message in err and "Traceback" not in err
+
+
+def test_empty_corpus_is_a_clear_error(tiny_yaml, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", str(tiny_yaml), "--out", str(tmp_path / "r"), "--set", f"data.source={empty}"]) == 2
+    assert "no text" in capsys.readouterr().err
+
+
+def test_presets_resolve_and_unknown_preset_lists_them():
+    assert resolve_config_path("lm-tiny").name == "lm-tiny.yaml"
+    with pytest.raises(ValueError, match="presets: .*listops-tiny"):
+        resolve_config_path("lm-huge")
+
+
+def test_presets_are_valid_configs():
+    from routelab.config import Config
+
+    for name in ("lm-tiny", "listops-tiny"):
+        cfg = Config.load(resolve_config_path(name))
+        assert cfg.model.head == cfg.data.task
+
+
+def test_data_listops_writes_lra_tsv(tmp_path):
+    from routelab.data import read_lra_tsv
+
+    args = ["data", "listops", "--out", str(tmp_path), "--set", "listops_train=20", "--set", "listops_val=5", "--set", "listops_test=5"]
+    assert main(args) == 0
+    assert len(read_lra_tsv(tmp_path / "basic_train.tsv")) == 20
+    assert (tmp_path / "basic_test.tsv").read_text().startswith("Source\tTarget\n")
