@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -83,7 +83,7 @@ class FFNConfig:
 
     _section = "model.ffn"
     kind: str = "dense"  # registry key: routelab.ffn (dense; moe plugs in)
-    hidden: Optional[int] = None  # hidden width; None = 4 * d_model (8/3 * d_model for swiglu)
+    hidden: int | None = None  # hidden width; None = 4 * d_model (8/3 * d_model for swiglu)
     activation: Literal["gelu", "relu", "swiglu"] = "gelu"  # swiglu adds a gate matrix (Shazeer 2020)
     bias: bool = True  # biases in w_in/w_out, as in y = W2 act(W1 x + b1) + b2
 
@@ -108,7 +108,7 @@ class ModelConfig:
     """The Transformer: sizes, norm and positions, the task head, and the routed sections."""
 
     _section = "model"
-    vocab_size: Optional[int] = None  # None = taken from the tokenizer when training
+    vocab_size: int | None = None  # None = taken from the tokenizer when training
     d_model: int = 128  # residual width
     n_layers: int = 2  # number of pre-norm blocks
     n_heads: int = 4  # attention heads; d_model must divide by it
@@ -119,11 +119,11 @@ class ModelConfig:
     rope_base: float = 10000.0  # RoPE frequency base theta
     dropout: float = 0.0  # residual and embedding dropout
     head: Literal["lm", "classification", "token_classification"] = "lm"  # task head
-    num_labels: Optional[int] = None  # classes for classification heads; None = from the data
+    num_labels: int | None = None  # classes for classification heads; None = from the data
     tie_embeddings: bool = True  # LM head shares the token-embedding matrix (Press & Wolf 2017)
-    causal: Optional[bool] = None  # None = derived: True for the lm head, False for encoders
+    causal: bool | None = None  # None = derived: True for the lm head, False for encoders
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
-    embeddings_path: Optional[str] = None  # word2vec/GloVe text file to initialise token embeddings
+    embeddings_path: str | None = None  # word2vec/GloVe text file to initialise token embeddings
     freeze_embeddings: bool = False  # keep loaded embeddings fixed during training
     attention: AttentionConfig = field(default_factory=_default_attention)
     ffn: FFNConfig = field(default_factory=_default_ffn)
@@ -186,7 +186,7 @@ class DataConfig:
     seq_len: int = 256  # LM window length; classification inputs longer than this error or truncate
     truncate: bool = False  # classification: cut inputs longer than seq_len instead of raising
     val_fraction: float = 0.05  # fraction of files/rows held out for validation
-    max_bytes: Optional[int] = None  # cap on the corpus size read (None = all)
+    max_bytes: int | None = None  # cap on the corpus size read (None = all)
     text_column: str = "text"  # JSONL/CSV/HF column holding the text
     label_column: str = "label"  # JSONL/CSV/HF column holding the label (classification)
     hf_split: str = "train"  # HF dataset split to read
@@ -240,7 +240,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # seeds init, dropout and batch order
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
-    threads: Optional[int] = None  # torch.set_num_threads; None = torch's default
+    threads: int | None = None  # torch.set_num_threads; None = torch's default
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -281,14 +281,14 @@ class Config:
 
     # -- I/O -----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict) -> "Config":
+    def from_dict(cls, data: dict) -> Config:
         return from_dict(cls, data, "")
 
     def to_dict(self) -> dict:
         return to_dict(self)
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -456,3 +456,4 @@ def _ensure_registered() -> None:
     """Import the packages whose modules register attention and FFN kinds."""
     import routelab.attention  # noqa: F401
     import routelab.ffn  # noqa: F401
+    import routelab.moe  # noqa: F401

@@ -193,7 +193,7 @@ class RoutedTransformer(nn.Module):
         atomic_write_json(directory / "config.json", to_dict(self.cfg))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "RoutedTransformer":
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> RoutedTransformer:
         """Rebuild a model written by ``save_pretrained``."""
         from routelab.io import load_state_dict
 

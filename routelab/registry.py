@@ -8,8 +8,9 @@ the module class is built from it. An unknown name raises an error listing the k
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class UnknownKindError(ValueError):

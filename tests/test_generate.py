@@ -47,7 +47,7 @@ def test_seeded_sampling_is_reproducible():
 
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    kept = lambda l: torch.isfinite(l)[0].tolist()  # noqa: E731
+    kept = lambda x: torch.isfinite(x)[0].tolist()  # noqa: E731
     assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False, False]
     # cumulative 0.5, 0.7, 0.85: p=0.7 needs the first two; p=0.71 needs three
     assert kept(filter_logits(logits, top_p=0.7)) == [True, True, False, False, False]

@@ -25,5 +25,13 @@ class FFNOutput:
 
 
 def build_ffn(cfg, layer_idx: int = 0) -> nn.Module:
-    """Build the FFN module that ``cfg.ffn.kind`` names from the whole ``ModelConfig``."""
-    return FFN.get(cfg.ffn.kind).module_class(cfg, layer_idx=layer_idx)
+    """Build the FFN module that ``cfg.ffn.kind`` names from the whole ``ModelConfig``.
+
+    A kind whose config has ``is_moe_layer(layer_idx)`` (MoE with ``moe_every``) gets a dense FFN
+    of the same width on the layers where it returns False.
+    """
+    kind = cfg.ffn.kind
+    is_moe_layer = getattr(cfg.ffn, "is_moe_layer", None)
+    if is_moe_layer is not None and not is_moe_layer(layer_idx):
+        kind = "dense"
+    return FFN.get(kind).module_class(cfg, layer_idx=layer_idx)
