@@ -40,6 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
     summary = train(cfg, out, resume=args.resume)
     print(json.dumps(summary, indent=2))
+    headline = {"val_bpb": "validation bits per byte", "val_accuracy": "validation accuracy"}
+    for key, label in headline.items():
+        if key in summary:
+            print(f"{label}: {summary[key]:.4f}  (run directory: {out})")
     if cfg.model.head == "lm" and not args.no_sample:
         text = sample_text(out, args.prompt, max_new_tokens=200, temperature=0.8, top_k=0, top_p=0.95, seed=0)
         print(f"\n--- sample (prompt {args.prompt!r}) ---\n{text}")
