@@ -29,8 +29,9 @@ def test_train_eval_generate_and_resume(tiny_yaml, tmp_path, capsys):
     assert main(["train", str(tiny_yaml), "--out", str(out), "--set", "train.checkpoint_every=3", "--no-sample"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["completed"] is True
+    assert "validation bits per byte" in capsys.readouterr().out
     assert main(["eval", str(out)]) == 0
-    result = json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")
+    result = json.loads(capsys.readouterr().out)
     assert result["bpb"] == pytest.approx(summary["val_bpb"], rel=0.2)  # full split vs eval_batches
     assert main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("def ")
