@@ -456,4 +456,3 @@ def _ensure_registered() -> None:
     """Import the packages whose modules register attention and FFN kinds."""
     import routelab.attention  # noqa: F401
     import routelab.ffn  # noqa: F401
-    import routelab.moe  # noqa: F401
