@@ -223,7 +223,8 @@ class TrainConfig:
     """Optimisation, evaluation, logging and checkpointing."""
 
     _section = "train"
-    steps: int = 1000  # optimizer steps
+    steps: int = 1000  # optimizer steps (also the length of the LR schedule)
+    max_seconds: float | None = None  # wall-clock budget: stop, as finished, once training took this long
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate (AdamW)
@@ -245,6 +246,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "steps", "batch_size", "grad_accum", "lr")
+        if self.max_seconds is not None:
+            check_positive(self, "max_seconds")
         check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "0 <= value <= 1")
         for n in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "weight_decay", "grad_clip"):
             check(getattr(self, n) >= 0, f"train.{n}", getattr(self, n), "a number >= 0")
@@ -434,10 +437,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         keys = dotted.strip().split(".")
         if not all(keys):
             raise ConfigError(f"override {item!r} has an empty key; expected section.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_scalar(raw)
         node = data
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
@@ -446,6 +446,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = nxt
         node[keys[-1]] = value
     return data
+
+
+def parse_scalar(raw: str) -> Any:
+    """A ``--set`` value: YAML (``true``, ``[1, 2]``, ``null``), plus numbers YAML 1.1 reads as
+    strings (``1e-6``, ``3E4``), so ``--set train.lr=1e-3`` is a float."""
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return value
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:

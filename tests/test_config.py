@@ -54,6 +54,9 @@ def test_int_is_accepted_for_float_fields():
 def test_overrides_parse_yaml_scalars_and_nest():
     data = apply_overrides({"model": {"d_model": 64}}, ["model.d_model=256", "train.progress=false", "model.ffn.kind=dense"])
     assert data == {"model": {"d_model": 256, "ffn": {"kind": "dense"}}, "train": {"progress": False}}
+    assert apply_overrides({}, ["train.lr=1e-3", "train.steps=10", "data.source=e.txt"]) == {
+        "train": {"lr": 1e-3, "steps": 10}, "data": {"source": "e.txt"}
+    }  # YAML 1.1 alone would read 1e-3 as a string
     with pytest.raises(ConfigError, match="section.key=value"):
         apply_overrides({}, ["model.d_model"])
 

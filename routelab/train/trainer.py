@@ -225,9 +225,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
     show_bar = cfg.train.progress and sys.stderr.isatty()
     bar = tqdm(total=last, initial=step, disable=not show_bar, desc="train", dynamic_ncols=True)
     perms: dict = {}
+    out_of_time = bool(cfg.train.max_seconds) and elapsed_before >= cfg.train.max_seconds
     model.train()
     try:
-        while step < last:
+        while step < last and not out_of_time:
             step += 1
             t0 = time.perf_counter()
             result = train_step(model, optimizer, cfg, data, step, perms, device)
@@ -251,13 +252,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
                 run_eval()
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != last:
                 checkpoint()
+            if cfg.train.max_seconds and elapsed_before + time.perf_counter() - loop_start >= cfg.train.max_seconds:
+                out_of_time = True
+                break
     finally:
         bar.close()
 
     final = run_eval(write=step > start_step or ckpt is None)  # a no-op resume logs nothing twice
     if step > start_step or ckpt is None:
         checkpoint()
-    completed = step >= cfg.train.steps
+    completed = step >= cfg.train.steps or out_of_time
     if completed:
         model.save_pretrained(out / MODEL_DIR)
         data.tokenizer.save(out / MODEL_DIR)
@@ -265,6 +269,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         "steps": step,
         "target_steps": cfg.train.steps,
         "completed": completed,
+        "stopped_by": "max_seconds" if out_of_time else ("steps" if completed else "stop_after"),
         "final_train_loss": book["train_loss"],
         "val_loss": final["loss"],
         **({"val_bpb": final["bpb"]} if "bpb" in final else {}),

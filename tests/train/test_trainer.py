@@ -215,3 +215,10 @@ def test_word_vectors_fill_frozen_embeddings(lm_cfg, tmp_path):
     train(cfg, tmp_path / "run")
     weights = final_params(tmp_path / "run")["tok_emb.weight"]
     assert torch.equal(weights[ord("q")], torch.tensor(vec))  # loaded, and frozen during training
+
+
+def test_max_seconds_ends_the_run_as_finished(lm_cfg, tmp_path):
+    summary = train(lm_cfg("train.max_seconds=1e-6"), tmp_path / "timed")
+    assert summary["steps"] == 1 and summary["completed"] is True and summary["stopped_by"] == "max_seconds"
+    assert (tmp_path / "timed" / "model" / "model.safetensors").is_file()
+    assert train(lm_cfg(), tmp_path / "full")["stopped_by"] == "steps"
