@@ -4,6 +4,8 @@
     routelab eval RUN_DIR [--split val|test]
     routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     routelab data listops --out DIR [--set data.listops_train=...]
+    routelab compare CONFIG [--out DIR] [--set k=v ...]
+    routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR]
 
 Errors a user can cause (bad config, missing file, bad data) print one clear line and exit 2.
 """
@@ -106,6 +108,21 @@ def cmd_data_listops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from routelab.compare import compare
+
+    compare(args.config, out=args.out, overrides=args.set)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from routelab.report.inspect_report import inspect_run
+
+    out = inspect_run(args.run_dir, text=args.text, example=args.example, out=args.out)
+    print(f"wrote {out / 'experts.html'} and the heatmaps beside it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="routelab", description="Routing in Transformer language models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -140,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", required=True, help="output folder")
     lo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data option, e.g. --set listops_train=96000 --set listops_min_len=500")
     lo.set_defaults(func=cmd_data_listops)
+
+    c = sub.add_parser("compare", help="train routing variants under one budget and write a report",
+                       description="Run every variant of a comparison config into OUT/<variant>/ (finished ones are "
+                       "kept, interrupted ones resume), then write OUT/report.md and OUT/report.html.")
+    c.add_argument("config", help="comparison YAML, or a preset name from configs/ (e.g. compare-lm)")
+    c.add_argument("--out", help="output folder (default: runs/<config name>)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every variant (repeatable)")
+    c.set_defaults(func=cmd_compare)
+
+    i = sub.add_parser("inspect", help="show where tokens attend and which experts they go to",
+                       description="Write HTML and PNG heatmaps of one input's routing decisions.")
+    i.add_argument("run_dir", help="run directory written by `routelab train`")
+    src = i.add_mutually_exclusive_group()
+    src.add_argument("--text", help="text to inspect")
+    src.add_argument("--example", type=int, help="index of a validation example (default 0)")
+    i.add_argument("--out", help="output folder (default: RUN_DIR/inspect)")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 

@@ -1,0 +1,157 @@
+"""The comparison report: ``report.md`` and ``report.html`` with plots beside them in ``plots/``."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routelab.report import plots
+from routelab.report.summary import Row, collect_rows, eval_curve, time_curve
+from routelab.train.metrics import read_metrics
+
+COLUMNS = [  # (header, Row attribute, format)
+    ("variant", "variant", "{}"),
+    ("params", "total_params", "{:,}"),
+    ("active", "active_params", "{:,}"),
+    ("attn MFLOP/tok", "attention_flops", "{:.2f}", 1e-6),
+    ("ffn MFLOP/tok", "ffn_flops", "{:.2f}", 1e-6),
+    ("attn density", "attention_density", "{:.2f}"),
+    ("tok/s", "tokens_per_s", "{:,.0f}"),
+    ("peak MB", "peak_rss_mb", "{:.0f}"),
+    ("steps", "steps", "{}"),
+    ("val loss", "val_loss", "{:.4f}"),
+    ("val bpb", "val_bpb", "{:.4f}"),
+    ("val acc", "val_accuracy", "{:.3f}"),
+    ("steps to ref", "steps_to_target", "{}"),
+    ("s to ref", "seconds_to_target", "{:.0f}"),
+    ("expert CV", "expert_load_cv", "{:.2f}"),
+    ("dead experts", "dead_experts", "{}"),
+]
+
+
+def _cell(row: Row, col: tuple) -> str:
+    value = getattr(row, col[1])
+    if value is None:
+        return "-"
+    if len(col) > 3:
+        value = value * col[3]
+    return col[2].format(value)
+
+
+def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells, leaving out columns that are empty for every row."""
+    cols = [c for c in COLUMNS if any(getattr(r, c[1]) is not None for r in rows)]
+    return [c[0] for c in cols], [[_cell(r, c) for c in cols] for r in rows]
+
+
+def plain_table(rows: list[Row]) -> str:
+    headers, cells = table(rows)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def markdown_table(rows: list[Row]) -> str:
+    headers, cells = table(rows)
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(out)
+
+
+def html_table(rows: list[Row]) -> str:
+    headers, cells = table(rows)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in c) + "</tr>" for c in cells)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def expert_loads(records: list[dict]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Per MoE layer, tokens per expert at each logged step: ({layer: (S, E)}, steps)."""
+    train = [r for r in records if "split" not in r]
+    keys = sorted({k for r in train for k in r if k.endswith("/tokens_per_expert")})
+    loads, steps = {}, [int(r["step"]) for r in train if keys and isinstance(r.get(keys[0]), list)]
+    for key in keys:
+        layer = key.split("/")[1]
+        loads[layer] = np.asarray([r[key] for r in train if isinstance(r.get(key), list)], dtype=np.float64)
+    return loads, steps
+
+
+def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[tuple[str, Path]]:
+    """Write every plot of the report; returns (caption, path) pairs."""
+    pdir = out / "plots"
+    records = {n: read_metrics(out / n) for n in names}
+    by_step = {n: eval_curve(records[n]) for n in names}
+    by_time = {}
+    for n in names:
+        steps, losses = by_step[n]
+        t_steps, t_elapsed = time_curve(records[n])
+        by_time[n] = ([float(np.interp(s, [0, *t_steps], [0.0, *t_elapsed])) for s in steps], losses)
+    figs = [
+        ("Validation loss by step", plots.loss_curves(by_step, "step", pdir / "val_loss_by_step.png")),
+        ("Validation loss by wall-clock training time", plots.loss_curves(by_time, "training seconds", pdir / "val_loss_by_time.png")),
+        ("Quality against cost", plots.quality_vs_cost(rows, pdir / "quality_vs_cost.png")),
+    ]
+    for n in names:
+        loads, steps = expert_loads(records[n])
+        if loads and len(steps) > 1:
+            path = plots.expert_load_heatmap(loads, steps, f"{n}: share of tokens per expert", pdir / f"expert_load_{n}.png")
+            figs.append((f"Expert load over training: {n}", path))
+    routes = attention_route_maps(names, out, cmp.eval_example)
+    if routes:
+        maps, tokens = routes
+        figs.append(("Attention routes of one validation example (layer 0, mean over heads)",
+                     plots.route_maps(maps, tokens, "who attends where", pdir / "attention_routes.png")))
+    return figs
+
+
+def attention_route_maps(names: list[str], out: Path, example: int) -> tuple[dict[str, np.ndarray], list[str]] | None:
+    """Layer-0 attention routes of each attention kind (its first variant) on one validation example."""
+    from routelab.report.inspect import attention_routes, validation_example
+    from routelab.train import load_run
+
+    maps, tokens, kinds = {}, None, set()
+    for n in names:
+        run = load_run(out / n, with_data=True)
+        if run.cfg.model.attention.kind in kinds:
+            continue  # one map per attention kind
+        kinds.add(run.cfg.model.attention.kind)
+        ids, toks = validation_example(run, example)
+        routes = attention_routes(run.model, ids)
+        if routes:
+            maps[f"{n} ({run.cfg.model.attention.kind})"] = routes[0].mean(0)  # layer 0, mean over heads
+            tokens = tokens or toks
+    return (maps, tokens) if maps else None
+
+
+def write_report(cmp: Any, out: Path) -> Path:
+    """Collect rows, draw plots, write ``report.md``, ``report.html`` and ``results.json`` in ``out``."""
+    names = [v.name for v in cmp.variants]
+    rows = collect_rows(names, out, cmp.reference_name)
+    figs = make_plots(names, out, rows, cmp)
+    (out / "results.json").write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+    intro = (
+        f"Base config `{cmp.base}`, budget {json.dumps({k: v for k, v in vars(cmp.budget).items() if v is not None})}, "
+        f"reference `{cmp.reference_name}` (its final validation loss is the target of 'steps to ref'). "
+        "FLOPs are forward FLOPs per token counting only the work each kind does."
+    )
+    md = ["# routelab comparison", "", intro, "", markdown_table(rows), ""]
+    for caption, path in figs:
+        md += [f"## {caption}", "", f"![{caption}]({path.relative_to(out)})", ""]
+    (out / "report.md").write_text("\n".join(md))
+    body = "".join(
+        f"<h2>{html.escape(c)}</h2><img src=\"{html.escape(str(p.relative_to(out)))}\" alt=\"{html.escape(c)}\">" for c, p in figs
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>routelab comparison</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}img{max-width:100%}"
+        f"</style></head><body><h1>routelab comparison</h1><p>{html.escape(intro)}</p>{html_table(rows)}{body}</body></html>"
+    )
+    (out / "report.html").write_text(page)
+    print(plain_table(rows))
+    print(f"\nreport: {out / 'report.html'}")
+    return out

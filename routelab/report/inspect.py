@@ -1,0 +1,100 @@
+"""Routing inspection: where each token attends, and which expert each token goes to.
+
+Works from a run folder alone (config + weights), on CPU, in seconds. The maps are computed by the
+slow, explicit path (full score matrix under the kind's own allowed pairs), which is fine for one
+example and is the same reference the sparse kinds are tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def validation_example(run: Any, index: int) -> tuple[Tensor, list[str]]:
+    """Token ids (1, T) and their strings for validation example ``index`` of a loaded run."""
+    from routelab.data import ClassificationData, collate_classification
+
+    tok = run.tokenizer
+    data = run.data
+    seq_len = run.cfg.data.seq_len
+    if isinstance(data, ClassificationData):
+        if not data.val:
+            raise ValueError("the run's data has no validation examples")
+        ex = data.val[index % len(data.val)]
+        ids = collate_classification([ex], tok, seq_len, truncate=True)["input_ids"]
+    else:
+        start = (index * seq_len) % max(1, data.val.numel() - seq_len)
+        ids = data.val[start : start + min(seq_len, 64)][None]
+    return ids, [tok.id_to_token(int(i)) for i in ids[0]]
+
+
+def text_example(run: Any, text: str) -> tuple[Tensor, list[str]]:
+    """Token ids (1, T) and strings for a user's text (a CLS token first for classifiers)."""
+    tok = run.tokenizer
+    ids = tok.encode(text)
+    if run.cfg.model.head == "classification":
+        ids = [tok.cls_id, *ids]
+    ids = ids[: run.cfg.model.max_seq_len]
+    return torch.tensor([ids]), [tok.id_to_token(i) for i in ids]
+
+
+def _capture_inputs(model: Any, ids: Tensor, attr: str) -> list[Tensor]:
+    """Run the model once and return the input of ``layer.<attr>`` for every layer."""
+    seen: list[Tensor] = []
+    hooks = [getattr(layer, attr).register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["x"]), with_kwargs=True) for layer in model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def attention_routes(model: Any, ids: Tensor) -> list[np.ndarray]:
+    """Per layer, an (H, T, T) array of attention weights of ``ids`` (1, T).
+
+    A kind that defines ``attention_weights(x) -> (B, H, T, T)`` reports its own (learned routers:
+    the weights under the routes they chose); otherwise softmax(q k^T) is computed explicitly under the
+    kind's static ``mask(T)`` (or causal/full for dense).
+    """
+    model.eval()
+    maps = []
+    for layer, x in zip(model.layers, _capture_inputs(model, ids, "attn")):
+        attn = layer.attn
+        with torch.no_grad():
+            if hasattr(attn, "attention_weights"):
+                w = attn.attention_weights(x)
+            else:
+                w = _explicit_weights(attn, x)
+        maps.append(w[0].float().numpy())
+    return maps
+
+
+def _explicit_weights(attn: Any, x: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hd)) under the module's allowed pairs. x: (1, T, D) -> (1, H, T, T)."""
+    T = x.shape[1]
+    q, k = attn._heads(attn.q_proj(x)), attn._heads(attn.k_proj(x))  # (1, H, T, hd)
+    if attn.rope is not None:
+        q, k = attn.rope.rotate(q), attn.rope.rotate(k)
+    scores = q @ k.transpose(-1, -2) / attn.head_dim**0.5  # (1, H, T, T)
+    allowed = attn.mask(T) if hasattr(attn, "mask") else torch.ones(T, T, dtype=torch.bool)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def expert_routes(model: Any, ids: Tensor) -> dict[str, np.ndarray]:
+    """Per MoE layer, a (T, E) matrix of gate weights: row t holds the gates of the experts token t
+    was sent to (0 elsewhere). Uses the layer's ``route(x, token_ids)`` decision, as in training."""
+    model.eval()
+    out = {}
+    for i, (layer, x) in enumerate(zip(model.layers, _capture_inputs(model, ids, "ffn"))):
+        ffn = layer.ffn
+        if not hasattr(ffn, "gate_matrix"):
+            continue
+        with torch.no_grad():
+            out[f"layers.{i}.ffn"] = ffn.gate_matrix(x, token_ids=ids)[0].float().numpy()  # (T, E)
+    return out

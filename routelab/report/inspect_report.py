@@ -1,0 +1,71 @@
+"""``routelab inspect RUN_DIR``: pages and heatmaps of one input's routing decisions.
+
+Writes into ``OUT`` (default ``RUN_DIR/inspect``):
+- ``experts.html``: the tokens coloured by the expert with the largest gate, per MoE layer (hover a
+  token for all its experts and gates);
+- ``experts_<layer>.png``: tokens x experts heatmap of gate weights, per MoE layer;
+- ``attention_layer<i>.png``: per attention layer, one tokens x tokens map per head;
+- ``routes.json``: the numbers behind the pictures.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from routelab.report import plots
+from routelab.report.inspect import attention_routes, expert_routes, text_example, validation_example
+
+PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+           "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"]
+
+
+def token_html(tokens: list[str], gates: np.ndarray) -> str:
+    """Tokens as spans coloured by their top expert; ``gates`` (T, E)."""
+    spans = []
+    for tok, g in zip(tokens, gates):
+        chosen = np.flatnonzero(g > 0)
+        title = ", ".join(f"expert {e}: {g[e]:.3f}" for e in chosen) or "no expert (dropped)"
+        color = PALETTE[int(g.argmax()) % len(PALETTE)] if chosen.size else "#ffffff"
+        text = html.escape(tok).replace("\n", "&#9166;<br>") or "&nbsp;"
+        spans.append(f'<span style="background:{color}55" title="{html.escape(title)}">{text}</span>')
+    return "".join(spans)
+
+
+def inspect_run(run_dir: str | Path, text: str | None = None, example: int | None = None, out: str | Path | None = None) -> Path:
+    """Write the inspection pages and images of one input; returns the output folder."""
+    from routelab.train import load_run
+
+    run = load_run(run_dir, with_data=text is None)
+    ids, tokens = text_example(run, text) if text is not None else validation_example(run, example or 0)
+    out = Path(out) if out else Path(run_dir) / "inspect"
+    out.mkdir(parents=True, exist_ok=True)
+    experts = expert_routes(run.model, ids)
+    attn = attention_routes(run.model, ids)
+    sections = []
+    for layer, gates in experts.items():
+        png = plots.route_maps({layer: gates}, tokens, f"{layer}: gate of each expert per token", out / f"experts_{layer}.png")
+        sections.append(f"<h2>{layer}</h2><p>{token_html(tokens, gates)}</p><img src='{png.name}'>")
+    for i, weights in enumerate(attn):
+        heads = {f"head {h}": w for h, w in enumerate(weights)}
+        kind = run.cfg.model.attention.kind
+        plots.route_maps(heads, tokens, f"layer {i} ({kind}): attention weights", out / f"attention_layer{i}.png")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>routelab inspect</title>"
+        "<style>body{font-family:monospace;max-width:1000px;margin:2em auto}span{white-space:pre-wrap}</style></head>"
+        f"<body><h1>Expert routing of {len(tokens)} tokens</h1>"
+        + ("".join(sections) or "<p>This model has no MoE layers.</p>")
+        + "".join(f"<h2>attention layer {i}</h2><img src='attention_layer{i}.png' style='max-width:100%'>" for i in range(len(attn)))
+        + "</body></html>"
+    )
+    (out / "experts.html").write_text(page)
+    record = {
+        "tokens": tokens,
+        "experts": {k: v.tolist() for k, v in experts.items()},
+        "attention_mean_over_heads": [w.mean(0).tolist() for w in attn],
+    }
+    (out / "routes.json").write_text(json.dumps(record))
+    return out

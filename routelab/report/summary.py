@@ -1,0 +1,132 @@
+"""Numbers of a comparison, read from its run folders: one ``Row`` per variant.
+
+Everything comes from the run folders alone (``summary.json``, ``metrics.jsonl``, ``model/``), so a
+report can be rebuilt at any time without retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routelab.report.flops import model_cost
+from routelab.train.metrics import read_metrics
+
+
+@dataclass
+class Row:
+    """One variant's line of the comparison table."""
+
+    variant: str
+    total_params: int
+    active_params: int
+    attention_flops: float  # forward FLOPs per token
+    ffn_flops: float
+    flops_per_token: float
+    attention_density: float
+    tokens_per_s: float | None
+    peak_rss_mb: float | None
+    steps: int
+    seconds: float | None
+    val_loss: float
+    val_bpb: float | None
+    val_accuracy: float | None
+    steps_to_target: int | None  # first evaluation reaching the reference's final val loss
+    seconds_to_target: float | None
+    expert_load_cv: float | None  # coefficient of variation of tokens per expert (mean over MoE layers)
+    dead_experts: int | None  # experts that got no token over the last logged steps (all layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def eval_curve(records: list[dict]) -> tuple[list[int], list[float]]:
+    """(steps, validation losses) of the evaluation lines of a metrics log."""
+    evals = [r for r in records if r.get("split") == "val" and "loss" in r]
+    return [int(r["step"]) for r in evals], [float(r["loss"]) for r in evals]
+
+
+def time_curve(records: list[dict]) -> tuple[list[int], list[float]]:
+    """(steps, elapsed seconds) of the training lines of a metrics log."""
+    train = [r for r in records if "elapsed_s" in r and "split" not in r]
+    return [int(r["step"]) for r in train], [float(r["elapsed_s"]) for r in train]
+
+
+def steps_to_target(steps: list[int], losses: list[float], target: float) -> int | None:
+    """First step whose validation loss is <= ``target`` (None if never)."""
+    for s, loss in zip(steps, losses):
+        if loss <= target:
+            return s
+    return None
+
+
+def seconds_at(step: int, steps: list[int], elapsed: list[float]) -> float | None:
+    """Training seconds at ``step``, linearly interpolated between logged steps (0 s at step 0)."""
+    if not steps:
+        return None
+    return float(np.interp(step, [0, *steps], [0.0, *elapsed]))
+
+
+def expert_load(records: list[dict], last: int = 5) -> tuple[float | None, int | None]:
+    """(mean coefficient of variation of tokens per expert over MoE layers, dead experts), from the
+    sum of the last ``last`` logged training lines; (None, None) for a model without experts."""
+    train = [r for r in records if "split" not in r]
+    keys = sorted({k for r in train for k in r if k.endswith("/tokens_per_expert")})
+    if not keys:
+        return None, None
+    cvs, dead = [], 0
+    for key in keys:
+        loads = [r[key] for r in train if isinstance(r.get(key), list)][-last:]
+        if not loads:
+            continue
+        total = np.sum(np.asarray(loads, dtype=np.float64), axis=0)  # (E,)
+        mean = total.mean()
+        cvs.append(float(total.std() / mean) if mean > 0 else math.nan)
+        dead += int((total == 0).sum())
+    return (float(np.nanmean(cvs)) if cvs else None), dead
+
+
+def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
+    """Build ``name``'s row from its run folder; ``target`` is the reference's final val loss."""
+    from routelab.train import load_run
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    run = load_run(run_dir)
+    cost = model_cost(run.model, run.cfg.data.seq_len)
+    records = read_metrics(run_dir)
+    e_steps, e_losses = eval_curve(records)
+    t_steps, t_elapsed = time_curve(records)
+    to_target = steps_to_target(e_steps, e_losses, target) if target is not None else None
+    cv, dead = expert_load(records)
+    return Row(
+        variant=name,
+        total_params=cost.total_params,
+        active_params=cost.active_params,
+        attention_flops=cost.attention_flops,
+        ffn_flops=cost.ffn_flops,
+        flops_per_token=cost.flops_per_token,
+        attention_density=cost.attention_density,
+        tokens_per_s=summary.get("tokens_per_s"),
+        peak_rss_mb=summary.get("peak_rss_mb"),
+        steps=int(summary["steps"]),
+        seconds=summary.get("elapsed_s"),
+        val_loss=float(summary["val_loss"]),
+        val_bpb=summary.get("val_bpb"),
+        val_accuracy=summary.get("val_accuracy"),
+        steps_to_target=to_target,
+        seconds_to_target=seconds_at(to_target, t_steps, t_elapsed) if to_target is not None else None,
+        expert_load_cv=cv,
+        dead_experts=dead,
+    )
+
+
+def collect_rows(variant_names: list[str], out: Path, reference: str) -> list[Row]:
+    """Rows for every variant, the reference's final validation loss as the shared target."""
+    ref_summary = json.loads((out / reference / "summary.json").read_text())
+    target = float(ref_summary["val_loss"])
+    return [collect_row(name, out / name, target) for name in variant_names]

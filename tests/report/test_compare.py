@@ -1,0 +1,105 @@
+"""compare: config errors before training, a tiny comparison's table and report, metric helpers."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from routelab.compare import compare, load_compare_config
+from routelab.config import ConfigError
+from routelab.report.summary import expert_load, seconds_at, steps_to_target
+
+RUN = {
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 32},
+    "data": {"source": "SOURCE", "seq_len": 32, "val_fraction": 0.2},
+    "train": {"batch_size": 4, "warmup_steps": 1, "eval_every": 2, "eval_batches": 2, "log_every": 1, "progress": False},
+}
+
+
+@pytest.fixture
+def base_yaml(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("for i in range(10):\n    print(i * i)\n" * 80)
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(RUN).replace("SOURCE", str(corpus)))))
+    return path
+
+
+def write_compare(tmp_path, **fields):
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def test_tiny_comparison_table_matches_run_summaries(base_yaml, tmp_path, capsys):
+    cmp = write_compare(
+        tmp_path,
+        base="base.yaml",
+        budget={"steps": 4},
+        variants=[{"name": "dense"}, {"name": "swiglu", "set": ["model.ffn.activation=swiglu"]}],
+    )
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in results] == ["dense", "swiglu"]
+    for r in results:
+        summary = json.loads((out / r["variant"] / "summary.json").read_text())
+        assert r["val_loss"] == summary["val_loss"] and r["steps"] == summary["steps"] == 4
+        assert r["tokens_per_s"] == summary["tokens_per_s"]
+    assert results[0]["steps_to_target"] == 4  # the reference reaches its own final loss at its end
+    printed = capsys.readouterr().out
+    assert re.search(r"^dense\s", printed, re.M) and re.search(r"^swiglu\s", printed, re.M)
+    # every file the HTML references exists and is a non-empty PNG
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert len(srcs) >= 3
+    for src in srcs:
+        data = (out / src).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    # a finished variant is not rerun
+    before = (out / "dense" / "summary.json").stat().st_mtime_ns
+    compare(cmp, out=out, isolate=False)
+    assert (out / "dense" / "summary.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"base": "base.yaml", "budget": {"steps": 2}, "variants": []}, "compare.variants"),
+        ({"base": "base.yaml", "budget": {}, "variants": [{"name": "a"}]}, "exactly one of steps, tokens, seconds"),
+        ({"base": "base.yaml", "budget": {"steps": 2}, "variants": [{"name": "a", "sett": []}]}, "did you mean 'set'"),
+        ({"base": "base.yaml", "budget": {"steps": 2}, "variants": [{"name": "a", "set": ["model.d_modle=3"]}]}, "variant 'a'.*d_modle"),
+        ({"base": "base.yaml", "budget": {"steps": 2}, "variants": [{"name": "a"}, {"name": "a"}]}, "unique variant names"),
+        ({"base": "nope.yaml", "budget": {"steps": 2}, "variants": [{"name": "a"}]}, "neither a file nor a preset"),
+    ],
+)
+def test_bad_comparison_configs_fail_before_training(base_yaml, tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        load_compare_config(write_compare(tmp_path, **fields))
+    assert not (tmp_path / "a").exists()
+
+
+def test_token_budget_becomes_steps(base_yaml, tmp_path):
+    _, cfgs = load_compare_config(write_compare(tmp_path, base="base.yaml", budget={"tokens": 1280}, variants=[{"name": "a"}]))
+    assert cfgs["a"].train.steps == 1280 // (4 * 32)
+
+
+def test_steps_and_seconds_to_target_on_synthetic_curves():
+    steps, losses = [10, 20, 30, 40], [3.0, 2.5, 2.1, 1.9]
+    assert steps_to_target(steps, losses, 2.1) == 30
+    assert steps_to_target(steps, losses, 2.0) == 40
+    assert steps_to_target(steps, losses, 1.0) is None
+    assert seconds_at(30, [10, 20, 40], [1.0, 2.0, 6.0]) == pytest.approx(4.0)
+    assert seconds_at(5, [10], [2.0]) == pytest.approx(1.0)
+
+
+def test_expert_load_cv_and_dead_experts():
+    key = "routing/layers.0.ffn/tokens_per_expert"
+    records = [{"step": 1, key: [4, 4, 0, 0]}, {"step": 2, key: [2, 6, 0, 0]}, {"step": 2, "split": "val", "loss": 1}]
+    cv, dead = expert_load(records)
+    total = [6, 10, 0, 0]
+    mean = sum(total) / 4
+    std = (sum((t - mean) ** 2 for t in total) / 4) ** 0.5
+    assert cv == pytest.approx(std / mean) and dead == 2
+    assert expert_load([{"step": 1, "loss": 1.0}]) == (None, None)
