@@ -35,7 +35,7 @@ def test_unknown_section_key_nested():
         ({"model": {"d_model": 30, "n_heads": 4}}, r"model.d_model=30 .*multiple of model.n_heads=4"),
         ({"train": {"lr": -1}}, r"train.lr=-1.0 is invalid"),
         ({"model": {"dropout": 1.0}}, r"model.dropout=1.0 is invalid; allowed: 0 <= value < 1"),
-        ({"model": {"attention": {"kind": "densee"}}}, r"unknown attention kind 'densee'.*did you mean 'dense'.*known kinds: dense"),
+        ({"model": {"attention": {"kind": "densee"}}}, r"unknown attention kind 'densee'.*did you mean 'dense'.*known kinds: .*dense"),
         ({"model": {"head": "classification"}}, r"data.task='lm' is invalid.*'classification'"),
         ({"data": {"seq_len": 1000}}, r"data.seq_len=1000 is invalid; allowed: <= model.max_seq_len=256"),
         ({"model": {"head": "lm", "causal": False}}, r"model.causal=False is invalid"),
