@@ -301,7 +301,7 @@ class Config:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
-        return cls.from_dict(apply_overrides(data, overrides or []))
+        return cls.from_dict(apply_overrides(resolve_base(data, path), overrides or []))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -421,6 +421,30 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def resolve_base(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Expand ``base: other.yaml`` (a path relative to this file): this file's keys are merged over
+    the base's, section by section, so a variant preset holds only what differs."""
+    if "base" not in data:
+        return data
+    base_path = (path.parent / str(data["base"])).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"{str(path)!r}: base {data['base']!r} not found (looked for {str(base_path)!r})")
+    if base_path in seen:
+        raise ConfigError(f"{str(path)!r}: base configs form a cycle through {str(base_path)!r}")
+    base = yaml.safe_load(base_path.read_text()) or {}
+    base = resolve_base(base, base_path, (*seen, path.resolve()))
+    return deep_merge(base, {k: v for k, v in data.items() if k != "base"})
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: nested mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        out[key] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

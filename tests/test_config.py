@@ -76,3 +76,17 @@ def test_swiglu_hidden_keeps_parameter_count_close_to_gelu():
     assert gelu.ffn_hidden == 384
     assert swiglu.ffn_hidden % 8 == 0
     assert abs(3 * swiglu.ffn_hidden - 2 * gelu.ffn_hidden) <= 3 * 8
+
+
+def test_base_config_is_merged_under_the_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {d_model: 64, n_heads: 4, ffn: {kind: dense, activation: swiglu}}\ntrain: {lr: 0.01}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel: {n_layers: 3, ffn: {hidden: 32}}\n")
+    cfg = Config.load(tmp_path / "child.yaml", ["train.steps=5"])
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.train.lr, cfg.train.steps) == (64, 3, 0.01, 5)
+    assert cfg.model.ffn.activation == "swiglu" and cfg.model.ffn.hidden == 32
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        Config.load(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="base 'missing.yaml' not found"):
+        Config.load(tmp_path / "orphan.yaml")
