@@ -72,6 +72,7 @@ class AttentionConfig:
     _section = "model.attention"
     kind: str = "dense"  # registry key: routelab.attention (dense; sparse/learned kinds plug in)
     dropout: float = 0.0  # dropout on attention probabilities (training only)
+    combine: Literal["add", "concat"] = "add"  # block output: x + a (residual), or a linear map of [x; a]
 
     def __post_init__(self) -> None:
         check_fraction(self, "dropout")
@@ -497,3 +498,4 @@ def _ensure_registered() -> None:
     """Import the packages whose modules register attention and FFN kinds."""
     import routelab.attention  # noqa: F401
     import routelab.ffn  # noqa: F401
+    import routelab.moe  # noqa: F401

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routelab.attention import KVCache, build_attention
+from routelab.attention.base import Combine
 from routelab.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
 from routelab.ffn import build_ffn
 
@@ -61,16 +62,20 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = build_norm(cfg)
         self.attn = build_attention(cfg, layer_idx)
+        self.combine = Combine(cfg.d_model, cfg.attention.combine)  # x + a, or a linear map of [x; a]
         self.ffn_norm = build_norm(cfg)
         self.ffn = build_ffn(cfg, layer_idx)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, padding_mask=None, cache=None, token_ids=None):
-        """x: (B, T, D) -> (x (B, T, D), FFNOutput)."""
-        x = x + self.dropout(self.attn(self.attn_norm(x), padding_mask=padding_mask, cache=cache))
+    def forward(self, x, padding_mask=None, cache=None, token_ids=None, return_routes=False):
+        """x: (B, T, D) -> (x (B, T, D), FFNOutput), plus the attention routes with ``return_routes``."""
+        a = self.attn(self.attn_norm(x), padding_mask=padding_mask, cache=cache, return_routes=return_routes)
+        a, routes = a if return_routes else (a, None)
+        x = self.combine(x, self.dropout(a))
         ffn_pad = padding_mask[:, -x.shape[1] :] if padding_mask is not None else None
         out = self.ffn(self.ffn_norm(x), token_ids=token_ids, padding_mask=ffn_pad)
-        return x + self.dropout(out.hidden), out
+        x = x + self.dropout(out.hidden)
+        return (x, out, routes) if return_routes else (x, out)
 
 
 class RoutedTransformer(nn.Module):

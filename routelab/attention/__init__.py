@@ -1,10 +1,54 @@
 """Attention routing (token -> token): a registry of attention kinds keyed by ``attention.kind``.
 
-Every kind is a module with ``forward(x, padding_mask=None, cache=None) -> Tensor``; this package
-ships ``dense`` (the baseline and reference); sparse and learned kinds register here too.
+Every kind is a module with ``forward(x, padding_mask=None, cache=None) -> Tensor``
+(``return_routes=True`` also returns what a learned kind chose). Kinds: ``dense`` (the baseline and
+reference); fixed sparse patterns ``local``, ``strided``, ``fixed``, ``longformer``, ``bigbird``;
+learned routing ``synthesizer``, ``kmeans``, ``moba``, ``topp``. All sparse kinds run on the
+block-sparse engine in ``block_sparse.py``.
 """
 
 from routelab.attention.base import KVCache, RotaryEmbedding, build_attention
+from routelab.attention.bigbird import BigBirdAttention, BigBirdAttentionConfig
 from routelab.attention.dense import DenseAttention, DenseAttentionConfig
+from routelab.attention.kmeans import KMeansAttention, KMeansAttentionConfig
+from routelab.attention.local import LocalAttention, LocalAttentionConfig
+from routelab.attention.longformer import LongformerAttention, LongformerAttentionConfig
+from routelab.attention.moba import MoBAAttention, MoBAAttentionConfig
+from routelab.attention.routes import BlockRoutes, ClusterRoutes, WeightRoutes
+from routelab.attention.sparse_transformer import (
+    FixedAttention,
+    FixedAttentionConfig,
+    StridedAttention,
+    StridedAttentionConfig,
+)
+from routelab.attention.synthesizer import SynthesizerAttention, SynthesizerAttentionConfig
+from routelab.attention.topp import TopPAttention, TopPAttentionConfig
 
-__all__ = ["DenseAttention", "DenseAttentionConfig", "KVCache", "RotaryEmbedding", "build_attention"]
+__all__ = [
+    "BigBirdAttention",
+    "BigBirdAttentionConfig",
+    "BlockRoutes",
+    "ClusterRoutes",
+    "DenseAttention",
+    "DenseAttentionConfig",
+    "FixedAttention",
+    "FixedAttentionConfig",
+    "KMeansAttention",
+    "KMeansAttentionConfig",
+    "KVCache",
+    "LocalAttention",
+    "LocalAttentionConfig",
+    "LongformerAttention",
+    "LongformerAttentionConfig",
+    "MoBAAttention",
+    "MoBAAttentionConfig",
+    "RotaryEmbedding",
+    "StridedAttention",
+    "StridedAttentionConfig",
+    "SynthesizerAttention",
+    "SynthesizerAttentionConfig",
+    "TopPAttention",
+    "TopPAttentionConfig",
+    "WeightRoutes",
+    "build_attention",
+]

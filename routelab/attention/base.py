@@ -79,6 +79,24 @@ class KVCache:
         return self.k, self.v
 
 
+class Combine(nn.Module):
+    """How a block merges the attention output a into the stream x (``attention.combine``).
+
+    ``add``: x + a (the residual). ``concat``: a linear map of [x; a], parameterised as
+    x + a + W [x; a] + b, so it starts near the residual and weight decay pulls it back there.
+    """
+
+    def __init__(self, d_model: int, mode: str = "add") -> None:
+        super().__init__()
+        self.mode = mode
+        self.proj = nn.Linear(2 * d_model, d_model) if mode == "concat" else None
+
+    def forward(self, x: Tensor, a: Tensor) -> Tensor:
+        if self.proj is None:
+            return x + a
+        return x + a + self.proj(torch.cat([x, a], dim=-1))
+
+
 def causal_mask(q_len: int, k_len: int, offset: int, device: torch.device) -> Tensor:
     """Bool (q_len, k_len), True = may attend: query i (absolute offset+i) sees keys j <= offset+i.
 

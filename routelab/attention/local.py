@@ -1,0 +1,96 @@
+"""Local (sliding-window) attention: each token sees the tokens within w positions.
+
+Token-exact window (as in Beltagy et al. 2020, "Longformer", sec. 3.1, and the local heads of
+Child et al. 2019): bidirectional |i - j| <= w; causal 0 <= i - j <= w. Work and memory are
+O(n (w + b)) for block size b: query block [s, s + b) reads the key window [s - w, s + b (+ w)),
+a strided view of K/V (no copy), under an exact token mask.
+
+Decoding keeps only the last w keys: memory is constant in the context length.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from routelab.attention.base import KVCache
+from routelab.attention.block_sparse import Part, SparsePatternAttention, reference_attention, sliding_parts
+from routelab.attention.dense import QKVAttention
+from routelab.config import AttentionConfig, check_positive
+from routelab.registry import ATTENTION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalAttentionConfig(AttentionConfig):
+    """A token-exact sliding window."""
+
+    window: int = 128  # w: bidirectional |i-j| <= w, causal 0 <= i-j <= w
+    block_size: int = 64  # query block of the block-sparse engine (speed only; results are exact)
+    flex_inference: bool = False  # without autograd, use compiled FlexAttention (~20 s compile per shape)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "window", "block_size")
+
+
+def band(i: Tensor, j: Tensor, window: int, causal: bool) -> Tensor:
+    d = i - j
+    return (d >= 0) & (d <= window) if causal else d.abs() <= window
+
+
+def band_parts(T: int, window: int, block_size: int, causal: bool, device) -> list[Part]:
+    """The band |i - j| <= w (0 <= i - j <= w if causal) as query blocks of b with their key windows
+    [s - w, s + b (+ w)): exact token windows, strided views of K/V, one shared interior mask."""
+    length = min(block_size, T) + window * (1 if causal else 2)
+    return sliding_parts(T, block_size, -window, length, lambda i, j: band(i, j, window, causal), device)
+
+
+@ATTENTION.register("local", LocalAttentionConfig)
+class LocalAttention(SparsePatternAttention, QKVAttention):
+    """Sliding-window attention through the block-sparse engine; the decoding cache keeps w keys."""
+
+    def __init__(self, cfg, layer_idx: int = 0) -> None:
+        super().__init__(cfg, layer_idx)
+        self.window = cfg.attention.window
+        self.block_size = cfg.attention.block_size
+
+    def allow(self, i: Tensor, j: Tensor) -> Tensor:
+        return band(i, j, self.window, self.causal)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
+        T, S = q.shape[2], k.shape[2]
+        if self.cfg.flex_inference and not torch.is_grad_enabled() and padding_mask is None and offset == 0 and T == S:
+            if not getattr(self, "_flex_failed", False):
+                try:
+                    from routelab.attention.flex import flex_local
+
+                    return flex_local(q, k, v, self.window, self.causal)
+                except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
+                    self._flex_failed = True
+                    log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
+        return super().attend(q, k, v, padding_mask, offset)
+
+    def build_parts(self, T: int, device) -> list[Part]:
+        return band_parts(T, self.window, self.block_size, self.causal, device)
+
+    def attend_routes(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache | None):
+        if cache is None:
+            return self.attend(q, k, v, padding_mask, 0), None
+        offset, T = cache.offset, q.shape[2]
+        k_all, v_all = cache.append(k, v)  # (B, H, S, hd): at most w kept + T new
+        S = k_all.shape[2]
+        if offset == 0 and S == T:
+            out = self.attend(q, k_all, v_all, padding_mask, 0)
+        else:
+            qpos = torch.arange(offset, offset + T, device=q.device)
+            kpos = torch.arange(offset + T - S, offset + T, device=q.device)
+            pad = padding_mask[:, -S:] if padding_mask is not None else None
+            out = reference_attention(q, k_all, v_all, self.allow(qpos[:, None], kpos[None, :]), pad)
+        if S > self.window:  # the next query needs only the last w keys
+            cache.k, cache.v = k_all[:, :, -self.window :].clone(), v_all[:, :, -self.window :].clone()
+        return out, None

@@ -1,0 +1,89 @@
+"""Stacked expert FFNs: E position-wise FFNs (Vaswani et al. 2017, eq. 2) held as tensors with a
+leading expert dimension, so expert parallelism can shard dim 0 and the math never indexes one
+expert's weights under autograd. SwiGLU experts follow Shazeer 2020, eq. 6.
+
+E_i(x) = act(x W_in[i] + b_in[i]) W_out[i] + b_out[i],   or for swiglu
+E_i(x) = (silu(x W_gate[i]) * (x W_in[i] + b_in[i])) W_out[i] + b_out[i].
+
+Shape legend: T tokens, E experts, D model dim, H hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from routelab.config import check
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+class Experts(nn.Module):
+    """E expert FFNs as stacked parameters ``w_in`` (E, D, H), ``b_in`` (E, H), ``w_gate`` (E, D, H)
+    (swiglu only), ``w_out`` (E, H, D), ``b_out`` (E, D)."""
+
+    def __init__(
+        self, num_experts: int, d_model: int, hidden: int, activation: str = "gelu", bias: bool = True
+    ) -> None:
+        super().__init__()
+        check(activation in ACTIVATIONS, "activation", activation, ", ".join(ACTIVATIONS))
+        E, D, H = num_experts, d_model, hidden
+        self.num_experts, self.d_model, self.hidden, self.activation = E, D, H, activation
+        self.w_in = nn.Parameter(torch.empty(E, D, H))
+        self.w_gate = nn.Parameter(torch.empty(E, D, H)) if activation == "swiglu" else None
+        self.w_out = nn.Parameter(torch.empty(E, H, D))
+        self.b_in = nn.Parameter(torch.zeros(E, H)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(E, D)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Normal(0, std) weights, zero biases; std None = nn.Linear's fan-in scale per matrix."""
+        for w, fan_in in ((self.w_in, self.d_model), (self.w_gate, self.d_model), (self.w_out, self.hidden)):
+            if w is not None:
+                nn.init.normal_(w, std=std if std is not None else 1.0 / math.sqrt(fan_in))
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, "
+            f"activation={self.activation}, bias={self.b_in is not None}"
+        )
+
+    # -- the slow, obviously correct path and the batched path --------------------------------
+    def forward_all(self, x: Tensor) -> Tensor:
+        """Every expert on every row: x (E, N, D) or (N, D) -> (E, N, D). One bmm per matrix."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.num_experts, -1, -1)  # (E, N, D)
+        h = torch.bmm(x, self.w_in)  # (E, N, H)
+        if self.b_in is not None:
+            h = h + self.b_in.unsqueeze(1)
+        if self.activation == "swiglu":
+            h = F.silu(torch.bmm(x, self.w_gate)) * h
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.relu(h)
+        y = torch.bmm(h, self.w_out)  # (E, N, D)
+        if self.b_out is not None:
+            y = y + self.b_out.unsqueeze(1)
+        return y
+
+
+def reference_combine(experts: Experts, x: Tensor, expert_idx: Tensor, gates: Tensor, active: Tensor | None) -> Tensor:
+    """Reference MoE output: all experts on all tokens, masked by the routing. Slow (E times the
+    active FLOPs) and obviously correct; the fast paths are tested against it.
+
+    y_t = sum_k gates[t, k] * active[t, k] * E_{expert_idx[t, k]}(x_t).
+
+    Shapes: x (T, D), expert_idx / gates / active (T, K) -> (T, D).
+    """
+    T, E = x.shape[0], experts.num_experts
+    w = gates if active is None else gates * active
+    combine = torch.zeros(T, E, dtype=w.dtype, device=x.device).scatter_add(1, expert_idx, w)  # (T, E)
+    out = experts.forward_all(x)  # (E, T, D)
+    return torch.einsum("te,etd->td", combine.to(out.dtype), out)

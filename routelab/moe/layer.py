@@ -1,0 +1,344 @@
+"""The Mixture-of-Experts layer: a router sends each token to a few experts, only those compute,
+and their outputs are combined by gate weight (Shazeer et al. 2017, eq. 1):
+
+    y = sum_i g_i(x) E_i(x)    (+ sum_j S_j(x) for always-on shared experts, DeepSeekMoE 2024)
+
+Balancing: the Switch load-balancing loss and the ST-MoE router z-loss (``losses.py``), or the
+auxiliary-loss-free bias of DeepSeek-V3 (Liu et al. 2024, sec. 2.1.2): a per-expert bias b added
+to the logits for *selection only*, after each training step moved by ``bias_update_rate`` toward
+equal load (b_i += u * sign(mean load - load_i)).
+
+Shape legend: T tokens, D model dim, E experts, K choice slots per token, H expert hidden width.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from routelab.config import ConfigError, check
+from routelab.ffn.base import FFNOutput
+from routelab.moe import losses
+from routelab.moe.dispatch import Workspace, apply_capacity, capacity, grouped_experts, plan_dispatch
+from routelab.moe.experts import Experts, reference_combine
+from routelab.moe.routers import ROUTERS, Router, Routing, SoftRouting, router_class
+
+
+@dataclass
+class MoEOutput(FFNOutput):
+    """``hidden`` (same shape as x), ``aux_loss`` (scalar, already weighted), ``stats``:
+
+    - ``tokens_per_expert`` (E,): pairs each expert computed (after capacity drops);
+      for soft MoE the combine weight each expert's slots received, summed over tokens.
+    - ``dropped_fraction``: fraction of chosen (token, expert) pairs dropped by capacity.
+    - ``unrouted_fraction``: fraction of tokens that no expert processed (dropped, or expert choice).
+    - ``router_entropy``: mean entropy (nats) of the router distribution, where there is one.
+    - ``max_load``, ``mean_load``: max and mean of tokens_per_expert (max/mean = imbalance).
+    - ``unused_experts``: experts that received no token.
+    - ``balance_loss``, ``z_loss``: the unweighted losses, where computed.
+    """
+
+
+class SharedExperts(nn.Module):
+    """``num_shared`` always-on experts (DeepSeekMoE, Qwen-MoE) as one FFN of width num_shared * H:
+    the sum of n FFNs equals one FFN with their hidden units side by side (and summed biases)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str, bias: bool) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Linear(d_model, hidden, bias=bias)
+        self.w_gate = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
+        self.w_out = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(x)
+        if self.activation == "swiglu":
+            h = F.silu(self.w_gate(x)) * h
+        else:
+            h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
+        return self.w_out(h)
+
+
+class MoE(nn.Module):
+    """A sparse MoE feed-forward layer; see the module docstring.
+
+    Args:
+        d_model: D. num_experts: E. hidden: H, each expert's hidden width.
+        router: a name in ``ROUTERS`` or a ``Router`` instance.
+        activation: relu, gelu or swiglu (swiglu adds ``experts.w_gate``).
+        bias: expert biases ``experts.b_in`` / ``experts.b_out`` (y = sum_i r_i(x)(W_i x + b_i)).
+        capacity_factor: None = dropless; a number = capacity ceil(cf * T * K / E) per expert.
+        drop_policy: "position" (first choices, then earlier tokens, are kept) or "probability"
+            (higher router probability kept first).
+        balance_loss_weight: alpha of the Switch load-balancing loss.
+        z_loss_weight: weight of the ST-MoE router z-loss.
+        entropy_loss_weight: weight of the router-entropy ("dynamic") loss of top-p routing.
+        bias_balancing: DeepSeek-V3 auxiliary-loss-free balancing (switch, gshard, topk).
+        bias_update_rate: its step u.
+        jitter: multiplicative uniform noise [1 - eps, 1 + eps] on the router input in training.
+        num_shared_experts: always-on experts of width H added to every token's output.
+        causal: the layer sits in a causal model; routers that rank the whole batch are refused.
+        impl: "sorted" (fast sparse path) or "reference" (every expert on every token, masked).
+        **router_options: the router's own options (top_k, renormalize, top_p, max_k, vocab_size,
+            seed, eval_mode, slots_per_expert, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_experts: int,
+        hidden: int,
+        router: str | Router = "switch",
+        activation: str = "gelu",
+        bias: bool = True,
+        capacity_factor: float | None = None,
+        drop_policy: str = "position",
+        balance_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+        entropy_loss_weight: float = 0.0,
+        bias_balancing: bool = False,
+        bias_update_rate: float = 1e-3,
+        jitter: float = 0.0,
+        num_shared_experts: int = 0,
+        causal: bool = False,
+        impl: str = "sorted",
+        **router_options,
+    ) -> None:
+        super().__init__()
+        check(num_experts >= 1, "num_experts", num_experts, "an integer >= 1")
+        check(
+            capacity_factor is None or capacity_factor > 0,
+            "capacity_factor",
+            capacity_factor,
+            "None (dropless) or a number > 0",
+        )
+        check(drop_policy in ("position", "probability"), "drop_policy", drop_policy, "'position' or 'probability'")
+        check(0.0 <= jitter < 1.0, "jitter", jitter, "0 <= jitter < 1")
+        check(num_shared_experts >= 0, "num_shared_experts", num_shared_experts, "an integer >= 0")
+        check(impl in ("sorted", "reference"), "impl", impl, "'sorted' or 'reference'")
+        self.router = (
+            router
+            if isinstance(router, Router)
+            else build_router(router, d_model, num_experts, capacity_factor, router_options)
+        )
+        name = router if isinstance(router, str) else type(router).__name__
+        if causal and self.router.whole_batch:
+            raise ConfigError(
+                f"router {name!r} ranks all tokens of the batch together, so a token's expert would depend on "
+                "later tokens: it is refused in a causal model (use it in an encoder, or pick switch/topk/...)"
+            )
+        if bias_balancing and not self.router.supports_selection_bias:
+            known = [n for n, c in ROUTERS.items() if c.supports_selection_bias]
+            raise ConfigError(
+                f"bias_balancing={bias_balancing!r} is not supported by router {name!r}; allowed with: {', '.join(known)}"
+            )
+        self.d_model, self.num_experts, self.hidden = d_model, num_experts, hidden
+        self.capacity_factor = None if self.router.own_capacity else capacity_factor
+        self.drop_policy, self.jitter, self.impl, self.causal = drop_policy, jitter, impl, causal
+        self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
+        self.entropy_loss_weight = entropy_loss_weight
+        self.bias_update_rate = bias_update_rate
+        self.experts = Experts(num_experts, d_model, hidden, activation, bias)
+        self.shared = (
+            SharedExperts(d_model, num_shared_experts * hidden, activation, bias) if num_shared_experts else None
+        )
+        # DeepSeek-V3 selection bias: state of the balancing controller, saved with the model
+        self.register_buffer("selection_bias", torch.zeros(num_experts) if bias_balancing else None)
+        self._workspace = Workspace()  # the fast path's helper threads and reusable buffer (not state)
+
+    def extra_repr(self) -> str:
+        return f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}, impl={self.impl!r}"
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> MoEOutput:
+        """x (..., D); token_ids (...) (hash routing); padding_mask (...) bool, True = padding.
+
+        Padding tokens are not routed, count in no loss or statistic, and get output 0.
+        """
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x has last dimension {x.shape[-1]}, expected d_model={self.d_model}")
+        if self.router.needs_token_ids and token_ids is None:
+            raise ValueError("router 'hash' needs token_ids: call moe(x, token_ids=...) with the input ids")
+        if self.router.soft:
+            return self._forward_soft(x, padding_mask)
+        shape = x.shape
+        xf = x.reshape(-1, self.d_model)  # (T, D)
+        ids = token_ids.reshape(-1) if token_ids is not None else None
+        seq_len = shape[-2] if x.dim() >= 3 else xf.shape[0]
+        pos = torch.arange(xf.shape[0], device=x.device) % seq_len  # (T,) position in its sequence
+        keep = None
+        if padding_mask is not None:
+            if padding_mask.shape != shape[:-1]:
+                raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected {tuple(shape[:-1])}")
+            if padding_mask.any():
+                keep = (~padding_mask.reshape(-1)).nonzero().squeeze(1)  # (T',) real tokens
+                xf, pos = xf.index_select(0, keep), pos[keep]
+                ids = ids[keep] if ids is not None else None
+        y, aux, stats = self._route_and_compute(xf, ids, pos)
+        if keep is not None:
+            y = torch.zeros(shape[:-1].numel(), self.d_model, dtype=y.dtype, device=y.device).index_copy(0, keep, y)
+        return MoEOutput(y.reshape(shape), aux, stats)
+
+    def _decide(self, x: Tensor, token_ids: Tensor | None, pos: Tensor) -> tuple[Routing, Tensor | None, Tensor | None]:
+        """Route x (T, D): (routing, chosen (T, K) before capacity, active (T, K) after; None = all)."""
+        T, E = x.shape[0], self.num_experts
+        x_router = x
+        if self.training and self.jitter > 0:  # Switch: jitter the router input only
+            x_router = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        r: Routing = self.router(x_router, token_ids=token_ids, selection_bias=self.selection_bias)
+        chosen = r.active  # before capacity: for the balance loss and the drop count
+        active = chosen
+        if self.capacity_factor is not None and T > 0:
+            cap = capacity(self.capacity_factor, T, r.expert_idx.shape[1], E)  # K of this routing
+            active = apply_capacity(r.expert_idx, chosen, cap, E, self._priority(r, pos))
+        return r, chosen, active
+
+    @torch.no_grad()
+    def gate_matrix(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """For inspection: x (..., D) -> (..., E), the weight each expert's output gets for each
+        token in this mode's forward pass (0 = not routed or dropped; soft MoE: combine weight
+        summed over the expert's slots). Shared experts are not included."""
+        E = self.num_experts
+        if self.router.soft:
+            xb = x.reshape(-1, x.shape[-2], x.shape[-1])
+            combine = self.router(xb).combine  # (B, T, E*S)
+            return combine.view(*xb.shape[:2], E, -1).sum(-1).reshape(*x.shape[:-1], E)
+        xf = x.reshape(-1, self.d_model)
+        seq_len = x.shape[-2] if x.dim() >= 3 else xf.shape[0]
+        pos = torch.arange(xf.shape[0], device=x.device) % seq_len
+        ids = token_ids.reshape(-1) if token_ids is not None else None
+        r, _, active = self._decide(xf, ids, pos)
+        w = r.gates if active is None else r.gates * active
+        m = torch.zeros(xf.shape[0], E, dtype=w.dtype, device=x.device).scatter_add_(1, r.expert_idx, w)
+        return m.reshape(*x.shape[:-1], E)
+
+    def _route_and_compute(self, x: Tensor, token_ids: Tensor | None, pos: Tensor) -> tuple[Tensor, Tensor, dict]:
+        """x (T, D) real tokens, pos (T,) their positions in their sequences -> (y (T, D), aux_loss, stats)."""
+        T, E = x.shape[0], self.num_experts
+        r, chosen, active = self._decide(x, token_ids, pos)
+        if self.selection_bias is not None and self.training and T > 0:
+            self._update_selection_bias(r.expert_idx, chosen)
+        if self.impl == "reference":
+            y = reference_combine(self.experts, x, r.expert_idx, r.gates, active)
+        else:
+            plan = plan_dispatch(r.expert_idx, active, E)
+            y = grouped_experts(self.experts, x, r.gates, plan, self._workspace)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        aux, stats = self._losses_and_stats(r, chosen, active)
+        return y, aux, stats
+
+    def _priority(self, r: Routing, pos: Tensor) -> Tensor | None:
+        """(T, K) keep-first score for capacity drops, or None for the default order (first
+        choices of all tokens, then second choices, ...; earlier tokens first).
+
+        In a causal model "position" orders by (position in sequence, choice, batch row), so a
+        token is only ever displaced by tokens at earlier or equal positions: dropping stays causal.
+        """
+        if self.drop_policy == "probability":
+            return r.gates.detach()  # Riquelme et al. 2021: most confident first
+        if not self.causal:
+            return None
+        K = r.expert_idx.shape[1]
+        return -(pos.unsqueeze(1) * K + torch.arange(K, device=pos.device)).float()  # (T, K)
+
+    @torch.no_grad()
+    def _update_selection_bias(self, expert_idx: Tensor, chosen: Tensor | None) -> None:
+        """DeepSeek-V3: b_i += u * sign(mean load - load_i), from this batch's selections."""
+        w = None if chosen is None else chosen.reshape(-1).float()
+        load = torch.bincount(expert_idx.reshape(-1), weights=w, minlength=self.num_experts).float()
+        self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+    def _losses_and_stats(self, r: Routing, chosen: Tensor | None, active: Tensor | None) -> tuple[Tensor, dict]:
+        T, E = r.expert_idx.shape[0], self.num_experts
+        dev = r.gates.device
+        aux = torch.zeros((), device=dev)
+        stats: dict = {}
+        with torch.no_grad():
+            flat = r.expert_idx.reshape(-1)
+            w_active = None if active is None else active.reshape(-1).float()
+            per_expert = torch.bincount(flat, weights=w_active, minlength=E).float()  # (E,)
+            n_chosen = flat.numel() if chosen is None else int(chosen.sum())
+            n_active = flat.numel() if active is None else int(active.sum())
+            routed = torch.ones(T, dtype=torch.bool, device=dev) if active is None else active.any(1)
+            stats["tokens_per_expert"] = per_expert
+            stats["dropped_fraction"] = torch.tensor((n_chosen - n_active) / max(n_chosen, 1))
+            stats["unrouted_fraction"] = (1.0 - routed.float().mean()) if T else torch.tensor(0.0)
+            if r.probs is not None and T:
+                stats["router_entropy"] = losses.router_entropy(r.probs.detach())
+            stats["max_load"] = per_expert.max()
+            stats["mean_load"] = per_expert.mean()
+            stats["unused_experts"] = (per_expert == 0).sum()
+        if T == 0 or not self.router.learned:
+            return aux, stats
+        if r.balance and r.probs is not None and self.balance_loss_weight > 0:
+            lb = losses.load_balancing_loss(r.probs, r.expert_idx, chosen)
+            aux = aux + self.balance_loss_weight * lb
+            stats["balance_loss"] = lb.detach()
+        if r.logits is not None and self.z_loss_weight > 0:
+            z = losses.router_z_loss(r.logits)
+            aux = aux + self.z_loss_weight * z
+            stats["z_loss"] = z.detach()
+        if r.probs is not None and self.entropy_loss_weight > 0:
+            aux = aux + self.entropy_loss_weight * losses.router_entropy(r.probs)
+        return aux, stats
+
+    # ------------------------------------------------------------------------------------------
+    def _forward_soft(self, x: Tensor, padding_mask: Tensor | None) -> MoEOutput:
+        """Soft MoE (Puigcerver et al. 2023): x (B, T, D) or (T, D); every expert on its slots.
+
+        Shapes: B sequences, T tokens, S slots per expert, E*S slots in all.
+        """
+        shape = x.shape
+        xb = x.reshape(-1, shape[-2], shape[-1]) if x.dim() >= 2 else x.view(1, 1, -1)  # (B, T, D)
+        pad = padding_mask.reshape(xb.shape[:2]) if padding_mask is not None else None
+        r: SoftRouting = self.router(xb, padding_mask=pad)
+        B, T, _ = xb.shape
+        E, S = self.num_experts, self.router.slots_per_expert
+        slots = torch.einsum("bts,btd->bsd", r.dispatch.to(x.dtype), xb)  # (B, E*S, D) eq. 1
+        slots = slots.view(B, E, S, -1).transpose(0, 1).reshape(E, B * S, -1)  # (E, B*S, D)
+        out = self.experts.forward_all(slots)  # (E, B*S, D)
+        out = out.view(E, B, S, -1).transpose(0, 1).reshape(B, E * S, -1)  # (B, E*S, D)
+        y = torch.einsum("bts,bsd->btd", r.combine.to(x.dtype), out)  # (B, T, D) eq. 2
+        if self.shared is not None:
+            y = y + self.shared(xb)
+        if pad is not None:
+            y = y.masked_fill(pad.unsqueeze(-1), 0.0)
+        with torch.no_grad():
+            real = r.combine if pad is None else r.combine * (~pad).unsqueeze(-1)
+            per_expert = real.view(B, T, E, S).sum((0, 1, 3)).float()  # (E,) combine mass per expert
+            n_real = T * B if pad is None else int((~pad).sum())
+            probs = r.combine.reshape(-1, E * S)
+            if pad is not None:
+                probs = probs[~pad.reshape(-1)]
+            stats = {
+                "tokens_per_expert": per_expert,
+                "dropped_fraction": torch.tensor(0.0),
+                "unrouted_fraction": torch.tensor(0.0),
+                "router_entropy": losses.router_entropy(probs) if n_real else torch.tensor(0.0),
+                "max_load": per_expert.max(),
+                "mean_load": per_expert.mean(),
+                "unused_experts": (per_expert == 0).sum(),
+            }
+        return MoEOutput(y.reshape(shape), torch.zeros((), device=x.device), stats)
+
+
+def build_router(name: str, d_model: int, num_experts: int, capacity_factor: float | None, options: dict) -> Router:
+    """Build router ``name`` with the options its constructor takes; an unknown option is an error."""
+    cls = router_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [p for p in params if p not in ("self", "d_model", "num_experts")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"router {name!r} does not take option(s) {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}"
+        )
+    kwargs = dict(options)
+    if "capacity_factor" in accepted:
+        kwargs["capacity_factor"] = capacity_factor
+    return cls(d_model, num_experts, **kwargs)
