@@ -609,10 +609,10 @@ class SparsePatternAttention:
     max_cached_plans = 8
 
     def allow(self, i: Tensor, j: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define allow (abstract hook of the mixin)")
 
     def build_parts(self, T: int, device) -> list[Part]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define build_parts (abstract hook of the mixin)")
 
     def parts(self, T: int, device) -> list[Part]:
         cache = self.__dict__.setdefault("_plans", {})

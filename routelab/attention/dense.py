@@ -85,7 +85,7 @@ class QKVAttention(nn.Module):
 
         Kinds implement this, or override ``attend_routes`` (own cache policy, learned routes).
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define attend or attend_routes (abstract hook)")
 
     @property
     def dropout_p(self) -> float:

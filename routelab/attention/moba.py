@@ -76,7 +76,7 @@ class BlockRouter(QKVAttention):
     # -- routing -----------------------------------------------------------------------------
     def select(self, scores: Tensor) -> Tensor:
         """scores (B, H, n, nb) with -inf for ineligible blocks -> chosen blocks (B, H, n, K), -1 = none."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define select (abstract hook: moba/topp)")
 
     def route(self, rq: Tensor, kmean: Tensor, kvalid: Tensor, qblocks: Tensor) -> Tensor:
         """Router queries rq (B, H, n, hd) of query blocks ``qblocks`` (n,) over key-block means
