@@ -152,6 +152,9 @@ def compare(config_path: str | Path, out: str | Path | None = None, overrides: l
     cmp, configs = load_compare_config(config_path, overrides)
     out = Path(out) if out else Path("runs") / Path(str(config_path)).stem
     out.mkdir(parents=True, exist_ok=True)
-    for name in tqdm(configs, desc="variants", disable=not sys.stderr.isatty()):
+    tty = sys.stderr.isatty()
+    for i, name in enumerate(tqdm(configs, desc="variants", disable=not tty), 1):
+        if not tty:  # logs and CI get one line per variant instead of bars
+            print(f"[{i}/{len(configs)}] {name} -> {out / name}", file=sys.stderr, flush=True)
         run_variant(configs[name], out / name, isolate=isolate)  # a child shows its own step bar
     return write_report(cmp, out)

@@ -244,6 +244,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
     threads: int | None = None  # torch.set_num_threads; None = torch's default
     progress: bool = True  # show a progress bar
+    tensorboard: bool = False  # also log metrics to RUN_DIR/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
         check_positive(self, "steps", "batch_size", "grad_accum", "lr")

@@ -68,17 +68,52 @@ def _finite(value: Any) -> Any:
     return value
 
 
-class MetricsLog:
-    """Appends records to ``run_dir/metrics.jsonl``."""
+def open_tensorboard(log_dir: str | Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``; a clear error without the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise RuntimeError(
+            "train.tensorboard=true needs the tensorboard package (pip install tensorboard); "
+            "metrics.jsonl is written either way"
+        ) from e
+    return SummaryWriter(log_dir=str(log_dir))
 
-    def __init__(self, path: str | Path) -> None:
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a record as TensorBoard tags: ``train/loss``, ``val/bpb``, and one tag per
+    element of a list stat (``train/routing/layers.0.ffn/tokens_per_expert/3``)."""
+    prefix = record.get("split", "train")
+    out = {}
+    for key, value in record.items():
+        if key in ("step", "split") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[f"{prefix}/{key}"] = float(value)
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out.update({f"{prefix}/{key}/{i}": float(v) for i, v in enumerate(value)})
+    return out
+
+
+class MetricsLog:
+    """Appends records to ``run_dir/metrics.jsonl`` and, if given a writer, to TensorBoard."""
+
+    def __init__(self, path: str | Path, tensorboard: Any = None) -> None:
         self.path = Path(path)
+        self.tensorboard = tensorboard  # a SummaryWriter (see ``open_tensorboard``) or None
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps({k: _finite(v) for k, v in record.items()})
         with self.path.open("a") as f:
             f.write(line + "\n")
             f.flush()
+        if self.tensorboard is not None:
+            for tag, value in scalars(record).items():
+                self.tensorboard.add_scalar(tag, value, int(record["step"]))
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def truncate_after(self, step: int) -> int:
         """Drop lines with ``step > step`` and unreadable lines (a partial write); return how many."""

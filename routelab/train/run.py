@@ -30,7 +30,7 @@ TOKENIZER_FILE = "tokenizer.json"
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
 # keys that may change between a run and its resumption: the length of the run and the display
-RESUMABLE_CHANGES = ("train.steps", "train.progress")
+RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.tensorboard", "train.threads")
 
 
 class RunError(ValueError):

@@ -30,7 +30,7 @@ from routelab.io import atomic_write_json
 from routelab.model import RoutedTransformer
 from routelab.train.checkpoint import load_checkpoint, save_checkpoint
 from routelab.train.evaluation import evaluate
-from routelab.train.metrics import METRICS_FILE, MetricsLog, flatten_routing, mean_records, peak_rss_mb
+from routelab.train.metrics import METRICS_FILE, MetricsLog, flatten_routing, mean_records, open_tensorboard, peak_rss_mb
 from routelab.train.optim import build_optimizer
 from routelab.train.run import (
     CONFIG_FILE,
@@ -165,7 +165,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         cfg: the run's config; ``model.vocab_size`` / ``model.num_labels`` may be None (from the data).
         out_dir: run folder. A fresh run refuses a folder holding a checkpoint or finished model.
         resume: continue from the newest complete checkpoint in ``out_dir``; the config must match
-            the saved one except ``train.steps`` (and ``train.progress``).
+            the saved one except ``train.steps`` (and ``train.progress``, ``train.tensorboard``, ``train.threads``).
         stop_after: stop once global step ``stop_after`` is done (checkpointing there) although the
             schedule still runs to ``train.steps``; None = run to ``train.steps``.
 
@@ -195,7 +195,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         filled = model.load_word_vectors(cfg.model.embeddings_path, vocab)
         log.info("word vectors from %s filled %d of %d embedding rows", cfg.model.embeddings_path, filled, len(vocab))
     optimizer = build_optimizer(model, cfg.train)
-    metrics = MetricsLog(out / METRICS_FILE)
+    metrics = MetricsLog(out / METRICS_FILE, open_tensorboard(out / "tensorboard") if cfg.train.tensorboard else None)
 
     book: dict[str, Any] = {"tokens_seen": 0, "elapsed_s": 0.0, "train_loss": None}
     step = 0
@@ -259,6 +259,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         bar.close()
 
     final = run_eval(write=step > start_step or ckpt is None)  # a no-op resume logs nothing twice
+    metrics.close()
     if step > start_step or ckpt is None:
         checkpoint()
     completed = step >= cfg.train.steps or out_of_time

@@ -222,3 +222,43 @@ def test_max_seconds_ends_the_run_as_finished(lm_cfg, tmp_path):
     assert summary["steps"] == 1 and summary["completed"] is True and summary["stopped_by"] == "max_seconds"
     assert (tmp_path / "timed" / "model" / "model.safetensors").is_file()
     assert train(lm_cfg(), tmp_path / "full")["stopped_by"] == "steps"
+
+
+class FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is an optional package)."""
+
+    instances: list = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        FakeWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_gets_the_metrics_lines(lm_cfg, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    FakeWriter.instances.clear()
+    train(lm_cfg("train.tensorboard=true", "train.steps=4", "train.eval_every=2"), tmp_path / "tb")
+    (w,) = FakeWriter.instances
+    assert w.log_dir == str(tmp_path / "tb" / "tensorboard") and w.closed
+    records = read_metrics(tmp_path / "tb")
+    losses = {(s, v) for t, v, s in w.scalars if t == "train/loss"}
+    assert losses == {(r["step"], r["loss"]) for r in records if "split" not in r}
+    val = {(s, v) for t, v, s in w.scalars if t == "val/loss"}
+    assert val == {(r["step"], r["loss"]) for r in records if r.get("split") == "val"} and len(val) == 2
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(lm_cfg, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    with pytest.raises(RuntimeError, match="pip install tensorboard"):
+        train(lm_cfg("train.tensorboard=true"), tmp_path / "tb")
