@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The main job: set up, train the tiny LM preset on the Python standard library's source,
-# report validation bits-per-byte and print a generated sample. Extra arguments go to `routelab train`.
+# The main job: set up, then compare routing variants of the tiny LM on the Python standard library's
+# source (configs/compare-lm.yaml: dense, switch, hash and top-2 MoE at equal active FLOPs, and local
+# attention; same steps for all), print the results table and the report's path, and inspect the
+# routing of the top-2 model on a line of code. Rerunning keeps finished variants and resumes an
+# interrupted one; delete runs/compare-lm to start over. Extra arguments go to `routelab compare`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-out="runs/lm-tiny-$(date +%Y%m%d-%H%M%S)"
-.venv/bin/routelab train lm-tiny --out "$out" "$@"
+out="runs/compare-lm"
+.venv/bin/routelab compare compare-lm --out "$out" "$@"
+.venv/bin/routelab inspect "$out/top2" --text "def parse(self, text):" --out "$out/inspect-top2"
