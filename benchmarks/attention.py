@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import write_json
 
 from routelab import ModelConfig
 from routelab.attention import build_attention
@@ -378,8 +379,7 @@ def main(argv=None) -> int:
         only = args.kinds if "--kinds" in (argv or sys.argv) else None
         rows = quality(args.out, args.lm_steps, args.listops_steps, only)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+            write_json(args.json, rows)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -399,8 +399,7 @@ def main(argv=None) -> int:
         kinds = [k for k in args.kinds if not (k == "kmeans-loop" and n > 16384)]
         rows += bench_size(n, kinds, causal, args.repeats, args.synthesizer_gb)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
     return 0
 
 

@@ -16,7 +16,6 @@ the peak RSS growth (VmHWM) over the RSS before that step.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import write_json
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,10 +250,7 @@ def main() -> None:
                 f"{case:<10}{act:<7} E={E:<4}H={H:<5}K={K}  dense {r['dense_ms']:7.0f} ms  {cells}{mem}{goal}",
                 flush=True,
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

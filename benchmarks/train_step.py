@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,10 +91,7 @@ def main() -> None:
             f"{r['preset']:<14}{r['parameters']:>10,}{shape:>12}{1000 * r['step_time_median_s']:>10.1f}"
             f"{r['tokens_per_s']:>11,.0f}{r['peak_rss_mb']:>9.0f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

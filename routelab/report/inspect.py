@@ -28,7 +28,7 @@ def validation_example(run: Any, index: int) -> tuple[Tensor, list[str]]:
         ids = collate_classification([ex], tok, seq_len, truncate=True)["input_ids"]
     else:
         start = (index * seq_len) % max(1, data.val.numel() - seq_len)
-        ids = data.val[start : start + min(seq_len, 64)][None]
+        ids = data.val[start : start + min(seq_len, 128)][None]  # long enough to show a window
     return ids, [tok.id_to_token(int(i)) for i in ids[0]]
 
 
@@ -73,6 +73,21 @@ def attention_routes(model: Any, ids: Tensor) -> list[np.ndarray]:
                 w = _explicit_weights(attn, x)
         maps.append(w[0].float().numpy())
     return maps
+
+
+def allowed_pairs(model: Any, seq_len: int) -> list[np.ndarray | None]:
+    """Per layer, the static pattern's allowed pairs as a (1 or H, T, T) bool array (fixed patterns:
+    local, strided, fixed, longformer, bigbird), or None for dense and learned kinds."""
+    out = []
+    for layer in model.layers:
+        attn = layer.attn
+        if not hasattr(attn, "mask"):
+            out.append(None)
+            continue
+        with torch.no_grad():
+            m = attn.mask(seq_len)
+        out.append((m if m.dim() == 3 else m[None]).cpu().numpy())
+    return out
 
 
 def _explicit_weights(attn: Any, x: Tensor) -> Tensor:

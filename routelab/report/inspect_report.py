@@ -4,7 +4,8 @@ Writes into ``OUT`` (default ``RUN_DIR/inspect``):
 - ``experts.html``: the tokens coloured by the expert with the largest gate, per MoE layer (hover a
   token for all its experts and gates);
 - ``experts_<layer>.png``: tokens x experts heatmap of gate weights, per MoE layer;
-- ``attention_layer<i>.png``: per attention layer, one tokens x tokens map per head;
+- ``attention_layer<i>.png``: per attention layer, one tokens x tokens map per head (and, for a
+  fixed pattern, the pairs it allows);
 - ``routes.json``: the numbers behind the pictures.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from routelab.report import plots
-from routelab.report.inspect import attention_routes, expert_routes, text_example, validation_example
+from routelab.report.inspect import allowed_pairs, attention_routes, expert_routes, text_example, validation_example
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
            "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"]
@@ -49,8 +50,12 @@ def inspect_run(run_dir: str | Path, text: str | None = None, example: int | Non
     for layer, gates in experts.items():
         png = plots.route_maps({layer: gates}, tokens, f"{layer}: gate of each expert per token", out / f"experts_{layer}.png")
         sections.append(f"<h2>{layer}</h2><p>{token_html(tokens, gates)}</p><img src='{png.name}'>")
-    for i, weights in enumerate(attn):
+    masks = allowed_pairs(run.model, len(tokens))
+    for i, (weights, mask) in enumerate(zip(attn, masks)):
         heads = {f"head {h}": w for h, w in enumerate(weights)}
+        if mask is not None:  # a fixed pattern: show what it allows beside what the heads use
+            allowed = {"allowed pairs" if len(mask) == 1 else f"allowed, head {h}": m.astype(np.float32) for h, m in enumerate(mask)}
+            heads = {**allowed, **heads}
         kind = run.cfg.model.attention.kind
         plots.route_maps(heads, tokens, f"layer {i} ({kind}): attention weights", out / f"attention_layer{i}.png")
     page = (
@@ -66,6 +71,7 @@ def inspect_run(run_dir: str | Path, text: str | None = None, example: int | Non
         "tokens": tokens,
         "experts": {k: v.tolist() for k, v in experts.items()},
         "attention_mean_over_heads": [w.mean(0).tolist() for w in attn],
+        "allowed_pairs": [None if m is None else m.astype(int).tolist() for m in masks],  # (1 or H, T, T)
     }
     (out / "routes.json").write_text(json.dumps(record))
     return out

@@ -30,7 +30,14 @@ from routelab.io import atomic_write_json
 from routelab.model import RoutedTransformer
 from routelab.train.checkpoint import load_checkpoint, save_checkpoint
 from routelab.train.evaluation import evaluate
-from routelab.train.metrics import METRICS_FILE, MetricsLog, flatten_routing, mean_records, open_tensorboard, peak_rss_mb
+from routelab.train.metrics import (
+    METRICS_FILE,
+    MetricsLog,
+    flatten_routing,
+    mean_records,
+    open_tensorboard,
+    peak_rss_mb,
+)
 from routelab.train.optim import build_optimizer
 from routelab.train.run import (
     CONFIG_FILE,

@@ -77,3 +77,27 @@ def test_expert_assignment_shown_is_the_layers_decision(moe_run, tmp_path):
     # the HTML colours each token by its largest gate
     page = (out / "experts.html").read_text()
     assert page.count("<span") == 2 * len(text)
+
+
+def test_fixed_pattern_shows_its_allowed_pairs(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("x = [i for i in range(9)]\n" * 60)
+    w = 3
+    cfg = Config.from_dict(
+        {
+            "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 32,
+                      "attention": {"kind": "local", "window": w, "block_size": 8}},
+            "data": {"source": str(corpus), "seq_len": 32, "val_fraction": 0.2},
+            "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 0,
+                      "progress": False},
+        }
+    )  # fmt: skip
+    train(cfg, tmp_path / "run")
+    out = inspect_run(tmp_path / "run", example=0, out=tmp_path / "ins")
+    routes = json.loads((out / "routes.json").read_text())
+    (mask,) = np.asarray(routes["allowed_pairs"][0])  # (T, T): one mask shared by the heads
+    T = len(routes["tokens"])
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    assert np.array_equal(mask.astype(bool), (i - j >= 0) & (i - j <= w))  # causal window, by hand
+    weights = np.asarray(routes["attention_mean_over_heads"][0])
+    assert np.all(weights[~mask.astype(bool)] == 0)  # the heads use only allowed pairs
