@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+from torch import Tensor, nn
+
 from routelab.config import ConfigError, FFNConfig, check
 from routelab.moe.layer import MoE
-from routelab.moe.routers import ROUTERS, router_class
+from routelab.moe.routers import ROUTERS, HashRouter, router_class
 from routelab.registry import FFN
 
 TOP_K_DEFAULT = {"switch": 1, "gshard": 2, "topk": 2}  # routers with a fixed number of experts per token
@@ -43,6 +46,7 @@ class MoEFFNConfig(FFNConfig):
     random_eval: Literal["mean", "seeded"] = "mean"  # random (THOR) in eval: mean of all experts or a seeded choice
     slots_per_expert: int = 1  # soft: slots per expert
     seed: int = 0  # hash table and seeded random-eval choices
+    hash_table: Literal["random", "balanced"] = "random"  # hash: seeded random, or balanced by train-token frequency
     impl: Literal["sorted", "reference"] = "sorted"  # sorted = fast sparse path; reference = all experts, masked
 
     def __post_init__(self) -> None:
@@ -104,6 +108,12 @@ class MoEFFNConfig(FFNConfig):
                 self.max_k,
                 f"1 <= max_k <= num_experts={self.num_experts}",
             )
+        check(
+            self.hash_table == "random" or self.router == "hash",
+            f"{sec}.hash_table",
+            self.hash_table,
+            f"'random' for router {self.router!r} (a hash table is used by router: hash only)",
+        )
         check(self.slots_per_expert >= 1, f"{sec}.slots_per_expert", self.slots_per_expert, "an integer >= 1")
         if self.bias_balancing:
             ok = [n for n, c in ROUTERS.items() if c.supports_selection_bias]
@@ -166,3 +176,19 @@ class MoEFFN(MoE):
         self.layer_idx = layer_idx
         self.experts.reset_parameters(cfg.init_std)  # the model rescales experts.w_out (GPT-2 init)
         self.router.reset_parameters(cfg.init_std)
+
+
+def token_counts(data, vocab_size: int) -> Tensor:
+    """(V,) occurrences of each token id in the training split (LM stream or classification examples)."""
+    train = data.train
+    ids = train if isinstance(train, Tensor) else torch.tensor([t for ids, _ in train for t in ids], dtype=torch.long)
+    return torch.bincount(ids.reshape(-1).cpu(), minlength=vocab_size)[:vocab_size]
+
+
+def balance_hash_tables(model: nn.Module, counts: Tensor) -> int:
+    """Give every hash router of ``model`` the frequency-balanced table of ``counts`` (Roller et al.
+    2021, "Balanced assignment"); returns how many routers changed."""
+    routers = [m for m in model.modules() if isinstance(m, HashRouter)]
+    for r in routers:
+        r.balance(counts.to(r.table.device))
+    return len(routers)

@@ -11,6 +11,7 @@ Shape legend: T tokens, D model dim, E experts, K choice slots per token.
 from __future__ import annotations
 
 import difflib
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -182,12 +183,41 @@ class TopPRouter(Router):
         return f"{super().extra_repr()}, top_p={self.top_p}, max_k={self.max_k}"
 
 
+def balanced_hash_table(token_counts: Tensor, num_experts: int) -> Tensor:
+    """Roller et al. 2021 (Hash Layers, sec. 3, "Balanced assignment"): a table built from training
+    token frequencies, taking tokens from most to least frequent and giving each to the expert with
+    the fewest tokens so far (greedy longest-processing-time). Ties: lower token id first, then the
+    expert with fewer ids, then the lower expert index, so the table is deterministic.
+
+    token_counts (V,) -> table (V,) int64 of expert indices. Unseen tokens (count 0) are dealt
+    round-robin over the experts with the fewest ids, so every expert keeps ~V/E ids.
+    """
+    counts = token_counts.detach().to("cpu", torch.float64).tolist()
+    seen = sorted((t for t, c in enumerate(counts) if c > 0), key=lambda t: (-counts[t], t))
+    table = [0] * len(counts)
+    owned = [0] * num_experts
+    heap = [(0.0, 0, e) for e in range(num_experts)]  # (load, ids owned, expert)
+    for t in seen:
+        load, n, e = heapq.heappop(heap)
+        table[t], owned[e] = e, n + 1
+        heapq.heappush(heap, (load + counts[t], n + 1, e))
+    by_ids = [(n, e) for e, n in enumerate(owned)]  # unseen ids: to the experts owning the fewest
+    heapq.heapify(by_ids)
+    for t in (t for t, c in enumerate(counts) if c <= 0):
+        n, e = heapq.heappop(by_ids)
+        table[t] = e
+        heapq.heappush(by_ids, (n + 1, e))
+    return torch.tensor(table, dtype=torch.long)
+
+
 class HashRouter(Router):
     """Hash Layers (Roller et al. 2021): expert = table[token_id], no learned router, gate 1.
 
-    The table is a seeded random *balanced* assignment of the vocabulary: a random permutation of
-    the ids dealt round-robin to the experts, so every expert owns floor or ceil(V / E) ids. It is
-    a buffer (saved with the model) so a checkpoint keeps its routing.
+    The table is a seeded random assignment of the vocabulary: a random permutation of the ids dealt
+    round-robin to the experts, so every expert owns floor or ceil(V / E) ids (but not equal *load*:
+    frequent tokens may share an expert). ``balance(token_counts)`` replaces it by the paper's
+    frequency-balanced table (``ffn.hash_table: balanced`` does so from the training data). It is a
+    buffer (saved with the model) so a checkpoint keeps its routing.
     """
 
     learned = False
@@ -206,6 +236,13 @@ class HashRouter(Router):
         table = torch.empty(vocab_size, dtype=torch.long)
         table[perm] = torch.arange(vocab_size) % num_experts
         self.register_buffer("table", table)  # (V,) expert of each token id
+
+    @torch.no_grad()
+    def balance(self, token_counts: Tensor) -> None:
+        """Replace the random table by the frequency-balanced one (``balanced_hash_table``)."""
+        if token_counts.shape != self.table.shape:
+            raise ValueError(f"token_counts has shape {tuple(token_counts.shape)}; the table needs ({self.table.shape[0]},)")
+        self.table.copy_(balanced_hash_table(token_counts, self.num_experts))
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, selection_bias: Tensor | None = None) -> Routing:
         if token_ids is None:

@@ -197,6 +197,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
     cfg = resolve_config(cfg, data)
     save_config(cfg, out / CONFIG_FILE)
     model = RoutedTransformer(cfg.model).to(device)
+    if ckpt is None and getattr(cfg.model.ffn, "hash_table", "random") == "balanced":  # a resume loads its table
+        from routelab.moe.ffn import balance_hash_tables, token_counts
+
+        n = balance_hash_tables(model, token_counts(data, cfg.model.vocab_size))
+        log.info("balanced the hash tables of %d MoE layers by training-token frequency", n)
     if cfg.model.embeddings_path and ckpt is None:
         vocab = [data.tokenizer.id_to_token(i) for i in range(data.tokenizer.vocab_size)]
         filled = model.load_word_vectors(cfg.model.embeddings_path, vocab)
