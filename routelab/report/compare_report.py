@@ -33,6 +33,26 @@ COLUMNS = [  # (header, Row attribute, format)
 ]
 
 
+LEGEND = {  # header -> what it means, for the report's readers
+    "active": "parameters a token uses (the chosen experts only)",
+    "attn MFLOP/tok": "forward attention FLOPs per token, all layers, counting only the pairs the kind computes",
+    "ffn MFLOP/tok": "forward FFN FLOPs per token (router + the active experts)",
+    "attn density": "attention pairs computed / dense pairs",
+    "tok/s": "training tokens per second (forward + backward + optimizer)",
+    "peak MB": "peak resident memory of the training process",
+    "steps to ref": "first evaluated step whose validation loss reached the reference's final one (- = never)",
+    "s to ref": "training seconds to that step",
+    "expert CV": "coefficient of variation of tokens per expert over the last 5 logged steps, mean over MoE layers (0 = balanced)",
+    "dead experts": "experts (summed over MoE layers) that received no token in the last 5 logged steps",
+}
+
+
+def legend(rows: list[Row]) -> list[tuple[str, str]]:
+    """(header, meaning) for the columns of this table that need one."""
+    headers, _ = table(rows)
+    return [(h, LEGEND[h]) for h in headers if h in LEGEND]
+
+
 def _cell(row: Row, col: tuple) -> str:
     value = getattr(row, col[1])
     if value is None:
@@ -139,17 +159,19 @@ def write_report(cmp: Any, out: Path) -> Path:
         "FLOPs are forward FLOPs per token counting only the work each kind does."
     )
     md = ["# routelab comparison", "", intro, "", markdown_table(rows), ""]
+    md += [f"- **{h}**: {m}" for h, m in legend(rows)] + [""]
     for caption, path in figs:
         md += [f"## {caption}", "", f"![{caption}]({path.relative_to(out)})", ""]
     (out / "report.md").write_text("\n".join(md))
     body = "".join(
         f"<h2>{html.escape(c)}</h2><img src=\"{html.escape(str(p.relative_to(out)))}\" alt=\"{html.escape(c)}\">" for c, p in figs
     )
+    notes = "<ul>" + "".join(f"<li><b>{html.escape(h)}</b>: {html.escape(m)}</li>" for h, m in legend(rows)) + "</ul>"
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>routelab comparison</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}img{max-width:100%}"
-        f"</style></head><body><h1>routelab comparison</h1><p>{html.escape(intro)}</p>{html_table(rows)}{body}</body></html>"
+        f"</style></head><body><h1>routelab comparison</h1><p>{html.escape(intro)}</p>{html_table(rows)}{notes}{body}</body></html>"
     )
     (out / "report.html").write_text(page)
     print(plain_table(rows))

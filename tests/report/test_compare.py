@@ -102,3 +102,16 @@ def test_expert_load_cv_and_dead_experts():
     std = (sum((t - mean) ** 2 for t in total) / 4) ** 0.5
     assert cv == pytest.approx(std / mean) and dead == 2
     assert expert_load([{"step": 1, "loss": 1.0}]) == (None, None)
+
+
+def test_report_explains_its_columns(base_yaml, tmp_path):
+    cmp = write_compare(
+        tmp_path,
+        base="base.yaml",
+        budget={"steps": 2},
+        variants=[{"name": "dense"}, {"name": "moe", "set": ["model.ffn.kind=moe", "model.ffn.num_experts=2"]}],
+    )
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for header in ("active", "attn density", "expert CV", "dead experts", "steps to ref"):
+        assert f"- **{header}**:" in md and f"<li><b>{header}</b>:" in page
