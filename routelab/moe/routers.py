@@ -184,9 +184,9 @@ class TopPRouter(Router):
 
 
 def balanced_hash_table(token_counts: Tensor, num_experts: int) -> Tensor:
-    """Roller et al. 2021 (Hash Layers, sec. 3, "Balanced assignment"): a table built from training
+    """The balanced-assignment hash of Roller et al. 2021 (Hash Layers): a table built from training
     token frequencies, taking tokens from most to least frequent and giving each to the expert with
-    the fewest tokens so far (greedy longest-processing-time). Ties: lower token id first, then the
+    the smallest load (summed counts) so far (greedy longest-processing-time). Ties: lower token id first, then the
     expert with fewer ids, then the lower expert index, so the table is deterministic.
 
     token_counts (V,) -> table (V,) int64 of expert indices. Unseen tokens (count 0) are dealt

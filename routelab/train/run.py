@@ -29,7 +29,8 @@ CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
-# keys that may change between a run and its resumption: the length of the run and the display
+# keys that may change between a run and its resumption: the run's length, its display and logging, and the
+# CPU thread count (which may change float summation order, so a resume with other threads is not bitwise exact)
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.tensorboard", "train.threads")
 
 
