@@ -120,7 +120,7 @@ class BigBirdAttention(SparsePatternAttention, QKVAttention):
             glob, everyone = Windows(0, g * b, g * b, 1), Windows(0, T, T, 1)
             mask = None
             if causal:
-                p = torch.arange(T, device=device)
-                mask = (p[None, :] <= p[: g * b, None])[None, None]  # (1, 1, g*b, T)
+                q, k = torch.arange(g * b, device=device), torch.arange(T, device=device)  # g*b may exceed T
+                mask = (k[None, :] <= q[:, None])[None, None]  # (1, 1, g*b, T); query slots past T are dropped
             parts.append(Part(glob, everyone, mask))
         return parts
