@@ -16,6 +16,7 @@ types with a message naming the field, the value and what is allowed; each datac
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import json
@@ -188,6 +189,8 @@ class DataConfig:
     truncate: bool = False  # classification: cut inputs longer than seq_len instead of raising
     val_fraction: float = 0.05  # fraction of files/rows held out for validation
     max_bytes: int | None = None  # cap on the corpus size read (None = all)
+    encoding: str = "utf-8"  # text encoding of files read as text (any codec Python knows, e.g. latin-1)
+    encoding_errors: Literal["strict", "replace", "ignore"] = "strict"  # undecodable bytes: refuse, U+FFFD, or drop
     text_column: str = "text"  # JSONL/CSV/HF column holding the text
     label_column: str = "label"  # JSONL/CSV/HF column holding the label (classification)
     hf_split: str = "train"  # HF dataset split to read
@@ -208,6 +211,10 @@ class DataConfig:
         check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "0 < value < 1")
         if self.max_bytes is not None:
             check_positive(self, "max_bytes")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            check(False, "data.encoding", self.encoding, "a codec Python knows, e.g. 'utf-8', 'latin-1', 'cp1252'")
         for n in ("listops_train", "listops_val", "listops_test"):
             check(getattr(self, n) >= 0, f"data.{n}", getattr(self, n), "an integer >= 0")
         check(self.listops_max_args >= 2, "data.listops_max_args", self.listops_max_args, "an integer >= 2")
@@ -245,6 +252,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None = torch's default
     progress: bool = True  # show a progress bar
     tensorboard: bool = False  # also log metrics to RUN_DIR/tensorboard (needs the tensorboard package)
+    skip_nonfinite: bool = False  # skip (do not apply) an update whose loss or gradient is NaN/inf, instead of stopping
 
     def __post_init__(self) -> None:
         check_positive(self, "steps", "batch_size", "grad_accum", "lr")
