@@ -1,14 +1,22 @@
-"""Files that never end up half-written: atomic writes and safetensors state dicts.
+"""Files that never end up half-written, and that say so when they are damaged.
 
 Every write goes to a temporary file in the target's folder, is flushed to disk, then renamed over
 the target (``os.replace`` is atomic on POSIX), so a killed process leaves the old file or the new
-one, never a broken one.
+one, never a broken one. Folders (checkpoints, a finished model) are staged the same way: written
+under a hidden temporary name, then swapped in, the old one removed only after the new one is in
+place. Temporary files and folders get the permissions a plain ``open``/``mkdir`` would give under
+the process's umask (``tempfile`` alone would make them private, 0600/0700).
+
+Reading is strict: a truncated or corrupted safetensors file, a file whose SHA-256 differs from the
+one recorded when it was written, or malformed JSON raises ``DamagedFileError`` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +27,48 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
+class DamagedFileError(ValueError):
+    """A file is unreadable, truncated, malformed or fails its checksum; the message names it."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{str(path)!r} is damaged or not what routelab expects: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# permissions
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: str | Path, is_dir: bool) -> None:
+    """Give a ``tempfile``-made file or folder the mode ``open``/``mkdir`` would have given it."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new hidden folder ``parent/.<prefix>*.tmp`` with the umask's permissions, for staging."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f".{prefix}.", suffix=".tmp", dir=parent)
+    _plain_mode(path, is_dir=True)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then atomically move the temporary file to ``path``."""
     path = Path(path)
@@ -27,6 +77,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _plain_mode(tmp, is_dir=False)  # after write: a writer may have replaced the file (safetensors does)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -38,7 +89,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
     atomic_write(path, write)
@@ -48,9 +99,71 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save tensors to safetensors atomically. Tensors sharing storage (tied weights) are stored once
-    and restored as aliases on load."""
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (renames into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the complete folder ``src`` to ``dst``. An existing ``dst`` is first renamed aside and
+    deleted only once ``src`` is in place, so at every moment one complete folder exists."""
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+    else:
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(dst.parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str | None) -> None:
+    """Raise ``DamagedFileError`` unless ``path`` exists and (when ``expected``) has that SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFileError(path, "the file is missing")
+    if expected is not None and file_sha256(path) != expected:
+        raise DamagedFileError(path, "its SHA-256 differs from the one recorded when it was written")
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing file raises ``FileNotFoundError``, bad content ``DamagedFileError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedFileError(path, f"not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors state dicts
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
+    """Save tensors to safetensors atomically; return the written file's SHA-256 (hex).
+
+    Tensors sharing storage (tied weights) are stored once and restored as aliases on load."""
     tensors, aliases, seen = {}, {}, {}
     for name, t in state.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) if t.numel() else None
@@ -62,22 +175,60 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: 
         tensors[name] = t.detach().contiguous().cpu()
     meta = dict(metadata or {})
     meta["routelab_aliases"] = json.dumps(aliases)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    digest: list[str] = []
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=meta)
+        digest.append(file_sha256(tmp))  # hashed before the rename: what is in place is what was hashed
+
+    atomic_write(path, write)
+    return digest[0]
 
 
-def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a file written by ``save_state_dict`` (or any safetensors file)."""
+def load_state_dict(
+    path: str | Path, map_location: str | torch.device = "cpu", sha256: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a file written by ``save_state_dict`` (or any safetensors file), checking ``sha256`` if given."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
-    for alias, target in json.loads(meta.get("routelab_aliases", "{}")).items():
+        raise FileNotFoundError(f"{str(path)!r} not found")
+    verify_sha256(path, sha256)
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+        aliases = json.loads(meta.get("routelab_aliases", "{}"))
+    except Exception as e:  # SafetensorError (truncated, bad header), JSON in the metadata, I/O
+        raise DamagedFileError(path, f"cannot read it as safetensors ({type(e).__name__}: {e})") from None
+    for alias, target in aliases.items():
+        if target not in state:
+            raise DamagedFileError(path, f"alias {alias!r} points at missing tensor {target!r}")
         state[alias] = state[target]
     return state
 
 
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header, without reading the tensors (aliases
+    included), so sizes claimed elsewhere can be checked before anything is allocated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            meta = f.metadata() or {}
+        aliases = json.loads(meta.get("routelab_aliases", "{}"))
+    except Exception as e:
+        raise DamagedFileError(path, f"cannot read it as safetensors ({type(e).__name__}: {e})") from None
+    for alias, target in aliases.items():
+        if target in shapes:
+            shapes[alias] = shapes[target]
+    return shapes
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise DamagedFileError(path, f"cannot read it as safetensors ({type(e).__name__}: {e})") from None

@@ -13,7 +13,6 @@ Heads:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from routelab.config import ConfigError, ModelConfig, model_config_from_dict, to
 from routelab.ffn import build_ffn
 
 IGNORE_INDEX = -100  # label value that is not scored (padding, positions without a label)
+CONFIG_JSON = "config.json"  # save_pretrained's files
+WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -189,26 +190,46 @@ class RoutedTransformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically each)."""
+        """Write ``model.safetensors`` then ``config.json`` into ``directory``, each atomically.
+
+        ``config.json`` is the model config plus ``weights_sha256``, the checksum of the weights
+        written with it; it is written last, so a folder whose two files do not belong together (a
+        write killed between them, a copied-over file) fails ``from_pretrained``'s check."""
         from routelab.io import atomic_write_json, save_state_dict
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_state_dict(self.state_dict(), directory / "model.safetensors")
-        atomic_write_json(directory / "config.json", to_dict(self.cfg))
+        digest = save_state_dict(self.state_dict(), directory / WEIGHTS_FILE)
+        atomic_write_json(directory / CONFIG_JSON, {**to_dict(self.cfg), "weights_sha256": digest})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> RoutedTransformer:
-        """Rebuild a model written by ``save_pretrained``."""
-        from routelab.io import load_state_dict
+        """Rebuild a model written by ``save_pretrained``, in eval mode.
+
+        Before anything is allocated, the sizes in ``config.json`` are checked against the tensor
+        shapes in the weights file's header (an edited config cannot ask for more memory than the
+        weights hold), and the weights against ``weights_sha256``. Every problem raises one error
+        naming the file (``DamagedFileError`` or ``ConfigError``)."""
+        from routelab.io import DamagedFileError, load_state_dict, read_json, verify_sha256
 
         directory = Path(directory)
-        cfg_path = directory / "config.json"
+        cfg_path = directory / CONFIG_JSON
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} not found: is {str(directory)!r} a saved routelab model?")
-        model = cls(model_config_from_dict(json.loads(cfg_path.read_text())))
-        model.load_state_dict(load_state_dict(directory / "model.safetensors", map_location))
-        return model
+            raise FileNotFoundError(f"{str(cfg_path)!r} not found: is {str(directory)!r} a saved routelab model?")
+        data = read_json(cfg_path)
+        if not isinstance(data, dict):
+            raise DamagedFileError(cfg_path, f"it holds a {type(data).__name__}, not a model config mapping")
+        digest = data.pop("weights_sha256", None)
+        try:
+            cfg = model_config_from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{str(cfg_path)!r}: {e}") from None
+        weights = directory / WEIGHTS_FILE
+        verify_sha256(weights, digest)
+        check_weights_file(cfg, weights, str(cfg_path))
+        model = cls(cfg)
+        model.load_state_dict(load_state_dict(weights, map_location))
+        return model.to(map_location).eval()
 
     def load_word_vectors(self, path: str | Path, vocab: list[str]) -> int:
         """Initialise token embeddings from a word2vec/GloVe text file; returns rows filled.
@@ -227,3 +248,33 @@ class RoutedTransformer(nn.Module):
                     weight[i] = torch.tensor(vec, dtype=weight.dtype, device=weight.device)
                     filled += 1
         return filled
+
+
+# ----------------------------------------------------------------------------------------------
+# checking weights against a config before allocating
+
+
+def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the state dict of ``RoutedTransformer(cfg)``, built on the
+    meta device (no memory, no initialisation), so any size a config claims can be checked first."""
+    with torch.device("meta"):
+        model = RoutedTransformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_weights_file(cfg: ModelConfig | dict[str, tuple[int, ...]], path: str | Path, config_name: str) -> None:
+    """Raise ``DamagedFileError`` naming ``path`` unless its tensors are exactly those of a model built
+    from ``cfg`` (or of the given name -> shape dict): same names, same shapes. Reads only the header."""
+    from routelab.io import DamagedFileError, read_shapes
+
+    expected = state_shapes(cfg) if isinstance(cfg, ModelConfig) else cfg
+    found = read_shapes(path)
+    problems = [f"{k} is {found[k]} in the file but {expected[k]} by the config" for k in expected if k in found and found[k] != expected[k]]
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors (e.g. {', '.join(extra[:3])})")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise DamagedFileError(path, f"its tensors do not match {config_name}: {shown}")

@@ -1,10 +1,13 @@
 """RoutedTransformer behaviour: causality, padding invariance, heads, save/load, errors."""
 
+import json
+
 import pytest
 import torch
 
 from routelab import RoutedTransformer
 from routelab.attention.base import RotaryEmbedding
+from routelab.io import DamagedFileError
 from tests.conftest import tiny_config
 
 
@@ -75,8 +78,49 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_from_pretrained_missing_dir_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(FileNotFoundError, match="config.json' not found"):
         RoutedTransformer.from_pretrained(tmp_path / "nothing")
+
+
+def test_from_pretrained_returns_eval_mode(tmp_path):
+    RoutedTransformer(tiny_config(dropout=0.1)).save_pretrained(tmp_path)
+    assert not RoutedTransformer.from_pretrained(tmp_path).training
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_from_pretrained_refuses_a_config_that_does_not_match_its_weights(tmp_path):
+    RoutedTransformer(tiny_config()).save_pretrained(tmp_path)
+    _edit_config(tmp_path, d_model=64)
+    with pytest.raises(DamagedFileError, match=r"model.safetensors.*do not match.*config.json.*tok_emb.weight is \(61, 32\)"):
+        RoutedTransformer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_checks_sizes_before_allocating(tmp_path):
+    """A vocabulary of 10^12 rows would need terabytes: it must fail on the header, not in the allocator."""
+    RoutedTransformer(tiny_config()).save_pretrained(tmp_path)
+    _edit_config(tmp_path, vocab_size=10**12)
+    with pytest.raises(DamagedFileError, match=r"tok_emb.weight is \(61, 32\) in the file but \(1000000000000, 32\)"):
+        RoutedTransformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "json"])
+def test_from_pretrained_names_a_damaged_file(tmp_path, damage):
+    RoutedTransformer(tiny_config()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    blob = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(blob[: len(blob) // 2])
+    elif damage == "flip":  # a flipped bit in the tensor data: the header still parses, the checksum catches it
+        weights.write_bytes(blob[:-10] + bytes([blob[-10] ^ 1]) + blob[-9:])
+    else:
+        (tmp_path / "config.json").write_text('{"d_model": 32,')
+    name = "config.json" if damage == "json" else "model.safetensors"
+    with pytest.raises(DamagedFileError, match=name):
+        RoutedTransformer.from_pretrained(tmp_path)
 
 
 def test_too_long_sequence_and_bad_labels_are_clear_errors():

@@ -8,17 +8,17 @@
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and only a folder
 with ``state.json`` counts, so a run killed mid-write leaves the previous checkpoint as the newest
-valid one. Nothing is pickled: tensors go to safetensors, everything else to JSON.
+complete one. ``state.json`` records the SHA-256 of both tensor files, so a checkpoint damaged after
+it was written (a truncated copy, a bad disk) is detected before it is used: ``verify_checkpoint``.
+Nothing is pickled: tensors go to safetensors, everything else to JSON.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from routelab.io import atomic_write_json, load_state_dict, save_state_dict
+from routelab.io import (
+    DamagedFileError,
+    atomic_write_json,
+    load_state_dict,
+    make_temp_dir,
+    read_json,
+    read_shapes,
+    replace_dir,
+    save_state_dict,
+    verify_sha256,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -123,26 +133,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _move_into_place(src: Path, dst: Path) -> None:
-    """Rename folder ``src`` to ``dst``; an existing ``dst`` is moved aside first, then deleted."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -153,21 +143,23 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically, then keep only the ``keep`` newest; return its folder.
 
-    ``bookkeeping`` (JSON-able trainer counters) is stored in ``state.json``.
+    ``bookkeeping`` (JSON-able trainer counters) is stored in ``state.json``, with the SHA-256 of
+    both tensor files, checked on load.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    tmp = make_temp_dir(root, final.name)
     try:
-        save_state_dict(model.state_dict(), tmp / MODEL_FILE)
+        files = {MODEL_FILE: save_state_dict(model.state_dict(), tmp / MODEL_FILE)}
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         rng_tensors, rng_meta = capture_rng(_device_of(model))
-        save_state_dict({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
-        state = {"format": FORMAT_VERSION, "step": step, **bookkeeping, "optimizer": opt_meta, "rng": rng_meta}
+        files[OPTIMIZER_FILE] = save_state_dict({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
+        state = {
+            "format": FORMAT_VERSION, "step": step, **bookkeeping,
+            "optimizer": opt_meta, "rng": rng_meta, "sha256": files,
+        }
         atomic_write_json(tmp / STATE_FILE, state)  # last: marks the checkpoint complete
-        _move_into_place(tmp, final)
-        _fsync_dir(root)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,8 +168,9 @@ def save_checkpoint(
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest valid checkpoints, and leftovers of killed writes
-    (hidden temporary folders, ``step_*`` folders without ``state.json``)."""
+    """Delete all but the ``keep`` newest complete checkpoints, and leftovers of killed writes
+    (hidden temporary folders, ``step_*`` folders without ``state.json``). Folders set aside as
+    damaged (``step_*.damaged``) are left for the user."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     valid = list_checkpoints(run_dir)
     for _, path in valid[: max(len(valid) - keep, 0)]:
@@ -189,16 +182,66 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 
 def read_checkpoint_state(path: str | Path) -> dict:
-    """The ``state.json`` of checkpoint folder ``path``."""
+    """The ``state.json`` of checkpoint folder ``path``; ``DamagedFileError`` if it is malformed."""
     state_path = Path(path) / STATE_FILE
     if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path} not found: {str(path)!r} is not a complete checkpoint")
-    state = json.loads(state_path.read_text())
+        raise FileNotFoundError(f"{str(state_path)!r} not found: {str(path)!r} is not a complete checkpoint")
+    state = read_json(state_path)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise DamagedFileError(state_path, "it holds no checkpoint state (a mapping with an integer 'step')")
     if state.get("format") != FORMAT_VERSION:
-        raise ValueError(
-            f"checkpoint {str(path)!r} has format {state.get('format')!r}; this version reads {FORMAT_VERSION}"
-        )
+        raise DamagedFileError(state_path, f"format {state.get('format')!r}; this version reads {FORMAT_VERSION}")
+    for key in ("optimizer", "rng"):
+        if not isinstance(state.get(key), dict):
+            raise DamagedFileError(state_path, f"its {key!r} entry is missing or not a mapping")
     return state
+
+
+def verify_checkpoint(
+    path: str | Path, shapes: dict[str, tuple[int, ...]] | None = None, files: tuple[str, ...] = (MODEL_FILE, OPTIMIZER_FILE)
+) -> dict:
+    """Check checkpoint folder ``path`` without loading it: ``state.json`` is well-formed, the tensor
+    ``files`` (default both) exist, match the SHA-256 recorded in ``state.json`` (checkpoints that predate checksums:
+    their headers parse), and, given ``shapes`` (name -> shape of the model), the weights have exactly
+    those tensors. Returns ``state.json``; raises ``DamagedFileError`` naming the bad file."""
+    from routelab.model import check_weights_file
+
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    sums = state.get("sha256") or {}
+    for name in files:
+        verify_sha256(path / name, sums.get(name))
+        if name not in sums:
+            read_shapes(path / name)  # no checksum recorded: at least the header must parse
+    if shapes is not None:
+        check_weights_file(shapes, path / MODEL_FILE, f"the model of {str(path / STATE_FILE)!r}")
+    return state
+
+
+def newest_intact_checkpoint(
+    run_dir: str | Path, shapes: dict[str, tuple[int, ...]] | None = None
+) -> tuple[Path | None, list[tuple[Path, DamagedFileError]]]:
+    """The newest checkpoint that passes ``verify_checkpoint``, and the newer ones that failed, with why."""
+    damaged = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path, shapes)
+            return path, damaged
+        except DamagedFileError as e:
+            damaged.append((path, e))
+    return None, damaged
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a damaged checkpoint folder to ``step_NNNNNNN.damaged`` (kept, no longer listed)."""
+    path = Path(path)
+    target = path.with_name(path.name + ".damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged{n}")
+    os.replace(path, target)
+    return target
 
 
 def load_checkpoint(
@@ -207,18 +250,23 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     rng: bool = True,
 ) -> dict:
-    """Load weights into ``model`` (and state into ``optimizer``, and the RNG states if ``rng``).
+    """Load weights into ``model`` (and state into ``optimizer``, and the RNG states if ``rng``),
+    after ``verify_checkpoint`` (checksums, and the weights' shapes against ``model``).
 
     Returns:
         the checkpoint's ``state.json`` (step and bookkeeping).
     """
     path = Path(path)
-    state = read_checkpoint_state(path)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = verify_checkpoint(path, shapes)
     model.load_state_dict(load_state_dict(path / MODEL_FILE))
     if optimizer is not None or rng:
         tensors = load_state_dict(path / OPTIMIZER_FILE)
-        if optimizer is not None:
-            optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
-        if rng:
-            restore_rng(tensors, state["rng"], _device_of(model))
+        try:
+            if optimizer is not None:
+                optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+            if rng:
+                restore_rng(tensors, state["rng"], _device_of(model))
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise DamagedFileError(path / OPTIMIZER_FILE, f"its optimizer or RNG state does not fit ({type(e).__name__}: {e})") from None
     return state

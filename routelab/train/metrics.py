@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from routelab.io import atomic_write_text
+from routelab.config import ConfigError
+from routelab.io import DamagedFileError, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -70,14 +71,19 @@ def _finite(value: Any) -> Any:
 
 def open_tensorboard(log_dir: str | Path) -> Any:
     """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``; a clear error without the package."""
+    return tensorboard_writer_class()(log_dir=str(log_dir))
+
+
+def tensorboard_writer_class() -> Any:
+    """``SummaryWriter``, or a ``ConfigError`` saying how to get it (checked before a run starts)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise RuntimeError(
-            "train.tensorboard=true needs the tensorboard package (pip install tensorboard); "
-            "metrics.jsonl is written either way"
-        ) from e
-    return SummaryWriter(log_dir=str(log_dir))
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package (pip install tensorboard), which is not"
+            " installed; install it or set train.tensorboard=false (metrics.jsonl is written either way)"
+        ) from None
+    return SummaryWriter
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -140,7 +146,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DamagedFileError(path, f"line {lineno} is not valid JSON ({e})") from None
+    return records
 
 
 def peak_rss_mb() -> float:

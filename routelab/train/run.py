@@ -11,17 +11,29 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+
 from routelab.config import Config, ConfigError
-from routelab.data import ClassificationData, LMData, load_classification_data, load_lm_data, load_tokenizer
-from routelab.io import atomic_write, load_state_dict
-from routelab.model import RoutedTransformer
-from routelab.train.checkpoint import CHECKPOINTS_DIR, MODEL_FILE, latest_checkpoint, read_checkpoint_state
-from routelab.train.metrics import METRICS_FILE
+from routelab.data import ClassificationData, DataError, LMData, load_classification_data, load_lm_data, load_tokenizer
+from routelab.io import DamagedFileError, atomic_write, load_state_dict, read_json
+from routelab.model import RoutedTransformer, state_shapes
+from routelab.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    MODEL_FILE,
+    latest_checkpoint,
+    newest_intact_checkpoint,
+    prune_checkpoints,
+    read_checkpoint_state,
+    set_aside,
+    verify_checkpoint,
+)
+from routelab.train.metrics import METRICS_FILE, tensorboard_writer_class
 
 log = logging.getLogger("routelab.train")
 
@@ -29,9 +41,24 @@ CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
-# keys that may change between a run and its resumption: the run's length, its display and logging, and the
-# CPU thread count (which may change float summation order, so a resume with other threads is not bitwise exact)
-RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.tensorboard", "train.threads")
+# keys that may change between a run and its resumption: its length and budget, display, logging,
+# evaluation and checkpoint cadence, whether non-finite steps are skipped, and where it runs. The CPU
+# thread count and the device may change float summation order, so such a resume is not bitwise exact.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.max_seconds",
+    "train.progress",
+    "train.tensorboard",
+    "train.threads",
+    "train.device",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.skip_nonfinite",
+)
+DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads")  # never change what a run computes
 
 
 class RunError(ValueError):
@@ -42,16 +69,39 @@ class RunError(ValueError):
 # starting and resuming
 
 
+def check_out_dir(out: Path) -> None:
+    """``out`` must be a folder or not exist yet (anything else raises ``RunError``)."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output folder {str(out)!r} is an existing file, not a folder; choose another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunError(f"cannot create output folder {str(out)!r}: {str(parent)!r} is a file")
+            break
+
+
+def load_run_config(path: Path) -> Config:
+    """A run's ``config.yaml``; any problem with it raises an error that names the file."""
+    try:
+        return Config.load(path)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if str(path) in msg else f"{str(path)!r}: {msg}") from None
+
+
 def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
     """Check that ``out`` can be used and return the checkpoint to resume from (None for a fresh run).
 
     A fresh run refuses a folder holding a checkpoint or a finished model; leftovers of a run that
     died before its first checkpoint (metrics, tokenizer, config, partial checkpoints) are removed.
-    A resumed run needs a valid checkpoint and the same config (except ``RESUMABLE_CHANGES``); the
-    previous final export (``model/``, ``summary.json``) is removed since it is about to be outdated.
+    A resumed run needs the same config (except ``RESUMABLE_CHANGES``) and an intact checkpoint: the
+    newest one whose files pass their checksums. Newer damaged ones are set aside
+    (``step_N.damaged``) with a warning. Nothing finished is removed: the previous final export
+    (``model/``, ``summary.json``) stays until training writes its replacement.
     """
-    ckpt = latest_checkpoint(out)
+    check_out_dir(out)
     if not resume:
+        ckpt = latest_checkpoint(out)
         if ckpt is not None or (out / MODEL_DIR).exists() or (out / SUMMARY_FILE).exists():
             what = f"checkpoint {ckpt.name}" if ckpt is not None else "a finished run"
             raise RunError(
@@ -60,10 +110,11 @@ def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
             )
         for name in (METRICS_FILE, TOKENIZER_FILE, CONFIG_FILE):
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+        if (out / CHECKPOINTS_DIR).is_dir():
+            prune_checkpoints(out, keep=1)  # no complete checkpoint: removes partial writes only
         out.mkdir(parents=True, exist_ok=True)
         return None
-    if ckpt is None:
+    if latest_checkpoint(out) is None:
         raise RunError(
             f"cannot resume: {str(out)!r} holds no complete checkpoint (checkpoints/step_*/state.json);"
             " run without --resume to start fresh"
@@ -71,18 +122,53 @@ def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
     saved_path = out / CONFIG_FILE
     if not saved_path.is_file():
         raise RunError(f"cannot resume: {str(saved_path)!r} is missing, so the run's config is unknown")
-    differing = config_differences(Config.load(saved_path), cfg)
+    saved = load_run_config(saved_path)
+    differing = config_differences(saved, cfg)
     if differing:
         raise RunError(
             f"cannot resume {str(out)!r}: the requested config differs from the run's config.yaml in "
             f"{', '.join(differing)} (only {', '.join(RESUMABLE_CHANGES)} may change on resume)"
         )
+    ckpt, damaged = newest_intact_checkpoint(out, _shapes(saved, saved_path))
+    if ckpt is None:
+        raise RunError(f"cannot resume {str(out)!r}: no intact checkpoint; {damaged[0][1]}")
+    for path, err in damaged:
+        aside = set_aside(path)
+        log.warning("%s; resuming from the older %s instead (the damaged one is kept as %s)", err, ckpt.name, aside.name)
     ckpt_step = read_checkpoint_state(ckpt)["step"]
     if ckpt_step > cfg.train.steps:
         raise RunError(f"cannot resume: train.steps={cfg.train.steps} is below the step of {str(ckpt)!r} ({ckpt_step})")
-    shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
-    (out / SUMMARY_FILE).unlink(missing_ok=True)
     return ckpt
+
+
+def _shapes(cfg: Config, config_path: Path) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of the model ``cfg`` describes (a saved, resolved config)."""
+    if cfg.model.vocab_size is None or (cfg.model.head != "lm" and cfg.model.num_labels is None):
+        raise DamagedFileError(config_path, "model.vocab_size / model.num_labels are unset in a run's resolved config")
+    return state_shapes(cfg.model)
+
+
+def config_sha256(cfg: Config) -> str:
+    """A fingerprint of everything a run computes: the config without ``DISPLAY_ONLY`` keys."""
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in DISPLAY_ONLY}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_summary(run_dir: Path) -> dict | None:
+    """The run's ``summary.json`` if it reports a completed run of the config in ``config.yaml``
+    (a resumption to more steps that has not finished yet leaves the older summary: not finished)."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file() or not (run_dir / CONFIG_FILE).is_file():
+        return None
+    summary = read_json(path)
+    if not isinstance(summary, dict):
+        raise DamagedFileError(path, "it is not a mapping")
+    if not summary.get("completed"):
+        return None
+    recorded = summary.get("config_sha256")
+    if recorded is not None and recorded != config_sha256(load_run_config(run_dir / CONFIG_FILE)):
+        return None
+    return summary
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -96,13 +182,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(saved: Config, requested: Config) -> list[str]:
-    """Dotted keys whose values differ, ignoring ``RESUMABLE_CHANGES`` and the data-derived
+def config_differences(saved: Config, requested: Config, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """Dotted keys whose values differ, ignoring ``ignore`` and the data-derived
     ``model.vocab_size`` / ``model.num_labels`` when the request leaves them unset (None)."""
     a, b = _flatten(saved.to_dict()), _flatten(requested.to_dict())
     differing = []
     for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_CHANGES:
+        if key in ignore:
             continue
         if key in ("model.vocab_size", "model.num_labels") and b.get(key) is None:
             continue
@@ -114,6 +200,45 @@ def config_differences(saved: Config, requested: Config) -> list[str]:
 def save_config(cfg: Config, path: Path) -> None:
     """``Config.save`` made atomic."""
     atomic_write(path, lambda tmp: cfg.save(tmp))
+
+
+# ----------------------------------------------------------------------------------------------
+# checks before anything is read or allocated
+
+SUPPORTED_TASKS = ("lm", "classification")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device={name!r} is invalid ({e}); allowed: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def preflight(cfg: Config) -> None:
+    """Check what can be checked without reading data or allocating weights, so a bad config fails
+    in a second rather than after data loading (or, in a comparison, after other variants trained):
+    the device, optional packages the config asks for, the data source's existence, and the model
+    itself, built on the meta device (every layer's own checks, e.g. a batch-ranking router in a
+    causal model), with placeholder sizes where the data decides them."""
+    resolve_device(cfg.train.device)
+    if cfg.train.tensorboard:
+        tensorboard_writer_class()
+    if cfg.data.task not in SUPPORTED_TASKS:
+        load_task_data(cfg, None)  # raises the "not supported by the built-in data yet" error
+    source = cfg.data.source
+    if source not in ("stdlib", "listops") and not source.startswith("hf:") and not Path(source).expanduser().exists():
+        raise DataError(f"data.source {source!r} does not exist; allowed: 'stdlib', 'listops', 'hf:NAME', or a file/folder path")
+    placeholder = dict(vocab_size=cfg.model.vocab_size or 256)
+    if cfg.model.head != "lm":
+        placeholder["num_labels"] = cfg.model.num_labels or 2
+    state_shapes(dataclasses.replace(cfg.model, **placeholder))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,12 +296,13 @@ class LoadedRun(NamedTuple):
 
 def load_run(run_dir: str | Path, with_data: bool = False, map_location: str = "cpu") -> LoadedRun:
     """Read a run: its config, tokenizer, and model from ``model/`` (a finished run) or else from
-    the newest checkpoint; the data too if ``with_data``. The model is returned in eval mode."""
+    the newest checkpoint; the data too if ``with_data``. The model is returned in eval mode.
+    A damaged file (checksum, truncation, sizes that do not match the config) raises an error naming it."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise RunError(f"{str(run_dir)!r} is not a routelab run folder: {CONFIG_FILE} is missing")
-    cfg = Config.load(cfg_path)
+    cfg = load_run_config(cfg_path)
     tokenizer = load_tokenizer(run_dir)
     if (run_dir / MODEL_DIR / "config.json").is_file():
         model = RoutedTransformer.from_pretrained(run_dir / MODEL_DIR, map_location=map_location)
@@ -184,6 +310,7 @@ def load_run(run_dir: str | Path, with_data: bool = False, map_location: str = "
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise RunError(f"{str(run_dir)!r} has neither a final model ({MODEL_DIR}/) nor a complete checkpoint")
+        verify_checkpoint(ckpt, _shapes(cfg, cfg_path), files=(MODEL_FILE,))  # eval needs no optimizer
         model = RoutedTransformer(cfg.model)
         model.load_state_dict(load_state_dict(ckpt / MODEL_FILE))
         model.to(map_location)

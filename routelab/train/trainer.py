@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,9 +25,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from routelab.config import Config, ConfigError
+from routelab.config import Config
 from routelab.data import ClassificationData, LMData, classification_batch, collate_classification, sample_lm_batch
-from routelab.io import atomic_write_json
+from routelab.io import atomic_write_json, make_temp_dir, replace_dir
 from routelab.model import RoutedTransformer
 from routelab.train.checkpoint import load_checkpoint, save_checkpoint
 from routelab.train.evaluation import evaluate
@@ -44,34 +45,24 @@ from routelab.train.run import (
     MODEL_DIR,
     SUMMARY_FILE,
     TOKENIZER_FILE,
+    RunError,
+    config_sha256,
     load_task_data,
+    preflight,
     prepare_run_dir,
     resolve_config,
+    resolve_device,
     save_config,
 )
 from routelab.train.schedule import lr_at
 
 log = logging.getLogger("routelab.train")
 
-SUPPORTED_TASKS = ("lm", "classification")
 EVAL_KEYS = ("loss", "bpb", "accuracy")  # what an eval line of metrics.jsonl holds
 
 
 # ----------------------------------------------------------------------------------------------
 # setup helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"train.device={name!r} is invalid ({e}); allowed: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -109,6 +100,13 @@ def micro_batch(
 # ----------------------------------------------------------------------------------------------
 # one update
 
+MAX_CONSECUTIVE_SKIPS = 20  # with train.skip_nonfinite: more non-finite steps in a row than this stop the run
+
+
+class NonFiniteError(RunError):
+    """The loss or gradient became NaN or infinite (and ``train.skip_nonfinite`` is off, or it kept happening)."""
+
+
 
 def train_step(
     model: nn.Module,
@@ -121,9 +119,12 @@ def train_step(
 ) -> dict[str, Any]:
     """Run update ``step``: ``grad_accum`` forward/backward passes, clip, AdamW step, zero grads.
 
+    A non-finite loss or gradient norm raises ``NonFiniteError`` before the update is applied, or
+    with ``train.skip_nonfinite`` the update is dropped and ``skipped`` is True.
+
     Returns:
-        ``loss``, ``task_loss``, ``aux_loss`` (means over micro-batches), ``lr``, ``grad_norm``
-        (before clipping), ``tokens`` (non-padding input tokens) and flattened routing stats.
+        ``skipped``, ``loss``, ``task_loss``, ``aux_loss`` (means over micro-batches), ``lr``,
+        ``grad_norm`` (before clipping), ``tokens`` (non-padding input tokens) and flattened routing stats.
     """
     t = cfg.train
     lr = lr_at(step, t)
@@ -145,12 +146,20 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     loss, task_loss, aux_loss = (totals / t.grad_accum).tolist()
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss} at step {step}; lower train.lr or raise train.warmup_steps")
+    skipped = not (math.isfinite(loss) and math.isfinite(float(grad_norm)))
+    if skipped and not t.skip_nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(
+            f"the training loss is {loss} (gradient norm {float(grad_norm)}) at step {step}; the weights are"
+            " unchanged since the last checkpoint. Try a lower train.lr, more train.warmup_steps, train.grad_clip > 0,"
+            " or skip such steps: --resume --set train.skip_nonfinite=true"
+        )
+    if not skipped:  # a skipped step applies no update (AdamW's moments and step count stay as they were)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return {
+        "skipped": skipped,
         "loss": loss,
         "task_loss": task_loss,
         "aux_loss": aux_loss,
@@ -171,19 +180,21 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
     Args:
         cfg: the run's config; ``model.vocab_size`` / ``model.num_labels`` may be None (from the data).
         out_dir: run folder. A fresh run refuses a folder holding a checkpoint or finished model.
-        resume: continue from the newest complete checkpoint in ``out_dir``; the config must match
-            the saved one except ``train.steps`` (and ``train.progress``, ``train.tensorboard``, ``train.threads``).
+        resume: continue from the newest intact checkpoint in ``out_dir``; the config must match
+            the saved one except ``routelab.train.run.RESUMABLE_CHANGES``.
         stop_after: stop once global step ``stop_after`` is done (checkpointing there) although the
             schedule still runs to ``train.steps``; None = run to ``train.steps``.
+
+    Progress goes to the ``routelab.train`` logger: a line every ``log_every`` steps (step, loss,
+    tokens/s, ETA) when no progress bar is shown (no terminal), and every evaluation.
 
     Returns:
         the summary, also written to ``summary.json``.
     """
     start_time = time.perf_counter()
-    if cfg.data.task not in SUPPORTED_TASKS:
-        load_task_data(cfg, None)  # raises the "not supported by the built-in data yet" error
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after={stop_after} is invalid; allowed: None or a step >= 1")
+    preflight(cfg)
     out = Path(out_dir)
     ckpt = prepare_run_dir(out, cfg, resume)
     device = resolve_device(cfg.train.device)
@@ -209,7 +220,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
     optimizer = build_optimizer(model, cfg.train)
     metrics = MetricsLog(out / METRICS_FILE, open_tensorboard(out / "tensorboard") if cfg.train.tensorboard else None)
 
-    book: dict[str, Any] = {"tokens_seen": 0, "elapsed_s": 0.0, "train_loss": None}
+    book: dict[str, Any] = {"tokens_seen": 0, "elapsed_s": 0.0, "train_loss": None, "skipped_steps": 0}
     step = 0
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)  # also restores the RNG states
@@ -229,15 +240,17 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         result = evaluate(model, data, cfg, "val")
         if write:
             metrics.write({"step": step, "split": "val", **{k: v for k, v in result.items() if k in EVAL_KEYS}})
-        log.info("step %d val %s", step, {k: round(v, 4) for k, v in result.items() if k in EVAL_KEYS})
+        log.info("step %d validation: %s", step, "  ".join(f"{k} {result[k]:.4f}" for k in EVAL_KEYS if k in result))
         return result
 
     train_time, run_tokens = 0.0, 0  # this invocation, for throughput
     window_time, window_tokens = 0.0, 0  # since the last metrics line
     show_bar = cfg.train.progress and sys.stderr.isatty()
+    log_lines = cfg.train.progress and not show_bar  # logs, nohup, CI: a line per log_every steps instead
     bar = tqdm(total=last, initial=step, disable=not show_bar, desc="train", dynamic_ncols=True)
     perms: dict = {}
     out_of_time = bool(cfg.train.max_seconds) and elapsed_before >= cfg.train.max_seconds
+    consecutive_skips = 0
     model.train()
     try:
         while step < last and not out_of_time:
@@ -250,15 +263,29 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
             train_time, window_time = train_time + dt, window_time + dt
             run_tokens, window_tokens = run_tokens + result["tokens"], window_tokens + result["tokens"]
             book["tokens_seen"] += result["tokens"]
-            book["train_loss"] = result["loss"]
+            if result["skipped"]:
+                book["skipped_steps"] += 1
+                consecutive_skips += 1
+                log.warning("step %d: loss %s, gradient norm %s; update skipped (train.skip_nonfinite)", step, result["loss"], result["grad_norm"])
+                if consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+                    raise NonFiniteError(
+                        f"the loss or gradient was non-finite for {consecutive_skips} steps in a row (up to step {step});"
+                        " skipping does not help here: lower train.lr or check the data and model settings"
+                    )
+            else:
+                consecutive_skips = 0
+                book["train_loss"] = result["loss"]
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == last:
                 tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
-                record = {"step": step, **{k: v for k, v in result.items() if k != "tokens"}}
+                record = {"step": step, **{k: v for k, v in result.items() if k not in ("tokens", "skipped")}}
+                record["skipped_steps"] = book["skipped_steps"]
                 record["tokens_per_s"] = tokens_per_s
                 record["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
                 metrics.write(record)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                if log_lines:
+                    log.info(progress_line(step, last, result["loss"], tokens_per_s, train_time / (step - start_step), cfg, record["elapsed_s"]))
                 window_time, window_tokens = 0.0, 0
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != last:
                 run_eval()
@@ -267,6 +294,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
             if cfg.train.max_seconds and elapsed_before + time.perf_counter() - loop_start >= cfg.train.max_seconds:
                 out_of_time = True
                 break
+    except BaseException:
+        metrics.close()
+        raise
     finally:
         bar.close()
 
@@ -276,8 +306,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         checkpoint()
     completed = step >= cfg.train.steps or out_of_time
     if completed:
-        model.save_pretrained(out / MODEL_DIR)
-        data.tokenizer.save(out / MODEL_DIR)
+        export_model(model, data.tokenizer, out / MODEL_DIR)
     summary = {
         "steps": step,
         "target_steps": cfg.train.steps,
@@ -287,6 +316,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         "val_loss": final["loss"],
         **({"val_bpb": final["bpb"]} if "bpb" in final else {}),
         **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
+        "skipped_steps": book["skipped_steps"],
         "tokens_per_s": run_tokens / train_time if train_time > 0 else None,
         "train_tokens": book["tokens_seen"],
         "wall_time_s": time.perf_counter() - start_time,
@@ -294,6 +324,31 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         "num_parameters": model.num_parameters(),
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),
+        "config_sha256": config_sha256(cfg),
     }
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    atomic_write_json(out / SUMMARY_FILE, summary)  # after model/: a summary says the export is complete
     return summary
+
+
+def export_model(model: RoutedTransformer, tokenizer: Any, folder: Path) -> None:
+    """Write the final ``model/`` (weights, config, tokenizer) into a staging folder and swap it in,
+    so the previous export stays whole until the new one is."""
+    tmp = make_temp_dir(folder.parent, folder.name)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def progress_line(step: int, last: int, loss: float, tokens_per_s: float, s_per_step: float, cfg: Config, elapsed: float) -> str:
+    """``step 120/300  loss 1.8421  20,518 tok/s  ETA 1m05s`` (the ETA also respects ``max_seconds``)."""
+    eta = (last - step) * s_per_step
+    if cfg.train.max_seconds:
+        eta = min(eta, max(cfg.train.max_seconds - elapsed, 0.0))
+    minutes, seconds = divmod(round(eta), 60)
+    hours, minutes = divmod(minutes, 60)
+    eta_text = f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
+    return f"step {step}/{last}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  ETA {eta_text}"

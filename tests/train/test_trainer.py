@@ -260,5 +260,6 @@ def test_tensorboard_without_the_package_is_a_clear_error(lm_cfg, tmp_path, monk
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
-    with pytest.raises(RuntimeError, match="pip install tensorboard"):
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
         train(lm_cfg("train.tensorboard=true"), tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()  # refused before the run folder is touched
