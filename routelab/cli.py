@@ -4,7 +4,7 @@
     routelab eval RUN_DIR [--split val|test]
     routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     routelab data listops --out DIR [--set data.listops_train=...]
-    routelab compare CONFIG [--out DIR] [--set k=v ...]
+    routelab compare CONFIG [--out DIR] [--set k=v ...] [--steps N | --tokens N | --seconds S] [--force]
     routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR]
 
 Errors a user can cause (bad config, missing file, bad data) print one clear line and exit 2.
@@ -13,13 +13,18 @@ Errors a user can cause (bad config, missing file, bad data) print one clear lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
 from routelab.config import Config, ConfigError, DataConfig, apply_overrides, from_dict
+from routelab.io import check_folder_target
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+ERROR_FILE_ENV = "ROUTELAB_ERROR_FILE"  # set by ``routelab compare`` for its child processes
 
 
 def resolve_config_path(name: str) -> Path:
@@ -96,11 +101,12 @@ def cmd_data_listops(args: argparse.Namespace) -> int:
 
     cfg = from_dict(DataConfig, apply_overrides({"source": "listops"}, [s.removeprefix("data.") for s in args.set]), "data")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_folder_target(out)
     splits = listops_splits(
         cfg.listops_train, cfg.listops_val, cfg.listops_test, cfg.listops_min_len, cfg.listops_max_len,
         cfg.listops_max_depth, cfg.listops_max_args, cfg.seed,
     )
+    out.mkdir(parents=True, exist_ok=True)
     for split, examples in zip(("train", "val", "test"), splits):
         path = out / f"basic_{split}.tsv"
         write_lra_tsv(path, examples)
@@ -111,7 +117,10 @@ def cmd_data_listops(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from routelab.compare import compare
 
-    compare(args.config, out=args.out, overrides=args.set)
+    budget = {k: getattr(args, k) for k in ("steps", "tokens", "seconds") if getattr(args, k) is not None}
+    if len(budget) > 1:
+        raise ConfigError(f"give at most one of --steps, --tokens, --seconds (got {', '.join('--' + k for k in budget)})")
+    compare(args.config, out=args.out, overrides=args.set, budget=budget or None, force=args.force)
     return 0
 
 
@@ -163,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "kept, interrupted ones resume), then write OUT/report.md and OUT/report.html.")
     c.add_argument("config", help="comparison YAML, or a preset name from configs/ (e.g. compare-lm)")
     c.add_argument("--out", help="output folder (default: runs/<config name>)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every variant (repeatable)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every variant (repeatable; not train.steps: use --steps)")
+    c.add_argument("--steps", type=int, help="budget: optimizer steps per variant (replaces the config's budget)")
+    c.add_argument("--tokens", type=int, help="budget: training tokens per variant")
+    c.add_argument("--seconds", type=float, help="budget: wall-clock training seconds per variant")
+    c.add_argument("--force", action="store_true", help="retrain variants whose folder holds a run of another config "
+                   "(each old run is replaced only once its new one finishes)")
     c.set_defaults(func=cmd_compare)
 
     i = sub.add_parser("inspect", help="show where tokens attend and which experts they go to",
@@ -177,16 +191,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.Handler):
+    """Log records as ``routelab: [warning: ]message`` lines on stderr, written through tqdm so that
+    a progress bar on the terminal is redrawn below them rather than broken."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        try:
+            tqdm.write(f"routelab: {level}{record.getMessage()}", file=sys.stderr)
+        except Exception:  # never let logging take a run down
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """Show routelab's INFO messages (resuming, evaluations, progress lines) and warnings on stderr."""
+    logger = logging.getLogger("routelab")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def user_error(message: str) -> int:
+    """Print one error line (and, for a parent ``routelab compare``, leave it in ``ROUTELAB_ERROR_FILE``)."""
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"routelab: error: {line}", file=sys.stderr)
+    if os.environ.get(ERROR_FILE_ENV):
+        with contextlib.suppress(OSError):
+            Path(os.environ[ERROR_FILE_ENV]).write_text(line + "\n")
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Errors a user can cause end as one line on stderr and exit status 2: bad
+    config or data (``ValueError``: ``ConfigError``, ``DataError``, ``RunError``, ``DamagedFileError``),
+    missing or unwritable files (``OSError``). Ctrl-C exits 130. Anything else is a bug: traceback."""
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"routelab: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # DataError and other input errors are ValueErrors with clear messages
-        print(f"routelab: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return user_error(str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.strerror}: {e.filename!r}")
+    except KeyboardInterrupt:
+        print("routelab: interrupted; a training run continues from its last checkpoint with --resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

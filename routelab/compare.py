@@ -11,12 +11,16 @@ A comparison config (YAML)::
       - {name: switch, set: [model.ffn.kind=moe, model.ffn.router=switch]}
 
 Variants train one after another into ``OUT/<name>/`` (each in its own process, so peak memory
-is the variant's own); a finished variant is not rerun, an interrupted one resumes.
+is the variant's own); a finished variant is not rerun, an interrupted one resumes, and one trained
+with a different config is refused unless ``force`` (``--force``) retrains it. The budget belongs to
+the comparison: ``--set train.steps=...`` is refused in favour of ``--steps/--tokens/--seconds``.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ from typing import Any
 import yaml
 
 from routelab.config import Config, ConfigError, check, from_dict
+from routelab.data import DataError
+from routelab.io import atomic_write, check_folder_target, replace_dir
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -91,70 +97,190 @@ class CompareConfig:
         return self.reference or self.variants[0].name
 
 
-def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> tuple[CompareConfig, dict[str, Config]]:
-    """Read a comparison config and build every variant's run config, so any error (unknown key,
-    bad value, missing base) surfaces before anything trains."""
+BUDGET_KEYS = ("train.steps", "train.max_seconds")  # set only by the budget, so every variant gets the same
+
+
+class VariantError(ValueError):
+    """One variant of a comparison failed to train; the message is its one-line error."""
+
+
+def _budget_overrides(sets: list[str], where: str) -> None:
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        if key in BUDGET_KEYS:
+            raise ConfigError(
+                f"{where} sets {key!r}, but a comparison gives every variant the same budget; set it with"
+                " budget: in the comparison config or --steps/--tokens/--seconds on the command line"
+            )
+
+
+def load_compare_config(
+    path: str | Path, overrides: list[str] | None = None, budget: dict[str, Any] | None = None
+) -> tuple[CompareConfig, dict[str, Config]]:
+    """Read a comparison config and build and check every variant's run config (``preflight``: the
+    model is built on the meta device, the data source must exist, optional packages be present),
+    so any error surfaces before anything trains. ``budget`` (e.g. ``{"steps": 600}``, from the
+    command line) replaces the config's budget."""
     from routelab.cli import resolve_config_path
+    from routelab.train.run import preflight
 
     path = resolve_config_path(str(path))
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"comparison config {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"comparison config {str(path)!r} must hold a mapping")
+    if budget:
+        data = {**data, "budget": budget}
     cmp = from_dict(CompareConfig, data, "")
+    _budget_overrides(cmp.set, f"{str(path)!r} (set:)")
+    _budget_overrides(overrides or [], "--set")
     base = Path(cmp.base)
     base_path = base if base.is_file() else (path.parent / base if (path.parent / base).is_file() else None)
     base_path = base_path or resolve_config_path(cmp.base)
     configs = {}
     for v in cmp.variants:
+        _budget_overrides(v.set, f"variant {v.name!r}")
         sets = [*cmp.set, *(overrides or []), *v.set]
         try:
             cfg = Config.load(base_path, sets)
             configs[v.name] = Config.load(base_path, [*sets, *cmp.budget.overrides(cfg)])
-        except ConfigError as e:
+            preflight(configs[v.name])
+        except (ConfigError, DataError) as e:
             raise ConfigError(f"variant {v.name!r}: {e}") from None
     return cmp, configs
 
 
-def run_variant(cfg: Config, out: Path, isolate: bool = True) -> dict[str, Any]:
-    """Train one variant into ``out`` unless it already finished; resume it if interrupted."""
-    import json
-
+def plan_variant(name: str, cfg: Config, run_dir: Path, force: bool) -> str:
+    """What to do with variant ``name`` in ``run_dir``: ``done`` (finished with this config), ``resume``
+    (interrupted, same config), ``fresh``, or ``rerun`` (train into a staging folder, then replace
+    ``run_dir``). A folder trained with another config is refused unless ``force``."""
     from routelab.train.checkpoint import latest_checkpoint
+    from routelab.train.run import (
+        CONFIG_FILE,
+        NO_EFFECT_ON_RESULTS,
+        config_differences,
+        finished_summary,
+        load_run_config,
+    )
 
-    summary_path = out / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("completed"):
-            return summary
-    resume = latest_checkpoint(out) is not None
+    check_folder_target(run_dir, f"variant {name!r} folder")
+    if not (run_dir / CONFIG_FILE).is_file():
+        return "fresh"
+    differing = config_differences(load_run_config(run_dir / CONFIG_FILE), cfg, ignore=NO_EFFECT_ON_RESULTS)
+    if differing:
+        if force:
+            return "rerun"
+        shown = ", ".join(differing[:4]) + (f" and {len(differing) - 4} more" if len(differing) > 4 else "")
+        raise ConfigError(
+            f"variant {name!r}: {str(run_dir)!r} was trained with another config ({shown}); pass --force to"
+            " retrain it (the old run is replaced only once the new one finishes) or choose another --out"
+        )
+    if finished_summary(run_dir) is not None:
+        return "done"
+    if latest_checkpoint(run_dir) is not None:
+        return "resume"
+    return "rerun" if any((run_dir / n).exists() for n in ("model", "summary.json")) else "fresh"
+
+
+def run_variant(cfg: Config, out: Path, plan: str = "fresh", isolate: bool = True) -> dict[str, Any]:
+    """Carry out ``plan`` (see ``plan_variant``) for one variant; returns its summary.
+
+    A ``rerun`` trains into ``OUT/.<name>.rerun`` (resuming it if an earlier rerun was interrupted)
+    and swaps it in only when finished, so the old run stays whole until then. A failure raises
+    ``VariantError`` with the variant's own one-line error."""
+    from routelab.train.run import (
+        CONFIG_FILE,
+        NO_EFFECT_ON_RESULTS,
+        config_differences,
+        finished_summary,
+        load_run_config,
+    )
+
+    if plan == "done":
+        return finished_summary(out) or {}
+    target, resume = out, plan == "resume"
+    if plan == "rerun":
+        target = out.with_name(f".{out.name}.rerun")
+        same = (target / CONFIG_FILE).is_file() and not config_differences(
+            load_run_config(target / CONFIG_FILE), cfg, ignore=NO_EFFECT_ON_RESULTS
+        )
+        from routelab.train.checkpoint import latest_checkpoint
+
+        resume = same and latest_checkpoint(target) is not None
+        if not resume:
+            shutil.rmtree(target, ignore_errors=True)  # an unfinished rerun of another config
+    _train(cfg, target, resume, isolate)
+    if target != out:
+        replace_dir(target, out)
+    return finished_summary(out) or {}
+
+
+def _train(cfg: Config, out: Path, resume: bool, isolate: bool) -> None:
+    """Train in this process, or (``isolate``) in a child ``routelab train`` so peak memory is the
+    variant's own; the child's one-line error comes back through ``ROUTELAB_ERROR_FILE``."""
     if not isolate:
         from routelab.train import train
 
-        return train(cfg, out, resume=resume)
+        try:
+            train(cfg, out, resume=resume)
+        except (ValueError, OSError) as e:
+            raise VariantError(str(e)) from None
+        return
+    from routelab.cli import ERROR_FILE_ENV
+
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out.parent / f".{out.name}.config.yaml"
-    cfg.save(cfg_path)
+    error_path = out.parent / f".{out.name}.error"
+    error_path.unlink(missing_ok=True)
+    atomic_write(cfg_path, lambda tmp: cfg.save(tmp))
     cmd = [sys.executable, "-m", "routelab.cli", "train", str(cfg_path), "--out", str(out), "--no-sample"]
     if resume:
         cmd.append("--resume")
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env={**os.environ, ERROR_FILE_ENV: str(error_path)})
     if proc.returncode != 0:
-        raise RuntimeError(f"variant {out.name!r} failed (exit {proc.returncode}); see the error above")
-    return json.loads(summary_path.read_text())
+        reason = error_path.read_text().strip() if error_path.is_file() else ""
+        error_path.unlink(missing_ok=True)
+        raise VariantError(reason or f"its training process exited with status {proc.returncode} (see the output above)")
 
 
-def compare(config_path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, isolate: bool = True) -> Path:
-    """Run every variant of a comparison, then write the report. Returns the report folder."""
+def compare(
+    config_path: str | Path,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    isolate: bool = True,
+    budget: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Run every variant of a comparison, then write the report. Returns the report folder.
+
+    Every variant's config is checked, and every existing variant folder compared with its config,
+    before the first one trains. A variant that fails does not stop the others: the report covers
+    those that finished, then ``VariantError`` names the ones that failed and why."""
     from tqdm import tqdm
 
     from routelab.report.compare_report import write_report
 
-    cmp, configs = load_compare_config(config_path, overrides)
+    cmp, configs = load_compare_config(config_path, overrides, budget)
     out = Path(out) if out else Path("runs") / Path(str(config_path)).stem
+    check_folder_target(out)
+    plans = {name: plan_variant(name, cfg, out / name, force) for name, cfg in configs.items()}
     out.mkdir(parents=True, exist_ok=True)
     tty = sys.stderr.isatty()
+    failed: dict[str, str] = {}
     for i, name in enumerate(tqdm(configs, desc="variants", disable=not tty), 1):
         if not tty:  # logs and CI get one line per variant instead of bars
-            print(f"[{i}/{len(configs)}] {name} -> {out / name}", file=sys.stderr, flush=True)
-        run_variant(configs[name], out / name, isolate=isolate)  # a child shows its own step bar
-    return write_report(cmp, out)
+            print(f"[{i}/{len(configs)}] {name} -> {out / name} ({plans[name]})", file=sys.stderr, flush=True)
+        try:
+            run_variant(configs[name], out / name, plans[name], isolate=isolate)  # a child shows its own step bar
+        except VariantError as e:
+            failed[name] = str(e)
+            print(f"routelab: variant {name!r} failed: {e}", file=sys.stderr, flush=True)
+    if len(failed) == len(configs):
+        raise VariantError(f"every variant failed, so there is no report; {name!r}: {failed[name]}")
+    report = write_report(cmp, out, failed=failed)
+    if failed:
+        names = ", ".join(f"{n!r} ({why})" for n, why in failed.items())
+        raise VariantError(f"{len(failed)} of {len(configs)} variants failed: {names}; the report in {str(out)!r} covers the others")
+    return report

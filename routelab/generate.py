@@ -8,12 +8,15 @@ cached keys and values (``RoutedTransformer.forward(..., cache=...)``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from routelab.model import RoutedTransformer
+
+log = logging.getLogger("routelab.generate")
 
 
 @dataclass
@@ -66,7 +69,8 @@ def generate(model: RoutedTransformer, input_ids: Tensor, cfg: SamplingConfig | 
     """Continue each prompt row. input_ids: (B, T) -> (B, T + n), n <= cfg.max_new_tokens.
 
     Rows that emit a stop token are padded afterwards with that stop token; generation ends when all
-    rows have stopped, after ``max_new_tokens``, or at ``model.cfg.max_seq_len``.
+    rows have stopped, after ``max_new_tokens``, or at ``model.cfg.max_seq_len`` (a warning says so
+    when that cuts ``max_new_tokens`` short).
     """
     cfg = cfg or SamplingConfig()
     if model.cfg.head != "lm":
@@ -75,10 +79,18 @@ def generate(model: RoutedTransformer, input_ids: Tensor, cfg: SamplingConfig | 
         input_ids = input_ids[None]
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty; give at least one token")
-    budget = min(cfg.max_new_tokens, model.cfg.max_seq_len - input_ids.shape[1])
-    if budget < 0:
+    room = model.cfg.max_seq_len - input_ids.shape[1]
+    if room < 0:
         raise ValueError(
-            f"prompt length {input_ids.shape[1]} exceeds model.max_seq_len={model.cfg.max_seq_len}"
+            f"the prompt has {input_ids.shape[1]} tokens, more than model.max_seq_len={model.cfg.max_seq_len};"
+            " shorten it"
+        )
+    budget = min(cfg.max_new_tokens, room)
+    if budget < cfg.max_new_tokens:
+        log.warning(
+            "generating at most %d of the %d new tokens asked for: the prompt's %d tokens plus them reach"
+            " model.max_seq_len=%d (positions and caches are sized for it)",
+            budget, cfg.max_new_tokens, input_ids.shape[1], model.cfg.max_seq_len,
         )
     was_training = model.training
     model.eval()

@@ -65,6 +65,19 @@ def make_temp_dir(parent: str | Path, prefix: str) -> Path:
     return Path(path)
 
 
+def check_folder_target(path: str | Path, what: str = "output folder") -> None:
+    """Raise ``NotADirectoryError`` (one clear line) if ``path`` or one of its parents is an existing
+    file, so a folder can be created there; a missing or existing folder is fine."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {str(path)!r} is an existing file, not a folder; choose another path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot create {what} {str(path)!r}: {str(parent)!r} is a file")
+            return
+
+
 # ----------------------------------------------------------------------------------------------
 # atomic writes
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from routelab.io import atomic_write_text
 from routelab.report import plots
 from routelab.report.summary import Row, collect_rows, eval_curve, time_curve
 from routelab.train.metrics import read_metrics
@@ -139,7 +141,11 @@ def attention_route_maps(names: list[str], out: Path, example: int) -> tuple[dic
         if run.cfg.model.attention.kind in kinds:
             continue  # one map per attention kind
         kinds.add(run.cfg.model.attention.kind)
-        ids, toks = validation_example(run, example)
+        try:
+            ids, toks = validation_example(run, example)
+        except ValueError as e:  # eval_example beyond this data's validation split
+            logging.getLogger("routelab.report").warning("no attention-route plot: %s", e)
+            return None
         routes = attention_routes(run.model, ids)
         if routes:
             maps[f"{n} ({run.cfg.model.attention.kind})"] = routes[0].mean(0)  # layer 0, mean over heads
@@ -147,22 +153,29 @@ def attention_route_maps(names: list[str], out: Path, example: int) -> tuple[dic
     return (maps, tokens) if maps else None
 
 
-def write_report(cmp: Any, out: Path) -> Path:
-    """Collect rows, draw plots, write ``report.md``, ``report.html`` and ``results.json`` in ``out``."""
-    names = [v.name for v in cmp.variants]
-    rows = collect_rows(names, out, cmp.reference_name)
+def write_report(cmp: Any, out: Path, failed: dict[str, str] | None = None) -> Path:
+    """Collect rows, draw plots, write ``report.md``, ``report.html`` and ``results.json`` in ``out``.
+
+    ``failed`` (variant name -> its error) are left out of the table and listed under it; without
+    the reference, 'steps to ref' stays empty."""
+    failed = failed or {}
+    names = [v.name for v in cmp.variants if v.name not in failed]
+    reference = cmp.reference_name if cmp.reference_name not in failed else None
+    rows = collect_rows(names, out, reference)
     figs = make_plots(names, out, rows, cmp)
-    (out / "results.json").write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
     intro = (
         f"Base config `{cmp.base}`, budget {json.dumps({k: v for k, v in vars(cmp.budget).items() if v is not None})}, "
         f"reference `{cmp.reference_name}` (its final validation loss is the target of 'steps to ref'). "
         "FLOPs are forward FLOPs per token counting only the work each kind does."
     )
+    failures = [f"Variant `{n}` failed and is not in the table: {why}" for n, why in failed.items()]
     md = ["# routelab comparison", "", intro, "", markdown_table(rows), ""]
     md += [f"- **{h}**: {m}" for h, m in legend(rows)] + [""]
+    md += [f"**{f}**" for f in failures] + ([""] if failures else [])
     for caption, path in figs:
         md += [f"## {caption}", "", f"![{caption}]({path.relative_to(out)})", ""]
-    (out / "report.md").write_text("\n".join(md))
+    atomic_write_text(out / "report.md", "\n".join(md))
     body = "".join(
         f"<h2>{html.escape(c)}</h2><img src=\"{html.escape(str(p.relative_to(out)))}\" alt=\"{html.escape(c)}\">" for c, p in figs
     )
@@ -171,9 +184,11 @@ def write_report(cmp: Any, out: Path) -> Path:
         "<!doctype html><html><head><meta charset='utf-8'><title>routelab comparison</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}img{max-width:100%}"
-        f"</style></head><body><h1>routelab comparison</h1><p>{html.escape(intro)}</p>{html_table(rows)}{notes}{body}</body></html>"
+        f"</style></head><body><h1>routelab comparison</h1><p>{html.escape(intro)}</p>{html_table(rows)}{notes}"
+        + "".join(f"<p><b>{html.escape(f)}</b></p>" for f in failures)
+        + f"{body}</body></html>"
     )
-    (out / "report.html").write_text(page)
+    atomic_write_text(out / "report.html", page)
     print(plain_table(rows))
     print(f"\nreport: {out / 'report.html'}")
     return out

@@ -7,38 +7,63 @@ example and is the same reference the sparse kinds are tested against.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+INSPECT_TOKENS = 128  # an LM example's length: long enough to show a window, short enough to read
+
+
+def num_validation_examples(run: Any) -> int:
+    """How many validation examples ``validation_example`` can show: classification examples, or
+    LM windows starting every ``seq_len`` tokens."""
+    from routelab.data import ClassificationData
+
+    data = run.data
+    if isinstance(data, ClassificationData):
+        return len(data.val)
+    n, seq_len = data.val.numel(), run.cfg.data.seq_len
+    length = min(seq_len, INSPECT_TOKENS, n)
+    return (n - length) // seq_len + 1 if n else 0
+
 
 def validation_example(run: Any, index: int) -> tuple[Tensor, list[str]]:
-    """Token ids (1, T) and their strings for validation example ``index`` of a loaded run."""
+    """Token ids (1, T) and their strings for validation example ``index`` of a loaded run: a
+    classification example, or the LM window starting at token ``index * seq_len`` (at most
+    ``INSPECT_TOKENS`` long). An index outside ``0 .. num_validation_examples - 1`` is refused."""
     from routelab.data import ClassificationData, collate_classification
 
     tok = run.tokenizer
     data = run.data
     seq_len = run.cfg.data.seq_len
+    count = num_validation_examples(run)
+    if not 0 <= index < count:
+        allowed = f"0..{count - 1}" if count else "none: the validation split is empty"
+        raise ValueError(f"--example {index} is out of range; this run's validation split has {count} examples ({allowed})")
     if isinstance(data, ClassificationData):
-        if not data.val:
-            raise ValueError("the run's data has no validation examples")
-        ex = data.val[index % len(data.val)]
-        ids = collate_classification([ex], tok, seq_len, truncate=True)["input_ids"]
+        ids = collate_classification([data.val[index]], tok, seq_len, truncate=True)["input_ids"]
     else:
-        start = (index * seq_len) % max(1, data.val.numel() - seq_len)
-        ids = data.val[start : start + min(seq_len, 128)][None]  # long enough to show a window
+        start = index * seq_len
+        ids = data.val[start : start + min(seq_len, INSPECT_TOKENS)][None]
     return ids, [tok.id_to_token(int(i)) for i in ids[0]]
 
 
 def text_example(run: Any, text: str) -> tuple[Tensor, list[str]]:
-    """Token ids (1, T) and strings for a user's text (a CLS token first for classifiers)."""
+    """Token ids (1, T) and strings for a user's text (a CLS token first for classifiers). Empty text
+    is refused; text longer than ``max_seq_len`` tokens is cut, with a warning."""
     tok = run.tokenizer
     ids = tok.encode(text)
+    if not ids:
+        raise ValueError("--text is empty (no tokens to route); give at least one character")
     if run.cfg.model.head == "classification":
         ids = [tok.cls_id, *ids]
-    ids = ids[: run.cfg.model.max_seq_len]
+    limit = run.cfg.model.max_seq_len
+    if len(ids) > limit:
+        logging.getLogger("routelab.report").warning("the text has %d tokens; inspecting the first %d (model.max_seq_len)", len(ids), limit)
+        ids = ids[:limit]
     return torch.tensor([ids]), [tok.id_to_token(i) for i in ids]
 
 

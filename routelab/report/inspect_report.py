@@ -38,11 +38,15 @@ def token_html(tokens: list[str], gates: np.ndarray) -> str:
 
 def inspect_run(run_dir: str | Path, text: str | None = None, example: int | None = None, out: str | Path | None = None) -> Path:
     """Write the inspection pages and images of one input; returns the output folder."""
+    from routelab.io import check_folder_target
     from routelab.train import load_run
 
+    out = Path(out) if out else Path(run_dir) / "inspect"
+    check_folder_target(out)
+    if text is not None and not text:
+        raise ValueError("--text is empty (no tokens to route); give at least one character")
     run = load_run(run_dir, with_data=text is None)
     ids, tokens = text_example(run, text) if text is not None else validation_example(run, example or 0)
-    out = Path(out) if out else Path(run_dir) / "inspect"
     out.mkdir(parents=True, exist_ok=True)
     experts = expert_routes(run.model, ids)
     attn = attention_routes(run.model, ids)

@@ -6,7 +6,6 @@ report can be rebuilt at any time without retraining.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from routelab.io import read_json
 from routelab.report.flops import model_cost
 from routelab.train.metrics import read_metrics
 
@@ -95,7 +95,7 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
     """Build ``name``'s row from its run folder; ``target`` is the reference's final val loss."""
     from routelab.train import load_run
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_json(run_dir / "summary.json")
     run = load_run(run_dir)
     cost = model_cost(run.model, run.cfg.data.seq_len)
     records = read_metrics(run_dir)
@@ -125,8 +125,8 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
     )
 
 
-def collect_rows(variant_names: list[str], out: Path, reference: str) -> list[Row]:
-    """Rows for every variant, the reference's final validation loss as the shared target."""
-    ref_summary = json.loads((out / reference / "summary.json").read_text())
-    target = float(ref_summary["val_loss"])
+def collect_rows(variant_names: list[str], out: Path, reference: str | None) -> list[Row]:
+    """Rows for every variant, the reference's final validation loss as the shared target (none
+    when ``reference`` is None)."""
+    target = float(read_json(out / reference / "summary.json")["val_loss"]) if reference else None
     return [collect_row(name, out / name, target) for name in variant_names]

@@ -21,7 +21,7 @@ import torch
 
 from routelab.config import Config, ConfigError
 from routelab.data import ClassificationData, DataError, LMData, load_classification_data, load_lm_data, load_tokenizer
-from routelab.io import DamagedFileError, atomic_write, load_state_dict, read_json
+from routelab.io import DamagedFileError, atomic_write, check_folder_target, load_state_dict, read_json
 from routelab.model import RoutedTransformer, state_shapes
 from routelab.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -59,6 +59,8 @@ RESUMABLE_CHANGES = (
     "train.skip_nonfinite",
 )
 DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads")  # never change what a run computes
+# nor do these change its results (metrics, model): a comparison reuses a variant that differs only here
+NO_EFFECT_ON_RESULTS = (*DISPLAY_ONLY, "train.checkpoint_every", "train.keep_checkpoints")
 
 
 class RunError(ValueError):
@@ -67,17 +69,6 @@ class RunError(ValueError):
 
 # ----------------------------------------------------------------------------------------------
 # starting and resuming
-
-
-def check_out_dir(out: Path) -> None:
-    """``out`` must be a folder or not exist yet (anything else raises ``RunError``)."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"output folder {str(out)!r} is an existing file, not a folder; choose another --out")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunError(f"cannot create output folder {str(out)!r}: {str(parent)!r} is a file")
-            break
 
 
 def load_run_config(path: Path) -> Config:
@@ -99,7 +90,7 @@ def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
     (``step_N.damaged``) with a warning. Nothing finished is removed: the previous final export
     (``model/``, ``summary.json``) stays until training writes its replacement.
     """
-    check_out_dir(out)
+    check_folder_target(out)
     if not resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None or (out / MODEL_DIR).exists() or (out / SUMMARY_FILE).exists():

@@ -29,7 +29,7 @@ from routelab.config import Config
 from routelab.data import ClassificationData, LMData, classification_batch, collate_classification, sample_lm_batch
 from routelab.io import atomic_write_json, make_temp_dir, replace_dir
 from routelab.model import RoutedTransformer
-from routelab.train.checkpoint import load_checkpoint, save_checkpoint
+from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from routelab.train.evaluation import evaluate
 from routelab.train.metrics import (
     METRICS_FILE,
@@ -151,9 +151,8 @@ def train_step(
     if skipped and not t.skip_nonfinite:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(
-            f"the training loss is {loss} (gradient norm {float(grad_norm)}) at step {step}; the weights are"
-            " unchanged since the last checkpoint. Try a lower train.lr, more train.warmup_steps, train.grad_clip > 0,"
-            " or skip such steps: --resume --set train.skip_nonfinite=true"
+            f"the training loss is {loss} (gradient norm {float(grad_norm)}) at step {step}. Try a lower train.lr,"
+            " more train.warmup_steps or train.grad_clip > 0, or set train.skip_nonfinite=true to skip such steps"
         )
     if not skipped:  # a skipped step applies no update (AdamW's moments and step count stay as they were)
         optimizer.step()
@@ -294,6 +293,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
             if cfg.train.max_seconds and elapsed_before + time.perf_counter() - loop_start >= cfg.train.max_seconds:
                 out_of_time = True
                 break
+    except NonFiniteError as e:
+        metrics.close()
+        ckpt = latest_checkpoint(out)
+        where = f"continue from checkpoint {ckpt.name} with --resume" if ckpt else "no checkpoint was written yet: start again"
+        raise NonFiniteError(f"{e}; {where}") from None
     except BaseException:
         metrics.close()
         raise

@@ -115,3 +115,73 @@ def test_report_explains_its_columns(base_yaml, tmp_path):
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     for header in ("active", "attn density", "expert CV", "dead experts", "steps to ref"):
         assert f"- **{header}**:" in md and f"<li><b>{header}</b>:" in page
+
+
+def test_model_level_errors_fail_before_any_variant_trains(base_yaml, tmp_path):
+    """Expert choice ranks the whole batch, so a causal LM refuses it when the model is built: the
+    comparison must say so before the first variant trains, not after it."""
+    bad = ["model.ffn.kind=moe", "model.ffn.router=expert_choice", "model.ffn.num_experts=2"]
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, variants=[{"name": "dense"}, {"name": "ec", "set": bad}])
+    with pytest.raises(ConfigError, match="variant 'ec'.*expert_choice.*causal"):
+        compare(cmp, out=tmp_path / "out", isolate=False)
+    assert not (tmp_path / "out" / "dense").exists()
+
+
+def test_budget_is_set_by_the_command_line_not_by_set(base_yaml, tmp_path):
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, variants=[{"name": "a"}])
+    with pytest.raises(ConfigError, match=r"--set sets 'train.steps'.*--steps"):
+        load_compare_config(cmp, ["train.steps=9"])
+    _, cfgs = load_compare_config(cmp, budget={"steps": 9})
+    assert cfgs["a"].train.steps == 9
+    _, cfgs = load_compare_config(cmp, budget={"seconds": 5})
+    assert cfgs["a"].train.max_seconds == 5 and cfgs["a"].train.steps == 1000  # the base's steps cap a time budget
+    bad = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, variants=[{"name": "a", "set": ["train.max_seconds=3"]}])
+    with pytest.raises(ConfigError, match="variant 'a' sets 'train.max_seconds'"):
+        load_compare_config(bad)
+
+
+def test_a_variant_trained_with_another_config_is_refused_or_rerun_with_force(base_yaml, tmp_path):
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, variants=[{"name": "dense"}])
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    old_model = (out / "dense" / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"variant 'dense'.*another config \(train.steps \(2 -> 3\)\).*--force"):
+        compare(cmp, out=out, isolate=False, budget={"steps": 3})
+    assert (out / "dense" / "model" / "model.safetensors").read_bytes() == old_model  # untouched
+    compare(cmp, out=out, isolate=False, budget={"steps": 3}, force=True)
+    assert json.loads((out / "dense" / "summary.json").read_text())["steps"] == 3
+    assert json.loads((out / "results.json").read_text())[0]["steps"] == 3
+    assert not (out / ".dense.rerun").exists()  # the staged rerun was swapped in
+
+
+def test_an_unfinished_resume_is_not_taken_for_a_finished_variant(base_yaml, tmp_path):
+    """A run resumed to more steps and killed keeps its older summary.json: compare must resume it."""
+    from routelab.train import train
+
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 4}, variants=[{"name": "dense"}])
+    _, cfgs = load_compare_config(cmp)
+    short = load_compare_config(cmp, budget={"steps": 2})[1]["dense"]
+    train(short, tmp_path / "out" / "dense")
+    cfg = cfgs["dense"]
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=1))
+    train(cfg, tmp_path / "out" / "dense", resume=True, stop_after=3)  # killed at step 3 of 4
+    compare(cmp, out=tmp_path / "out", isolate=False)
+    assert json.loads((tmp_path / "out" / "dense" / "summary.json").read_text())["steps"] == 4
+
+
+def test_one_failing_variant_still_gets_a_report_and_one_error_line(base_yaml, tmp_path, capsys):
+    """Each variant in its own process (as the CLI runs them); the failing one's error comes back."""
+    from routelab.cli import main
+
+    cmp = write_compare(
+        tmp_path, base="base.yaml", budget={"steps": 2},
+        variants=[{"name": "dense"}, {"name": "blowup", "set": ["model.init_std=1e30"]}],
+    )
+    assert main(["compare", str(cmp), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("routelab: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert re.search(r"1 of 2 variants failed: 'blowup' \(the training loss is .* at step 1", errors[0])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| dense |" in md and "`blowup` failed" in md
