@@ -159,6 +159,18 @@ class MoE(nn.Module):
         """x (..., D); token_ids (...) (hash routing); padding_mask (...) bool, True = padding.
 
         Padding tokens are not routed, count in no loss or statistic, and get output 0.
+
+        Returns:
+            ``MoEOutput``, not a tensor: ``hidden`` (..., D) is the layer's output, and ``aux_loss``
+            (scalar, already weighted: balance, z and entropy losses) must be added to the training
+            loss, or the router gets no balancing signal (``RoutedTransformer`` adds it to its
+            ``loss`` itself). ``stats`` holds the routing statistics listed on ``MoEOutput``.
+
+        Example::
+
+            moe = MoE(d_model=64, num_experts=8, hidden=128, router="topk", top_k=2)
+            out = moe(x)
+            loss = task_loss(out.hidden) + out.aux_loss
         """
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x has last dimension {x.shape[-1]}, expected d_model={self.d_model}")
