@@ -72,7 +72,7 @@ def _read_split(path: Path, cfg: DataConfig) -> tuple[str, list[tuple[str, Any]]
     if path.suffix == ".tsv" and is_lra_tsv(path):
         return "lra", list(read_lra_tsv(path))
     rows = []
-    for name, row in table_rows(path, cfg.text_column):
+    for name, row in table_rows(path, cfg.text_column, cfg):
         if row.get(cfg.label_column) in (None, ""):
             raise DataError(
                 f"{name} in {str(path)!r} has no value in label column {cfg.label_column!r}; its columns are"

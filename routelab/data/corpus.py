@@ -5,6 +5,11 @@ already on every machine, about 13 MB), a text file, a folder of ``.txt``/``.md`
 a ``.jsonl``/``.csv`` file (``DataConfig.text_column``), or ``'hf:NAME_OR_PATH'`` (Hugging Face
 ``datasets``; nothing is downloaded unless ``data.hf_allow_download=true``).
 
+Files are decoded with ``data.encoding`` and ``data.encoding_errors`` (strict by default; binary
+files refused), see ``routelab.data.decoding``. The standard library is Python source and is decoded
+as Python decodes it (PEP 263 coding cookie, else UTF-8), strictly, whatever ``data.encoding`` says:
+every file of CPython 3.6-3.13's library decodes this way to the same text as strict UTF-8.
+
 Shape legend: N = train tokens, M = validation tokens, B = batch size, T = ``seq_len``.
 """
 
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from routelab.config import DataConfig
+from routelab.data.decoding import open_text, read_python_source, read_text
 from routelab.data.errors import DataError, hf_missing
 from routelab.data.tokenizers import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -86,15 +92,12 @@ class _Budget:
             self.docs.append((name, text))
 
 
-def _read_file(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
-
-
-def table_rows(path: Path, column: str) -> Iterator[tuple[str, dict]]:
+def table_rows(path: Path, column: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
     """Yield ``(row_name, row)`` from a ``.jsonl`` (one JSON object a line) or ``.csv``/``.tsv`` file,
-    checking that ``column`` exists."""
+    checking that ``column`` exists; ``row_name`` is ``FILE:LINE``. Decoded with ``cfg.encoding``
+    and ``cfg.encoding_errors``."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as f:
+        with open_text(path, cfg.encoding, cfg.encoding_errors) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -109,10 +112,12 @@ def table_rows(path: Path, column: str) -> Iterator[tuple[str, dict]]:
         return
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long documents in one cell
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+    with open_text(path, cfg.encoding, cfg.encoding_errors, newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if reader.fieldnames is None or column not in reader.fieldnames:
-            raise DataError(f"{str(path)!r} has no column {column!r}; its header is {reader.fieldnames}")
+            has_bom = bool(reader.fieldnames) and reader.fieldnames[0].startswith("\ufeff")
+            bom = " (it starts with a byte-order mark: set data.encoding=utf-8-sig)" if has_bom else ""
+            raise DataError(f"{str(path)!r} has no column {column!r}; its header is {reader.fieldnames}{bom}")
         for lineno, row in enumerate(reader, start=2):
             yield f"{path.name}:{lineno}", row
 
@@ -180,7 +185,7 @@ def read_texts(source: str, cfg: DataConfig) -> list[Document]:
         for path in stdlib_files():
             if budget.full:
                 break
-            budget.add(path.relative_to(root).as_posix(), _read_file(path))
+            budget.add(path.relative_to(root).as_posix(), read_python_source(path))
     elif source.startswith("hf:"):
         name = source[3:]
         rows = load_hf_rows(name, cfg.hf_split, cfg.hf_allow_download)
@@ -205,14 +210,14 @@ def read_texts(source: str, cfg: DataConfig) -> list[Document]:
             for f in folder_files(path):
                 if budget.full:
                     break
-                budget.add(f.relative_to(path).as_posix(), _read_file(f))
+                budget.add(f.relative_to(path).as_posix(), read_text(f, cfg.encoding, cfg.encoding_errors))
         elif path.suffix in (".jsonl", ".csv"):
-            for name, row in table_rows(path, cfg.text_column):
+            for name, row in table_rows(path, cfg.text_column, cfg):
                 if budget.full:
                     break
                 budget.add(name, str(row[cfg.text_column] or ""))
         else:
-            budget.add(path.name, _read_file(path))
+            budget.add(path.name, read_text(path, cfg.encoding, cfg.encoding_errors))
     if not budget.docs:
         raise DataError(f"no text found in {source!r}")
     return budget.docs

@@ -19,6 +19,7 @@ from routelab.data import (
     stdlib_files,
 )
 from routelab.data.corpus import stdlib_root
+from routelab.data.decoding import read_python_source
 
 # ------------------------------------------------------------------ stdlib
 
@@ -43,6 +44,26 @@ def test_stdlib_max_bytes_and_order() -> None:
     first = [f.relative_to(root).as_posix() for f in stdlib_files()[: len(docs)]]
     assert [n for n, _ in docs] == first
     assert docs[0][1] == (root / first[0]).read_text(encoding="utf-8")
+
+
+def test_stdlib_decodes_as_strict_utf8_whatever_data_encoding() -> None:
+    # every library file is valid UTF-8 (a cp1252 cookie sits on an ASCII file), so the PEP 263
+    # decoding gives exactly the text the old 'utf-8, errors=replace' reading gave
+    for path in stdlib_files():
+        assert read_python_source(path) == path.read_bytes().decode("utf-8"), path
+    small = DataConfig(max_bytes=50_000)
+    assert read_texts("stdlib", DataConfig(max_bytes=50_000, encoding="utf-16")) == read_texts("stdlib", small)
+
+
+def test_python_source_follows_its_coding_cookie(tmp_path) -> None:
+    (tmp_path / "m.py").write_bytes(b"# -*- coding: latin-1 -*-\nname = 'caf\xe9'\r\n")
+    assert read_python_source(tmp_path / "m.py") == "# -*- coding: latin-1 -*-\nname = 'café'\r\n"
+    (tmp_path / "bad.py").write_bytes(b"name = 'caf\xe9'\n")  # no cookie: UTF-8, and this is not
+    with pytest.raises(DataError, match=r"bad\.py.*offset 11"):
+        read_python_source(tmp_path / "bad.py")
+    (tmp_path / "odd.py").write_bytes(b"# coding: no-such-codec\n")
+    with pytest.raises(DataError, match=r"odd\.py' is not readable Python source"):
+        read_python_source(tmp_path / "odd.py")
 
 
 def test_stdlib_split_is_by_file_and_deterministic() -> None:
@@ -107,6 +128,62 @@ def test_csv_and_missing_column(tmp_path) -> None:
 def test_max_bytes_cuts_whole_characters(tmp_path) -> None:
     (tmp_path / "u.txt").write_text("ééé")
     assert read_texts(str(tmp_path / "u.txt"), DataConfig(max_bytes=3)) == [("u.txt", "é")]
+
+
+def test_undecodable_text_is_refused_unless_asked(tmp_path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"line one\n" + b"caf\xe9 au lait\n")  # latin-1 bytes in a UTF-8 file
+    with pytest.raises(DataError) as e:
+        read_texts(str(path), DataConfig())
+    msg = str(e.value)
+    assert "notes.txt" in msg and "not valid utf-8" in msg and "offset 12 (line 2)" in msg and "byte e9" in msg
+    assert "data.encoding=latin-1" in msg and "data.encoding_errors=replace|ignore" in msg
+    assert read_texts(str(path), DataConfig(encoding="latin-1")) == [("notes.txt", "line one\ncafé au lait\n")]
+    assert read_texts(str(path), DataConfig(encoding_errors="replace"))[0][1] == "line one\ncaf\ufffd au lait\n"
+    assert read_texts(str(path), DataConfig(encoding_errors="ignore"))[0][1] == "line one\ncaf au lait\n"
+
+
+def test_folder_names_the_undecodable_file(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("fine")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_bytes(b"\xff\xfe broken")
+    with pytest.raises(DataError, match=r"sub/b\.md.*offset 0"):
+        read_texts(str(tmp_path), DataConfig())
+
+
+def test_table_rows_name_line_and_offset(tmp_path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl.*offset 43 \(line 3\)"):
+        read_texts(str(path), DataConfig())
+    assert [t for _, t in read_texts(str(path), DataConfig(encoding="cp1252"))] == ["ok", "ok", "café"]
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_bytes(b"text\nok\nna\xefve\n")
+    with pytest.raises(DataError, match=r"t\.csv.*offset 10 \(line 3\)"):
+        read_texts(str(csv_path), DataConfig())
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbftext\nhello\n")  # what spreadsheet programs write
+    with pytest.raises(DataError, match="utf-8-sig"):
+        read_texts(str(bom), DataConfig())
+    assert read_texts(str(bom), DataConfig(encoding="utf-8-sig")) == [("bom.csv:2", "hello")]
+
+
+def test_binary_files_refused_whatever_the_policy(tmp_path) -> None:
+    (tmp_path / "ok.txt").write_text("text")
+    (tmp_path / "weights.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    for errors in ("strict", "replace", "ignore"):
+        with pytest.raises(DataError, match=r"weights\.txt' looks binary \(a NUL byte at offset 8\)"):
+            read_texts(str(tmp_path), DataConfig(encoding_errors=errors))
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "a"}\n\x00\x01')
+    with pytest.raises(DataError, match="looks binary"):
+        read_texts(str(tmp_path / "d.jsonl"), DataConfig(encoding="latin-1"))
+
+
+def test_utf16_text_with_nul_bytes_is_read_when_chosen(tmp_path) -> None:
+    (tmp_path / "wide.txt").write_bytes("héllo wörld".encode("utf-16"))
+    with pytest.raises(DataError, match="looks binary"):
+        read_texts(str(tmp_path / "wide.txt"), DataConfig())
+    assert read_texts(str(tmp_path / "wide.txt"), DataConfig(encoding="utf-16")) == [("wide.txt", "héllo wörld")]
 
 
 def test_empty_and_missing_sources_raise(tmp_path) -> None:
