@@ -9,6 +9,8 @@ Shape legend: B = batch size, T = longest sequence in the batch (including ``<cl
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,10 +22,14 @@ import torch
 from routelab.config import DataConfig
 from routelab.data.corpus import holdout_indices, run_tokenizer, table_rows, text_tokenizer
 from routelab.data.errors import DataError
-from routelab.data.listops import ListOpsTokenizer, is_lra_tsv, listops_splits, read_lra_tsv
+from routelab.data.listops import ListOpsTokenizer, is_lra_tsv, listops_splits, lra_rows
 from routelab.data.tokenizers import Tokenizer
 
+log = logging.getLogger("routelab.data")
+
 Example = tuple[list[int], int]  # (token ids without <cls>, label)
+Row = tuple[str, str, Any]  # (row name 'FILE:LINE', text, raw label), kept so errors can name the row
+SPLIT_TITLES = {"train": "training", "val": "validation", "test": "test"}
 TABLE_SUFFIXES = (".jsonl", ".csv", ".tsv")
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "dev", "valid", "validation"), "test": ("test",)}
 
@@ -45,8 +51,10 @@ class ClassificationData:
 
 
 def find_splits(path: Path) -> dict[str, Path]:
-    """Map split name -> file: a folder's ``train.*``, ``val.*`` (or ``dev.*``), ``test.*``; a
-    ``NAME_train.EXT`` file's ``NAME_val``/``NAME_dev``/``NAME_test`` siblings; else just ``train``."""
+    """Map split name -> file: a folder's ``train.*``, ``val.*`` (or ``dev.*``), ``test.*``, or, in
+    a folder without ``train.*``, its one ``NAME_train.*`` file (the output of ``routelab data
+    listops --out DIR``) with its siblings; a ``NAME_train.EXT`` file's ``NAME_val``/``NAME_dev``/
+    ``NAME_test`` siblings; any other file is just ``train``."""
     if path.is_dir():
         folder, prefix, suffixes = path, "", TABLE_SUFFIXES
     else:
@@ -60,26 +68,48 @@ def find_splits(path: Path) -> dict[str, Path]:
         hits = [folder / f"{prefix}{n}{s}" for n in names for s in suffixes if (folder / f"{prefix}{n}{s}").is_file()]
         if hits:
             splits[split] = hits[0]
-    if "train" not in splits:
-        raise DataError(
-            f"folder {str(folder)!r} has no train split; expected train.jsonl/.csv/.tsv (and val.* or dev.*, test.*)"
+    if "train" in splits:
+        return splits
+    if path.is_dir():
+        prefixed = sorted(
+            p.name for p in path.iterdir() if p.is_file() and p.suffix in TABLE_SUFFIXES and p.stem.endswith("_train")
         )
-    return splits
-
-
-def _read_split(path: Path, cfg: DataConfig) -> tuple[str, list[tuple[str, Any]]]:
-    """Return ``(kind, rows)``: kind 'lra' for an LRA ListOps TSV, else 'text'; rows ``(text, raw_label)``."""
-    if path.suffix == ".tsv" and is_lra_tsv(path):
-        return "lra", list(read_lra_tsv(path))
-    rows = []
-    for name, row in table_rows(path, cfg.text_column, cfg):
-        if row.get(cfg.label_column) in (None, ""):
+        if len(prefixed) == 1:
+            return find_splits(path / prefixed[0])
+        if prefixed:
             raise DataError(
-                f"{name} in {str(path)!r} has no value in label column {cfg.label_column!r}; its columns are"
-                f" {sorted(k for k in row if k is not None)}"
+                f"folder {str(folder)!r} has no train.* but several NAME_train files: {', '.join(prefixed)};"
+                " set data.source to one of them (its NAME_val/NAME_test siblings are found)"
             )
-        rows.append((str(row[cfg.text_column] or ""), row[cfg.label_column]))
-    return "text", rows
+    raise DataError(
+        f"folder {str(folder)!r} has no train split; expected train.jsonl/.csv/.tsv (and val.* or dev.*, test.*)"
+        " or one NAME_train.jsonl/.csv/.tsv (and NAME_val.*, NAME_test.*)"
+    )
+
+
+def _read_split(path: Path, cfg: DataConfig) -> tuple[str, list[Row]]:
+    """Return ``(kind, rows)``: kind 'lra' for an LRA ListOps TSV, else 'text'. Refuses rows whose
+    text is empty or only whitespace, naming the first and counting them."""
+    if path.suffix == ".tsv" and is_lra_tsv(path):
+        kind, column = "lra", "Source"
+        rows: list[Row] = lra_rows(path, cfg.encoding, cfg.encoding_errors)
+    else:
+        kind, column, rows = "text", cfg.text_column, []
+        for name, row in table_rows(path, cfg.text_column, cfg):
+            if row.get(cfg.label_column) in (None, ""):
+                raise DataError(
+                    f"{name} in {str(path)!r} has no value in label column {cfg.label_column!r}; its columns are"
+                    f" {sorted(k for k in row if k is not None)}"
+                )
+            rows.append((name, str(row[cfg.text_column] or ""), row[cfg.label_column]))
+    empty = [name for name, text, _ in rows if not text.strip()]
+    if empty:
+        shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise DataError(
+            f"{empty[0]} has an empty text (column {column!r}); {len(empty)} row(s) of {str(path)!r} are empty or"
+            f" whitespace only ({shown}); remove them or fill them in"
+        )
+    return kind, rows
 
 
 def _as_int(label: Any) -> int | None:
@@ -120,6 +150,73 @@ def label_ids(labels: Sequence[Any]) -> tuple[list[int], int, list[str] | None]:
     return ids, num_classes, names
 
 
+def _gaps(used: Sequence[int], stop: int) -> list[tuple[int, int]]:
+    """Runs ``(first, last)`` of the ids in ``0..stop-1`` that are not in ``used``."""
+    runs, start = [], 0
+    for u in sorted(set(used)):
+        if u > start:
+            runs.append((start, u - 1))
+        start = u + 1
+    if start < stop:
+        runs.append((start, stop - 1))
+    return runs
+
+
+def _runs_text(runs: Sequence[tuple[int, int]]) -> str:
+    """``[(1, 3), (5, 5)]`` -> ``'1..3, 5'``; at most eight runs shown."""
+    text = [f"{a}..{b}" if b > a + 1 else (f"{a}, {b}" if b > a else f"{a}") for a, b in runs[:8]]
+    return ", ".join(text) + (", ..." if len(runs) > 8 else "")
+
+
+def check_labels(split_ids: dict[str, list[int]], num_classes: int, names: list[str] | None, fixed: bool) -> None:
+    """Warn (``log.warning``) about labels the model cannot learn: validation/test labels that never
+    occur in training, and, for integer labels (``names`` None) unless the class set is ``fixed``
+    (ListOps: 0..9), class ids below the largest label that no row uses."""
+    shown = (lambda i: repr(names[i])) if names is not None else str
+    train = set(split_ids["train"])
+    for split in ("val", "test"):
+        unseen = [i for i in split_ids.get(split, []) if i not in train]
+        if unseen:
+            labels = ", ".join(shown(i) for i in sorted(set(unseen))[:10]) + (", ..." if len(set(unseen)) > 10 else "")
+            log.warning(
+                f"{SPLIT_TITLES[split]} labels never seen in training: {labels} ({len(unseen)} row{'s' * (len(unseen) != 1)});"
+                " the model cannot learn them"
+            )
+    if names is None and not fixed:
+        unused = _gaps([i for ids in split_ids.values() for i in ids], num_classes)
+        if unused:
+            count = sum(b - a + 1 for a, b in unused)
+            log.warning(
+                f"integer labels make {num_classes} classes (0..{num_classes - 1}) but class ids {_runs_text(unused)}"
+                f" ({count} of them) are never used; renumber the labels 0..{num_classes - count - 1}"
+                " or make them non-numeric strings (classes are then numbered by name)"
+            )
+
+
+def check_lengths(split_names: dict[str, list[str]], out: dict[str, list[Example]], cfg: DataConfig, hint: str) -> None:
+    """Refuse examples longer than ``cfg.seq_len`` with ``<cls>`` (unless ``cfg.truncate``), at load
+    time rather than when a batch holding one is collated; ``hint`` is one more way out."""
+    too_long = [
+        (name, len(ids) + 1)
+        for s, examples in out.items()
+        for name, (ids, _) in zip(split_names[s], examples)
+        if len(ids) + 1 > cfg.seq_len
+    ]
+    if not too_long:
+        return
+    longest = max(n for _, n in too_long)
+    total = sum(len(e) for e in out.values())
+    if cfg.truncate:
+        log.info(f"data.truncate: {len(too_long)} of {total} examples are cut to data.seq_len={cfg.seq_len}")
+        return
+    name, n = too_long[0]
+    raise DataError(
+        f"{name} has {n} tokens with <cls>, more than data.seq_len={cfg.seq_len}; {len(too_long)} of {total}"
+        f" examples are longer (the longest {longest}); set data.truncate=true, raise data.seq_len to {longest}"
+        f" (and model.max_seq_len with it){hint}"
+    )
+
+
 def load_classification_data(cfg: DataConfig, run_dir: Path | None = None) -> ClassificationData:
     """Build train/val/test examples from ``cfg.source``: ``'listops'``, an LRA ListOps TSV, or a
     ``.jsonl``/``.csv``/``.tsv`` file or folder with ``cfg.text_column`` and ``cfg.label_column``.
@@ -127,8 +224,23 @@ def load_classification_data(cfg: DataConfig, run_dir: Path | None = None) -> Cl
     Without a validation split, ``cfg.val_fraction`` of the training rows is held out; without a
     test split, ``test`` is empty. ListOps uses ``ListOpsTokenizer``; text uses ``cfg.tokenizer``
     (a BPE is trained on the train split). The tokenizer is saved in / reloaded from ``run_dir``.
+
+    Checked here, before any training: empty texts and examples longer than ``cfg.seq_len`` (with
+    ``<cls>``, unless ``cfg.truncate``) raise ``DataError`` naming the row; labels the model cannot
+    learn are logged as warnings (see ``check_labels``).
     """
+    order = ("train", "val", "test")
     if cfg.source == "listops":
+        fit = cfg.seq_len - 1  # longest ListOps expression that fits with <cls>
+        hint = f", or lower data.listops_max_len to {fit}" + (
+            " (and data.listops_min_len with it)" if cfg.listops_min_len > fit else ""
+        )
+        if cfg.listops_min_len > fit and not cfg.truncate:  # every example would be too long: say so before generating
+            raise DataError(
+                f"every ListOps example has at least data.listops_min_len + 1 = {cfg.listops_min_len + 1} tokens"
+                f" with <cls>, more than data.seq_len={cfg.seq_len}; set data.truncate=true, raise data.seq_len to"
+                f" {cfg.listops_max_len + 1} (and model.max_seq_len with it){hint}"
+            )
         splits = listops_splits(
             cfg.listops_train,
             cfg.listops_val,
@@ -140,8 +252,10 @@ def load_classification_data(cfg: DataConfig, run_dir: Path | None = None) -> Cl
             cfg.seed,
         )
         tok = run_tokenizer("listops", run_dir, ListOpsTokenizer)
-        train, val, test = ([(tok.encode(t), y) for t, y in s] for s in splits)
-        return ClassificationData(train, val, test, tok, num_classes=10)
+        out = {s: [(tok.encode(t), y) for t, y in examples] for s, examples in zip(order, splits)}
+        names = {s: [f"listops {s} example {i}" for i in range(len(out[s]))] for s in order}
+        check_lengths(names, out, cfg, hint)
+        return ClassificationData(out["train"], out["val"], out["test"], tok, num_classes=10)
     if cfg.source == "stdlib" or cfg.source.startswith("hf:"):
         raise DataError(
             f"data.source={cfg.source!r} is not a classification source; allowed: 'listops' or a"
@@ -166,20 +280,18 @@ def load_classification_data(cfg: DataConfig, run_dir: Path | None = None) -> Cl
         rows["val"] = [r for i, r in enumerate(rows["train"]) if i in held]
         rows["train"] = [r for i, r in enumerate(rows["train"]) if i not in held]
     rows.setdefault("test", [])
-    order = ("train", "val", "test")
-    ids, num_classes, names = label_ids([y for s in order for _, y in rows[s]])
+    ids, num_classes, label_names = label_ids([y for s in order for _, _, y in rows[s]])
+    ends = dict(zip(order, itertools.accumulate(len(rows[s]) for s in order)))
+    split_ids = {s: ids[ends[s] - len(rows[s]) : ends[s]] for s in order}
+    check_labels(split_ids, num_classes, label_names, fixed=kinds == {"lra"})
     if kinds == {"lra"}:
         tok: Tokenizer = run_tokenizer("listops", run_dir, ListOpsTokenizer)
         num_classes = max(num_classes, 10)
     else:
-        tok = text_tokenizer(cfg, [t for t, _ in rows["train"]], run_dir)
-    out: dict[str, list[Example]] = {}
-    start = 0
-    for s in order:
-        texts = [t for t, _ in rows[s]]
-        out[s] = list(zip(tok.encode_batch(texts), ids[start : start + len(texts)]))
-        start += len(texts)
-    return ClassificationData(out["train"], out["val"], out["test"], tok, num_classes, names)
+        tok = text_tokenizer(cfg, [t for _, t, _ in rows["train"]], run_dir)
+    out = {s: list(zip(tok.encode_batch([t for _, t, _ in rows[s]]), split_ids[s])) for s in order}
+    check_lengths({s: [n for n, _, _ in rows[s]] for s in order}, out, cfg, "")
+    return ClassificationData(out["train"], out["val"], out["test"], tok, num_classes, label_names)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from routelab.data.decoding import BINARY_PROBE, open_text
 from routelab.data.errors import DataError
 from routelab.data.tokenizers import SPECIAL_TOKENS, as_id_list, check_ids, write_json
 
@@ -232,7 +233,7 @@ def write_lra_tsv(path: str | Path, examples: Iterable[tuple[str, int]]) -> None
     """Write LRA's format: header ``Source<TAB>Target``, then one ``text<TAB>label`` per line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with path.open("w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["Source", "Target"])
         w.writerows((text, int(label)) for text, label in examples)
@@ -240,28 +241,31 @@ def write_lra_tsv(path: str | Path, examples: Iterable[tuple[str, int]]) -> None
 
 def is_lra_tsv(path: str | Path) -> bool:
     """True if ``path`` starts with LRA's ``Source<TAB>Target`` header."""
-    with Path(path).open(newline="") as f:
-        return f.readline().rstrip("\r\n").split("\t") == ["Source", "Target"]
+    with Path(path).open("rb") as f:
+        first = f.readline(BINARY_PROBE)
+    return first.rstrip(b"\r\n").split(b"\t") == [b"Source", b"Target"]
 
 
-def read_lra_tsv(path: str | Path) -> list[tuple[str, int]]:
+def lra_rows(path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> list[tuple[str, str, int]]:
     """Read an LRA ListOps TSV (ours or LRA's released files, whose ``(`` ``)`` noise is dropped).
 
     Returns:
-        pairs ``(text, label)`` with ``text`` normalised to single-space-separated tokens.
+        triples ``(row_name, text, label)``: ``row_name`` is ``FILE:LINE``, ``text`` is normalised
+        to single-space-separated tokens.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"ListOps TSV {str(path)!r} does not exist")
     examples = []
-    with path.open(newline="") as f:
+    with open_text(path, encoding, errors, newline="") as f:
         rows = csv.reader(f, delimiter="\t")
         header = next(rows, None)
         if header != ["Source", "Target"]:
             raise DataError(
                 f"{str(path)!r} starts with {header!r}; an LRA TSV starts with the header Source<TAB>Target"
             )
-        for lineno, row in enumerate(rows, start=2):
+        for row in rows:
+            lineno = rows.line_num
             if not row:
                 continue
             if len(row) != 2:
@@ -271,8 +275,17 @@ def read_lra_tsv(path: str | Path) -> list[tuple[str, int]]:
                 label = int(row[1])
             except ValueError:
                 raise DataError(f"{str(path)!r} line {lineno}: Target {row[1]!r} is not an integer") from None
-            examples.append((text, label))
+            examples.append((f"{path.name}:{lineno}", text, label))
     return examples
+
+
+def read_lra_tsv(path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> list[tuple[str, int]]:
+    """Read an LRA ListOps TSV (see ``lra_rows``).
+
+    Returns:
+        pairs ``(text, label)`` with ``text`` normalised to single-space-separated tokens.
+    """
+    return [(text, label) for _, text, label in lra_rows(path, encoding, errors)]
 
 
 def listops_splits(
