@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
+from collections import Counter
+
+import numpy as np
 import pytest
 
 from routelab.config import DataConfig
@@ -10,12 +15,13 @@ from routelab.data import (
     ListOpsTokenizer,
     evaluate_listops,
     generate_listops,
+    listops,
     load_classification_data,
     load_tokenizer,
     read_lra_tsv,
     write_lra_tsv,
 )
-from routelab.data.listops import listops_splits, max_listops_len
+from routelab.data.listops import VALUE_P, check_listops_request, length_distribution, listops_splits, max_listops_len
 
 from .listops_oracle import evaluate, parse
 
@@ -140,3 +146,106 @@ def test_load_classification_listops() -> None:
     for ids, label in data.train + data.val + data.test:
         assert evaluate(data.tokenizer.decode(ids)) == label
         assert 20 <= len(ids) <= 120
+
+
+# ------------------------------------------------------------------ length distribution and feasibility
+
+
+def _digest(examples: list[tuple[str, int]]) -> str:
+    return hashlib.sha256("\n".join(f"{t}\t{y}" for t, y in examples).encode()).hexdigest()[:16]
+
+
+def test_outputs_pinned() -> None:
+    # digests of the generator before the feasibility check existed: the check draws nothing
+    assert _digest(generate_listops(200, seed=0, **KW)) == "56edece90d8e042c"
+    lra = dict(min_len=500, max_len=2000, max_depth=10, max_args=10)  # LRA's settings
+    assert _digest(generate_listops(50, seed=0, **lra)) == "d948ddb100701ab2"
+
+
+def _enumerated_lengths(depth: int, max_depth: int, max_args: int) -> Counter:
+    """Slow reference: the length law of a subtree at ``depth``, by convolving dictionaries."""
+    value = Counter({1: 1.0})
+    if depth >= max_depth:
+        return value
+    child = _enumerated_lengths(depth + 1, max_depth, max_args)
+    op: Counter = Counter()
+    for k in range(2, max_args + 1):
+        total = Counter({2: 1.0})  # the operator and its ']'
+        for _ in range(k):
+            step: Counter = Counter()
+            for a, pa in total.items():
+                for b, pb in child.items():
+                    step[a + b] += pa * pb
+            total = step
+        for length, p in total.items():
+            op[length] += p / (max_args - 1)
+    if depth == 1:
+        return op
+    return Counter({t: VALUE_P * value[t] + (1 - VALUE_P) * op[t] for t in set(value) | set(op)})
+
+
+@pytest.mark.parametrize("max_depth,max_args", [(2, 5), (3, 3), (4, 2), (3, 4)])
+def test_length_distribution_matches_enumeration(max_depth: int, max_args: int) -> None:
+    exact = _enumerated_lengths(1, max_depth, max_args)
+    size = max_listops_len(max_depth, max_args) + 1
+    dist = length_distribution(max_depth, max_args, size)
+    np.testing.assert_allclose(dist, [exact[t] for t in range(size)], rtol=0, atol=1e-12)
+    cut = length_distribution(max_depth, max_args, 12)  # a shorter grid keeps the short lengths exact
+    np.testing.assert_allclose(cut, [exact[t] for t in range(12)], rtol=0, atol=1e-12)
+
+
+def test_length_distribution_matches_the_sampler() -> None:
+    rng, lengths = random.Random(0), []
+    for _ in range(4000):
+        out: list[str] = []
+        listops._grow(rng, 1, 10, 10, out, 10**9)
+        lengths.append(len(out))
+    dist = length_distribution(10, 10, 20_000)
+    for lo, hi in ((4, 4), (20, 120), (121, 2000)):
+        p = dist[lo : hi + 1].sum()
+        seen = sum(lo <= n <= hi for n in lengths) / len(lengths)
+        assert abs(seen - p) < 4 * (p * (1 - p) / len(lengths)) ** 0.5, (lo, hi, seen, p)
+
+
+@pytest.fixture
+def no_drawing(monkeypatch):
+    """Fail the test if a tree is grown; fix the measured pace so messages are reproducible."""
+
+    def grow(*args, **kwargs):
+        raise AssertionError("a tree was drawn")
+
+    monkeypatch.setattr(listops, "_grow", grow)
+    monkeypatch.setattr(listops, "_tokens_per_second", lambda *a: 1e6)
+
+
+def test_unlikely_lengths_refused_before_drawing(no_drawing) -> None:
+    # 5000..6000 tokens: about 1 tree in 5000 (LRA's depth-10 trees have a median near 245 tokens)
+    with pytest.raises(DataError) as e:
+        generate_listops(2000, min_len=5000, max_len=6000, max_depth=10, max_args=10, seed=0)
+    msg = str(e.value)
+    assert msg.startswith("listops lengths 5000..6000 are out of reach for trees with max_depth=10 and max_args=10")
+    assert "with probability 0.00019, so 2000 example(s) would take 5.5e+09 tokens grown (91 minutes here)" in msg
+    assert "median of 245 tokens, 99% have <= 2916" in msg
+    assert "lower listops_min_len to <= 3411" in msg
+    check_listops_request(10, 5000, 6000, 10, 10)  # 10 of them are fine (seconds)
+
+
+def test_splits_checked_together_before_any_is_generated(no_drawing) -> None:
+    check_listops_request(200, 5000, 6000, 10, 10)  # one split alone would do (minutes)
+    with pytest.raises(DataError, match="so 2400 example"):
+        listops_splits(2000, 200, 200, min_len=5000, max_len=6000, max_depth=10, max_args=10, seed=0)
+
+
+def test_lengths_near_the_maximum_refused(no_drawing) -> None:
+    longest = max_listops_len(4, 10)  # 1222: every operator full, every leaf at depth 4
+    with pytest.raises(DataError, match=r"\(almost\) never, so 1 example\(s\) would never be found"):
+        generate_listops(1, min_len=longest - 20, max_len=longest, max_depth=4, max_args=10)
+    # trees of max_depth=3, max_args=2 have 4, 7 or 10 tokens: 5..6 is impossible, not just unlikely
+    with pytest.raises(DataError, match="never be found.*lower listops_min_len to <= 4"):
+        generate_listops(1, min_len=5, max_len=6, max_depth=3, max_args=2)
+
+
+def test_work_limit_is_a_parameter(no_drawing) -> None:
+    with pytest.raises(DataError, match="out of reach"):
+        generate_listops(10, min_len=500, max_len=2000, max_work=1000)
+    assert generate_listops(0, min_len=5000, max_len=6000) == []
