@@ -109,6 +109,18 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
     "compare-budget-through-set": (
         None, ["compare", "compare-lm", "--out", "TMP/cmp", "--set", "train.steps=5"], r"train.steps.*--steps",
     ),
+    "corpus-split-shorter-than-seq-len": (
+        None, ["train", "CFG", "--out", "TMP/short", "--set", "data.val_fraction=0.01"],
+        r"the validation split of data.source='.*corpus.txt' has \d+ tokens, fewer than data.seq_len \+ 1 = 33",
+    ),
+    "binary-corpus": (
+        lambda r: (r.parent / "blob.txt").write_bytes(b"\x7fELF\x00\x01" * 100),
+        ["train", "CFG", "--out", "TMP/bin", "--set", "data.source=TMP/blob.txt"], r"blob.txt' looks binary",
+    ),
+    "listops-lengths-out-of-reach": (
+        None, ["data", "listops", "--out", "TMP/lo", "--set", "listops_min_len=5000", "--set", "listops_max_len=6000"],
+        r"listops lengths 5000\.\.6000 are out of reach.*lower listops_min_len to <= \d+",
+    ),
     "tensorboard-missing": (
         None, ["train", "CFG", "--out", "TMP/tb", "--set", "train.tensorboard=true"], r"pip install tensorboard",
     ),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from routelab.data.errors import DataError, hf_missing
+from routelab.io import atomic_write, atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<cls>")  # pad, bos, eos, cls: in this order everywhere
@@ -59,10 +60,8 @@ def check_ids(ids: list[int], vocab_size: int, kind: str) -> None:
 
 def write_json(directory: str | Path, data: dict) -> Path:
     """Write ``data`` as ``directory/tokenizer.json`` (creating the folder); return the file path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / TOKENIZER_FILE
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path = Path(directory) / TOKENIZER_FILE
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
     return path
 
 
@@ -195,10 +194,8 @@ class BPETokenizer:
         return self._tok.id_to_token(int(i))
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / TOKENIZER_FILE
-        self._tok.save(str(path))
+        path = Path(directory) / TOKENIZER_FILE
+        atomic_write(path, self._tok.save)
         return path
 
     def __repr__(self) -> str:

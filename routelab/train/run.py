@@ -240,7 +240,15 @@ def load_task_data(cfg: Config, run_dir: Path | None) -> LMData | Classification
     """The data of ``cfg.data.task``; the tokenizer is read from / saved to ``run_dir``."""
     task = cfg.data.task
     if task == "lm":
-        return load_lm_data(cfg.data, run_dir)
+        data = load_lm_data(cfg.data, run_dir)
+        for split, ids in (("training", data.train), ("validation", data.val)):  # found now, not at the first batch
+            if ids.numel() < cfg.data.seq_len + 1:
+                raise DataError(
+                    f"the {split} split of data.source={cfg.data.source!r} has {ids.numel()} tokens, fewer than"
+                    f" data.seq_len + 1 = {cfg.data.seq_len + 1}; lower data.seq_len, use more text, or change"
+                    f" data.val_fraction={cfg.data.val_fraction}"
+                )
+        return data
     if task == "classification":
         return load_classification_data(cfg.data, run_dir)
     raise ConfigError(
