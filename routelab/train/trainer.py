@@ -107,7 +107,6 @@ class NonFiniteError(RunError):
     """The loss or gradient became NaN or infinite (and ``train.skip_nonfinite`` is off, or it kept happening)."""
 
 
-
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
