@@ -311,7 +311,7 @@ def route_stats(run_dir, cfg, batches: int = 4) -> dict:
 
 
 def quality(out_root: str, lm_steps: int, listops_steps: int, only: list[str] | None) -> list[dict]:
-    from routelab.cli import resolve_config_path
+    from routelab.presets import resolve_config_path
     from routelab.config import Config
     from routelab.train import train
 

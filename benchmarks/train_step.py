@@ -27,7 +27,7 @@ def measure(preset: str, steps: int, warmup: int) -> dict:
     import torch
 
     from routelab import RoutedTransformer
-    from routelab.cli import resolve_config_path
+    from routelab.presets import resolve_config_path
     from routelab.config import Config
     from routelab.train.run import load_task_data, resolve_config
     from routelab.train.trainer import micro_batch  # the same batches the trainer draws

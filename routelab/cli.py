@@ -20,23 +20,10 @@ import os
 import sys
 from pathlib import Path
 
-from routelab.config import Config, ConfigError, DataConfig, apply_overrides, from_dict
+from routelab.config import Config, DataConfig, apply_overrides, from_dict
+from routelab.errors import ERROR_FILE_ENV, ConfigError
 from routelab.io import check_folder_target
-
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-ERROR_FILE_ENV = "ROUTELAB_ERROR_FILE"  # set by ``routelab compare`` for its child processes
-
-
-def resolve_config_path(name: str) -> Path:
-    """A path, or the name of a preset in configs/ (``lm-tiny`` -> configs/lm-tiny.yaml)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    preset = CONFIGS_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if preset.is_file():
-        return preset
-    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
-    raise ConfigError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(known) or 'none'}")
+from routelab.presets import resolve_config_path
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -29,9 +29,11 @@ from typing import Any
 
 import yaml
 
-from routelab.config import Config, ConfigError, check, from_dict
+from routelab.config import Config, from_dict
 from routelab.data import DataError
+from routelab.errors import ERROR_FILE_ENV, ConfigError, check
 from routelab.io import atomic_write, check_folder_target, replace_dir
+from routelab.presets import resolve_config_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -121,7 +123,6 @@ def load_compare_config(
     model is built on the meta device, the data source must exist, optional packages be present),
     so any error surfaces before anything trains. ``budget`` (e.g. ``{"steps": 600}``, from the
     command line) replaces the config's budget."""
-    from routelab.cli import resolve_config_path
     from routelab.train.run import preflight
 
     path = resolve_config_path(str(path))
@@ -228,8 +229,6 @@ def _train(cfg: Config, out: Path, resume: bool, isolate: bool) -> None:
         except (ValueError, OSError) as e:
             raise VariantError(str(e)) from None
         return
-    from routelab.cli import ERROR_FILE_ENV
-
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out.parent / f".{out.name}.config.yaml"
     error_path = out.parent / f".{out.name}.error"

@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses, YAML load/save, ``--set a.b=c`` overrides, validation.
 
-All validation lives here (STYLE.md, practice 3). A config is a tree of dataclasses:
+Validation lives in each dataclass's ``__post_init__``. A config is a tree of dataclasses:
 
     Config
       model: ModelConfig
@@ -28,78 +28,19 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from routelab.registry import ATTENTION, FFN, Registry, UnknownKindError
+from routelab.errors import ConfigError, check, check_fraction, check_positive
+from routelab.options import SECTIONS, AttentionConfig, FFNConfig
+from routelab.registry import UnknownKindError
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field, the value and what is allowed."""
-
-
-# ----------------------------------------------------------------------------------------------
-# checks used by __post_init__
-
-
-def check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    """Raise ``ConfigError`` naming ``name``, ``value`` and ``allowed`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
-
-
-def check_positive(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        check(v is not None and v > 0, _qual(obj, n), v, "a number > 0")
-
-
-def check_fraction(obj: Any, name: str, closed_right: bool = False) -> None:
-    v = getattr(obj, name)
-    ok = 0.0 <= v <= 1.0 if closed_right else 0.0 <= v < 1.0
-    check(ok, _qual(obj, name), v, "0 <= value <= 1" if closed_right else "0 <= value < 1")
-
-
-def _qual(obj: Any, name: str) -> str:
-    prefix = getattr(obj, "_section", type(obj).__name__)
-    return f"{prefix}.{name}"
-
-
-# ----------------------------------------------------------------------------------------------
-# sections
-
-
-@dataclass
-class AttentionConfig:
-    """Base of every attention kind's options. Subclasses add fields; ``kind`` picks the entry."""
-
-    _section = "model.attention"
-    kind: str = "dense"  # registry key: routelab.attention (dense; sparse/learned kinds plug in)
-    dropout: float = 0.0  # dropout on attention probabilities (training only)
-    combine: Literal["add", "concat"] = "add"  # block output: x + a (residual), or a linear map of [x; a]
-
-    def __post_init__(self) -> None:
-        check_fraction(self, "dropout")
-
-
-@dataclass
-class FFNConfig:
-    """Base of every feed-forward kind's options. Subclasses add fields; ``kind`` picks the entry."""
-
-    _section = "model.ffn"
-    kind: str = "dense"  # registry key: routelab.ffn (dense; moe plugs in)
-    hidden: int | None = None  # hidden width; None = 4 * d_model (8/3 * d_model for swiglu)
-    activation: Literal["gelu", "relu", "swiglu"] = "gelu"  # swiglu adds a gate matrix (Shazeer 2020)
-    bias: bool = True  # biases in w_in/w_out, as in y = W2 act(W1 x + b1) + b2
-
-    def __post_init__(self) -> None:
-        if self.hidden is not None:
-            check_positive(self, "hidden")
+__all__ = ["AttentionConfig", "Config", "ConfigError", "DataConfig", "FFNConfig", "ModelConfig", "TrainConfig"]
 
 
 def _default_attention() -> AttentionConfig:
-    return _section_from_dict(ATTENTION, {"kind": "dense"}, "model.attention")
+    return section_from_dict(AttentionConfig, {"kind": "dense"}, "model.attention")
 
 
 def _default_ffn() -> FFNConfig:
-    return _section_from_dict(FFN, {"kind": "dense"}, "model.ffn")
+    return section_from_dict(FFNConfig, {"kind": "dense"}, "model.ffn")
 
 
 HEADS = ("lm", "classification", "token_classification")
@@ -159,9 +100,9 @@ class ModelConfig:
             "True for the lm head (a bidirectional LM would see the token it predicts)",
         )
         if isinstance(self.attention, dict):
-            self.attention = _section_from_dict(ATTENTION, self.attention, "model.attention")
+            self.attention = section_from_dict(AttentionConfig, self.attention, "model.attention")
         if isinstance(self.ffn, dict):
-            self.ffn = _section_from_dict(FFN, self.ffn, "model.ffn")
+            self.ffn = section_from_dict(FFNConfig, self.ffn, "model.ffn")
 
     @property
     def head_dim(self) -> int:
@@ -325,14 +266,16 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _section_from_dict(registry: Registry, data: Any, path: str) -> Any:
-    """Build a registered section (attention/ffn): its ``kind`` picks the dataclass."""
-    _ensure_registered()
+def section_from_dict(base: type, data: Any, path: str) -> Any:
+    """Build a registered section (attention, ffn, router): its ``kind`` picks, in ``base.registry``,
+    the dataclass that validates the rest. A bare string is the kind alone (``router: topk``)."""
+    if isinstance(data, str):
+        data = {"kind": data}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping with a 'kind' key, got {data!r}")
-    kind = data.get("kind", "dense")
+        raise ConfigError(f"{path} must be a mapping with a 'kind' key (or a kind name), got {data!r}")
+    kind = data.get("kind", base.kind)
     try:
-        entry = registry.get(kind)
+        entry = base.registry.get(kind)
     except UnknownKindError as e:
         raise ConfigError(f"{path}.kind: {e}") from None
     return from_dict(entry.config_class, data, path)
@@ -370,10 +313,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Check ``value`` against type ``tp``; allow int -> float; return the value to store."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if tp is AttentionConfig:
-        return _section_from_dict(ATTENTION, value, name)
-    if tp is FFNConfig:
-        return _section_from_dict(FFN, value, name)
+    if tp in SECTIONS:
+        return section_from_dict(tp, value, name)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, name)
     if origin in (Union, types.UnionType):
@@ -501,10 +442,3 @@ def parse_scalar(raw: str) -> Any:
 
 def model_config_from_dict(data: dict) -> ModelConfig:
     return from_dict(ModelConfig, data, "model")
-
-
-def _ensure_registered() -> None:
-    """Import the packages whose modules register attention and FFN kinds."""
-    import routelab.attention  # noqa: F401
-    import routelab.ffn  # noqa: F401
-    import routelab.moe  # noqa: F401

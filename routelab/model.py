@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from routelab.attention import KVCache, build_attention
 from routelab.attention.base import Combine
-from routelab.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from routelab.config import ModelConfig, model_config_from_dict, to_dict
+from routelab.errors import ConfigError
 from routelab.ffn import build_ffn
 
 IGNORE_INDEX = -100  # label value that is not scored (padding, positions without a label)

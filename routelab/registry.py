@@ -58,5 +58,6 @@ class Registry:
         return name in self._entries
 
 
-ATTENTION = Registry("attention")
-FFN = Registry("ffn")
+ATTENTION = Registry("attention")  # filled by routelab.attention
+FFN = Registry("ffn")  # filled by routelab.ffn and routelab.moe
+ROUTERS = Registry("router")  # filled by routelab.moe.routers

@@ -5,7 +5,8 @@ import json
 import pytest
 import yaml
 
-from routelab.cli import main, resolve_config_path
+from routelab.cli import main
+from routelab.presets import resolve_config_path
 
 TINY = {
     "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 32},

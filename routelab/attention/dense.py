@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routelab.attention.base import KVCache, RotaryEmbedding, causal_mask
-from routelab.config import AttentionConfig
+from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 

@@ -33,7 +33,8 @@ from routelab.attention.block_sparse import Part, attend_parts, reference_attent
 from routelab.attention.dense import QKVAttention
 from routelab.attention.local import band, band_parts
 from routelab.attention.routes import ClusterRoutes
-from routelab.config import AttentionConfig, ConfigError, check, check_fraction, check_positive
+from routelab.errors import ConfigError, check, check_fraction, check_positive
+from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 

@@ -19,7 +19,8 @@ from torch import Tensor
 from routelab.attention.base import KVCache
 from routelab.attention.block_sparse import Part, SparsePatternAttention, reference_attention, sliding_parts
 from routelab.attention.dense import QKVAttention
-from routelab.config import AttentionConfig, check_positive
+from routelab.errors import check_positive
+from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from torch import Tensor
 from routelab.attention.block_sparse import Part, SparsePatternAttention, Windows, pair_mask
 from routelab.attention.dense import QKVAttention
 from routelab.attention.local import band, band_parts
-from routelab.config import AttentionConfig, check, check_positive
+from routelab.errors import check, check_positive
+from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 

@@ -24,7 +24,8 @@ from routelab.attention.base import KVCache
 from routelab.attention.block_sparse import Part, Windows, attend_parts, reference_attention
 from routelab.attention.dense import QKVAttention
 from routelab.attention.routes import BlockRoutes
-from routelab.config import AttentionConfig, ConfigError, check_positive
+from routelab.errors import ConfigError, check_positive
+from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 

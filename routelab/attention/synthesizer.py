@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from routelab.attention.base import KVCache, RotaryEmbedding
 from routelab.attention.routes import WeightRoutes
-from routelab.config import AttentionConfig, check_positive
+from routelab.errors import check_positive
+from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from routelab.attention.moba import BlockRouter
-from routelab.config import AttentionConfig, check, check_positive
+from routelab.errors import check, check_positive
+from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 

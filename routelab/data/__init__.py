@@ -24,13 +24,12 @@ from routelab.data.corpus import (
 )
 from routelab.data.errors import DataError
 from routelab.data.listops import (
-    ListOpsTokenizer,
     evaluate_listops,
     generate_listops,
     read_lra_tsv,
     write_lra_tsv,
 )
-from routelab.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from routelab.data.tokenizers import BPETokenizer, ByteTokenizer, ListOpsTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "BPETokenizer",

@@ -22,8 +22,8 @@ import torch
 from routelab.config import DataConfig
 from routelab.data.corpus import holdout_indices, run_tokenizer, table_rows, text_tokenizer
 from routelab.data.errors import DataError
-from routelab.data.listops import ListOpsTokenizer, is_lra_tsv, listops_splits, lra_rows
-from routelab.data.tokenizers import Tokenizer
+from routelab.data.listops import is_lra_tsv, listops_splits, lra_rows
+from routelab.data.tokenizers import ListOpsTokenizer, Tokenizer
 
 log = logging.getLogger("routelab.data")
 

@@ -22,7 +22,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,8 @@ import numpy as np
 
 from routelab.data.decoding import BINARY_PROBE, open_text
 from routelab.data.errors import DataError
-from routelab.data.tokenizers import SPECIAL_TOKENS, as_id_list, check_ids, write_json
+from routelab.data.tokenizers import END, OPERATORS
 
-OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
-END = "]"
 VALUE_P = 0.75  # probability that a node below max_depth is a value (LRA: r > VALUE_P=0.25)
 LRA_NOISE = ("(", ")")  # LRA's released files wrap every pair in parentheses; its pipeline drops them
 WORK_LIMIT = 1_000_000_000  # expected tokens grown (all draws) above which a request is refused: minutes in Python
@@ -54,62 +52,6 @@ APPLY = {
     "[MED": _median,
     "[SM": lambda args: sum(args) % 10,
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenizer
-
-
-class ListOpsTokenizer:
-    """Whitespace tokens: specials ``<pad> <s> </s> <cls>`` = 0..3, digits 0..9 = 4..13,
-    ``[MIN [MAX [MED [SM`` = 14..17, ``]`` = 18."""
-
-    kind = "listops"
-    pad_id = 0
-    bos_id = 1
-    eos_id = 2
-    cls_id = 3
-
-    def __init__(self) -> None:
-        self.vocab: list[str] = [*SPECIAL_TOKENS, *map(str, range(10)), *OPERATORS, END]
-        self.vocab_size = len(self.vocab)
-        self._ids = {t: i for i, t in enumerate(self.vocab)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ListOpsTokenizer:
-        tok = cls()
-        if data.get("vocab") != tok.vocab:
-            raise DataError(f"saved ListOps vocabulary {data.get('vocab')!r} differs from this version's {tok.vocab!r}")
-        return tok
-
-    def encode(self, text: str) -> list[int]:
-        """Split ``text`` on whitespace and map each token; an unknown token raises ``DataError``."""
-        ids = []
-        for tok in text.split():
-            i = self._ids.get(tok)
-            if i is None:
-                raise DataError(f"unknown ListOps token {tok!r}; allowed: {' '.join(self.vocab[4:])}")
-            ids.append(i)
-        return ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Tokens joined by spaces, specials skipped."""
-        ids = as_id_list(ids)
-        check_ids(ids, self.vocab_size, self.kind)
-        return " ".join(self.vocab[i] for i in ids if i >= 4)
-
-    def id_to_token(self, i: int) -> str:
-        check_ids([int(i)], self.vocab_size, self.kind)
-        return self.vocab[int(i)]
-
-    def save(self, directory: str | Path) -> Path:
-        return write_json(directory, {"routelab_tokenizer": "listops", "vocab": self.vocab})
-
-    def __repr__(self) -> str:
-        return f"ListOpsTokenizer(vocab_size={self.vocab_size})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ byte-level variant, Radford et al. 2019) through the optional Hugging Face ``tok
 Every tokenizer has the same small interface (``Tokenizer`` below): four special ids
 (``pad_id``, ``bos_id``, ``eos_id``, ``cls_id``), ``vocab_size``, ``encode``/``decode``,
 ``id_to_token`` and ``save(directory)``, which writes ``tokenizer.json``; ``load_tokenizer``
-reads back any kind (byte, BPE, or the ListOps vocabulary of ``routelab.data.listops``).
+reads back any kind (byte, BPE, or the ListOps vocabulary of the expressions in ``routelab.data.listops``).
 ``encode`` never adds special tokens; callers add BOS/EOS/CLS where their task needs them.
 """
 
@@ -203,6 +203,65 @@ class BPETokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
+# ListOps: whitespace tokens of the expressions in routelab.data.listops
+
+OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")  # ListOps operators (Nangia & Bowman 2018), each opening a bracket
+END = "]"  # closes an operator's argument list
+
+
+class ListOpsTokenizer:
+    """Whitespace tokens: specials ``<pad> <s> </s> <cls>`` = 0..3, digits 0..9 = 4..13,
+    ``[MIN [MAX [MED [SM`` = 14..17, ``]`` = 18."""
+
+    kind = "listops"
+    pad_id = 0
+    bos_id = 1
+    eos_id = 2
+    cls_id = 3
+
+    def __init__(self) -> None:
+        self.vocab: list[str] = [*SPECIAL_TOKENS, *map(str, range(10)), *OPERATORS, END]
+        self.vocab_size = len(self.vocab)
+        self._ids = {t: i for i, t in enumerate(self.vocab)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ListOpsTokenizer:
+        tok = cls()
+        if data.get("vocab") != tok.vocab:
+            raise DataError(f"saved ListOps vocabulary {data.get('vocab')!r} differs from this version's {tok.vocab!r}")
+        return tok
+
+    def encode(self, text: str) -> list[int]:
+        """Split ``text`` on whitespace and map each token; an unknown token raises ``DataError``."""
+        ids = []
+        for tok in text.split():
+            i = self._ids.get(tok)
+            if i is None:
+                raise DataError(f"unknown ListOps token {tok!r}; allowed: {' '.join(self.vocab[4:])}")
+            ids.append(i)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Tokens joined by spaces, specials skipped."""
+        ids = as_id_list(ids)
+        check_ids(ids, self.vocab_size, self.kind)
+        return " ".join(self.vocab[i] for i in ids if i >= 4)
+
+    def id_to_token(self, i: int) -> str:
+        check_ids([int(i)], self.vocab_size, self.kind)
+        return self.vocab[int(i)]
+
+    def save(self, directory: str | Path) -> Path:
+        return write_json(directory, {"routelab_tokenizer": "listops", "vocab": self.vocab})
+
+    def __repr__(self) -> str:
+        return f"ListOpsTokenizer(vocab_size={self.vocab_size})"
+
+
+# ----------------------------------------------------------------------------------------------
 # loading
 
 
@@ -222,8 +281,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "listops":
-        from routelab.data.listops import ListOpsTokenizer
-
         return ListOpsTokenizer.from_dict(data)
     if kind is None and "model" in data:  # a Hugging Face tokenizers file
         return BPETokenizer.from_file(file)

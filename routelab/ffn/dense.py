@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.config import FFNConfig
 from routelab.ffn.base import FFNOutput
+from routelab.options import FFNConfig
 from routelab.registry import FFN
 
 

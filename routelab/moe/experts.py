@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.config import check
+from routelab.errors import check
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 

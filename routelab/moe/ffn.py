@@ -12,9 +12,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from routelab.config import ConfigError, FFNConfig, check
+from routelab.errors import ConfigError, check
 from routelab.moe.layer import MoE
 from routelab.moe.routers import ROUTERS, HashRouter, router_class
+from routelab.options import FFNConfig
 from routelab.registry import FFN
 
 TOP_K_DEFAULT = {"switch": 1, "gshard": 2, "topk": 2}  # routers with a fixed number of experts per token

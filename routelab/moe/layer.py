@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.config import ConfigError, check
+import routelab.moe.losses as losses
+from routelab.errors import ConfigError, check
 from routelab.ffn.base import FFNOutput
-from routelab.moe import losses
 from routelab.moe.dispatch import Workspace, apply_capacity, capacity, grouped_experts, plan_dispatch
 from routelab.moe.experts import Experts, reference_combine
 from routelab.moe.routers import ROUTERS, Router, Routing, SoftRouting, router_class

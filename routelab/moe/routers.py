@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from routelab.config import ConfigError, check
+from routelab.errors import ConfigError, check
 
 
 @dataclass

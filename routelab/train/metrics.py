@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from routelab.config import ConfigError
+from routelab.errors import ConfigError
 from routelab.io import DamagedFileError, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from routelab.config import Config, ConfigError
+from routelab.config import Config
 from routelab.data import ClassificationData, DataError, LMData, load_classification_data, load_lm_data, load_tokenizer
+from routelab.errors import ConfigError
 from routelab.io import DamagedFileError, atomic_write, check_folder_target, load_state_dict, read_json
 from routelab.model import RoutedTransformer, state_shapes
 from routelab.train.checkpoint import (
