@@ -311,8 +311,8 @@ def route_stats(run_dir, cfg, batches: int = 4) -> dict:
 
 
 def quality(out_root: str, lm_steps: int, listops_steps: int, only: list[str] | None) -> list[dict]:
-    from routelab.presets import resolve_config_path
     from routelab.config import Config
+    from routelab.presets import resolve_config_path
     from routelab.train import train
 
     rows = []

@@ -27,8 +27,8 @@ def measure(preset: str, steps: int, warmup: int) -> dict:
     import torch
 
     from routelab import RoutedTransformer
-    from routelab.presets import resolve_config_path
     from routelab.config import Config
+    from routelab.presets import resolve_config_path
     from routelab.train.run import load_task_data, resolve_config
     from routelab.train.trainer import micro_batch  # the same batches the trainer draws
 
