@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a YAML config", description="Train a model; writes a run directory.")
-    t.add_argument("config", help="YAML config file, or a preset name from configs/ (e.g. lm-tiny, listops-tiny)")
+    t.add_argument("config", help="YAML config file, or a preset name from routelab/configs/ (e.g. lm-tiny, listops-tiny)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set model.d_model=256 (repeatable)")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train routing variants under one budget and write a report",
                        description="Run every variant of a comparison config into OUT/<variant>/ (finished ones are "
                        "kept, interrupted ones resume), then write OUT/report.md and OUT/report.html.")
-    c.add_argument("config", help="comparison YAML, or a preset name from configs/ (e.g. compare-lm)")
+    c.add_argument("config", help="comparison YAML, or a preset name from routelab/configs/ (e.g. compare-lm)")
     c.add_argument("--out", help="output folder (default: runs/<config name>)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every variant (repeatable; not train.steps: use --steps)")
     c.add_argument("--steps", type=int, help="budget: optimizer steps per variant (replaces the config's budget)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from routelab.errors import ConfigError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data: installed with routelab
 
 
 def preset_names() -> list[str]:

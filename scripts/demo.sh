@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, then compare routing variants of the tiny LM on the Python standard library's
-# source (configs/compare-lm.yaml: dense, switch, hash and top-2 MoE at equal active FLOPs, and local
+# source (routelab/configs/compare-lm.yaml: dense, switch, hash and top-2 MoE at equal active FLOPs, and local
 # attention; same steps for all), print the results table and the report's path, and inspect the
 # routing of the top-2 model on a line of code. Rerunning keeps finished variants and resumes an
 # interrupted one; delete runs/compare-lm to start over. Extra arguments go to `routelab compare`.
