@@ -1,23 +1,19 @@
 """Optional inference fast path: compiled FlexAttention (Dong et al. 2024, "Flex Attention: A
 Programming Model for Generating Optimized Attention Kernels") for the sliding window.
 
-Measured here (n = 16384, 8 heads, head dim 64, one thread, no autograd): the compiled sliding-window
-forward took 210-250 ms against 267-280 ms for the block-sparse engine, but a cold compile costs
-about 20 s per shape and FlexAttention has no CPU backward in torch 2.13. So it is opt-in
-(``local.flex_inference: true``), used only without autograd, and any failure falls back to the
-engine. The block mask is built from the window's block layout in O(n) (``from_kv_blocks``), not by
-evaluating the mask over n^2 pairs (seconds and O(n^2) memory at n = 16384).
+A compiled forward can beat the block-sparse engine at long lengths (``benchmarks/attention.py``
+compares them), but every new shape pays a cold compile and FlexAttention has no CPU backward in
+torch 2.13. So it is opt-in (``local.flex_inference: true``), used only without autograd, and any
+failure falls back to the engine. The block mask is built from the window's block layout in O(n)
+(``from_kv_blocks``), not by evaluating the mask over n^2 pairs (O(n^2) time and memory).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)

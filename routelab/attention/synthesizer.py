@@ -1,10 +1,10 @@
 """Synthesizer attention (Tay et al. 2021, "Synthesizer: Rethinking Self-Attention in Transformer
 Models", eq. 1-6): the routing weights are synthesised, not computed from query-key dot products.
 
-- dense (eq. 1-2, the seed's routing function): for each token, p_i = softmax(W2 ReLU(W1 x_i + b1)
-  + b2) over max_seq_len positions, truncated to the actual length, masked for padding and
-  causality, and renormalised; a_i = sum_j p_ij v_j with v_j = x_j (the seed's formula) or a
-  learned value projection (``values: linear``, which also adds an output projection).
+- dense (eq. 1-2): for each token, p_i = softmax(W2 ReLU(W1 x_i + b1) + b2) over max_seq_len
+  positions, truncated to the actual length, masked for padding and causality, and renormalised;
+  a_i = sum_j p_ij v_j with v_j = x_j (the value map G of eq. 2 taken as the identity) or a learned
+  value projection (``values: linear``, which also adds an output projection).
 - random (eq. 4): p_i = softmax(R_i), R a learned (or fixed) position-by-position matrix.
 - factorized (sec. 3.1): W2's output is the product of two short vectors, tiled: C_ij = A_i[j mod a]
   * B_i[j div a] with a * b >= max_seq_len.
@@ -36,7 +36,7 @@ class SynthesizerAttentionConfig(AttentionConfig):
 
     variant: Literal["dense", "random", "factorized"] = "dense"
     hidden: int | None = None  # width of W1 (dense, factorized); None = d_model
-    values: Literal["input", "linear"] = "input"  # v_j = x_j (seed formula), or v_proj + o_proj
+    values: Literal["input", "linear"] = "input"  # v_j = x_j, or v_proj + o_proj
     random_trainable: bool = True  # random variant: R is learned (True) or fixed at init (False)
     mix_dot: bool = False  # mix the synthesised logits with dot-product logits (learned weight)
     max_seq_len: int | None = None  # positions the router scores; None = model.max_seq_len
