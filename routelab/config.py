@@ -278,7 +278,8 @@ def section_from_dict(base: type, data: Any, path: str) -> Any:
         entry = base.registry.get(kind)
     except UnknownKindError as e:
         raise ConfigError(f"{path}.kind: {e}") from None
-    return from_dict(entry.config_class, data, path)
+    upgrade = getattr(entry.config_class, "upgrade", None)  # reads sections written by older versions
+    return from_dict(entry.config_class, upgrade(data) if upgrade else data, path)
 
 
 def from_dict(cls: type, data: Any, path: str) -> Any:
@@ -402,7 +403,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars.
 
     ``--set model.d_model=256`` -> ``data['model']['d_model'] = 256``. Keys are checked later by
-    ``from_dict``, so a typo still gets its "did you mean".
+    ``from_dict``, so a typo still gets its "did you mean". A section given by its kind alone
+    (``router: topk``) opens as ``{kind: topk}`` when a key below it is set
+    (``model.ffn.router=topk`` then ``model.ffn.router.top_k=3``).
     """
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for item in overrides:
@@ -416,6 +419,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
+            if isinstance(nxt, str):  # a registered section named by its kind alone
+                nxt = node[k] = {"kind": nxt}
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is a value, not a section")
             node = nxt

@@ -32,12 +32,14 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, config_class: type) -> Callable[[type], type]:
-        """Class decorator: ``@ATTENTION.register("dense", DenseAttentionConfig)``."""
+        """Class decorator: ``@ATTENTION.register("dense", DenseAttentionConfig)``. The module class
+        also gets ``kind = name`` and ``config_class``, so it can name itself and build its own options."""
 
         def decorator(module_class: type) -> type:
             if name in self._entries:
                 raise ValueError(f"{self.family} kind {name!r} is registered twice")
             self._entries[name] = Entry(name, config_class, module_class)
+            module_class.kind, module_class.config_class = name, config_class
             return module_class
 
         return decorator

@@ -4,7 +4,7 @@ from routelab.moe import losses
 from routelab.moe.experts import Experts
 from routelab.moe.ffn import MoEFFN, MoEFFNConfig
 from routelab.moe.layer import MoE, MoEOutput
-from routelab.moe.routers import ROUTERS, Router, Routing, SoftRouting
+from routelab.moe.routers import ROUTERS, Router, Routing, SoftRouting, build_router
 
 __all__ = [
     "ROUTERS",
@@ -16,5 +16,6 @@ __all__ = [
     "Router",
     "Routing",
     "SoftRouting",
+    "build_router",
     "losses",
 ]

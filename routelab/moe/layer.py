@@ -13,7 +13,6 @@ Shape legend: T tokens, D model dim, E experts, K choice slots per token, H expe
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,9 @@ from routelab.errors import ConfigError, check
 from routelab.ffn.base import FFNOutput
 from routelab.moe.dispatch import Workspace, apply_capacity, capacity, grouped_experts, plan_dispatch
 from routelab.moe.experts import Experts, reference_combine
-from routelab.moe.routers import ROUTERS, Router, Routing, SoftRouting, router_class
+from routelab.moe.routers.router import Router, Routing, SoftRouting, build_router
+from routelab.options import RouterConfig
+from routelab.registry import ROUTERS
 
 
 @dataclass
@@ -68,7 +69,8 @@ class MoE(nn.Module):
 
     Args:
         d_model: D. num_experts: E. hidden: H, each expert's hidden width.
-        router: a name in ``ROUTERS`` or a ``Router`` instance.
+        router: a name in ``ROUTERS`` (its options as keywords, ``router="topk", top_k=2``), a mapping
+            ``{"kind": ..., ...}``, a ``RouterConfig``, or a built ``Router``.
         activation: relu, gelu or swiglu (swiglu adds ``experts.w_gate``).
         bias: expert biases ``experts.b_in`` / ``experts.b_out`` (y = sum_i r_i(x)(W_i x + b_i)).
         capacity_factor: None = dropless; a number = capacity ceil(cf * T * K / E) per expert.
@@ -83,8 +85,9 @@ class MoE(nn.Module):
         num_shared_experts: always-on experts of width H added to every token's output.
         causal: the layer sits in a causal model; routers that rank the whole batch are refused.
         impl: "sorted" (fast sparse path) or "reference" (every expert on every token, masked).
-        **router_options: the router's own options (top_k, renormalize, top_p, max_k, vocab_size,
-            seed, eval_mode, slots_per_expert, ...).
+        vocab_size: the model's vocabulary size, for routers that map token ids (hash).
+        **router_options: the router's own options (see its ``RouterConfig`` subclass in
+            ``routelab.moe.routers``); unknown ones are refused with the known ones listed.
     """
 
     def __init__(
@@ -93,7 +96,7 @@ class MoE(nn.Module):
         d_model: int,
         num_experts: int,
         hidden: int,
-        router: str | Router = "switch",
+        router: str | dict | RouterConfig | Router = "switch",
         activation: str = "gelu",
         bias: bool = True,
         capacity_factor: float | None = None,
@@ -107,6 +110,7 @@ class MoE(nn.Module):
         num_shared_experts: int = 0,
         causal: bool = False,
         impl: str = "sorted",
+        vocab_size: int | None = None,
         **router_options,
     ) -> None:
         super().__init__()
@@ -121,24 +125,25 @@ class MoE(nn.Module):
         check(0.0 <= jitter < 1.0, "jitter", jitter, "0 <= jitter < 1")
         check(num_shared_experts >= 0, "num_shared_experts", num_shared_experts, "an integer >= 0")
         check(impl in ("sorted", "reference"), "impl", impl, "'sorted' or 'reference'")
-        self.router = (
-            router
-            if isinstance(router, Router)
-            else build_router(router, d_model, num_experts, capacity_factor, router_options)
-        )
-        name = router if isinstance(router, str) else type(router).__name__
+        self.router = build_router(router, d_model, num_experts, vocab_size, **router_options)
+        name = self.router.kind
+        if capacity_factor is not None and self.router.own_capacity:
+            raise ConfigError(
+                f"capacity_factor={capacity_factor!r} is invalid for router {name!r}, which bounds each expert's"
+                " tokens itself; allowed: None (set the router's own capacity_factor option instead)"
+            )
         if causal and self.router.whole_batch:
             raise ConfigError(
                 f"router {name!r} ranks all tokens of the batch together, so a token's expert would depend on "
                 "later tokens: it is refused in a causal model (use it in an encoder, or pick switch/topk/...)"
             )
         if bias_balancing and not self.router.supports_selection_bias:
-            known = [n for n, c in ROUTERS.items() if c.supports_selection_bias]
+            known = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.supports_selection_bias]
             raise ConfigError(
                 f"bias_balancing={bias_balancing!r} is not supported by router {name!r}; allowed with: {', '.join(known)}"
             )
         self.d_model, self.num_experts, self.hidden = d_model, num_experts, hidden
-        self.capacity_factor = None if self.router.own_capacity else capacity_factor
+        self.capacity_factor = capacity_factor
         self.drop_policy, self.jitter, self.impl, self.causal = drop_policy, jitter, impl, causal
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.entropy_loss_weight = entropy_loss_weight
@@ -314,7 +319,11 @@ class MoE(nn.Module):
         E, S = self.num_experts, self.router.slots_per_expert
         slots = torch.einsum("bts,btd->bsd", r.dispatch.to(x.dtype), xb)  # (B, E*S, D) eq. 1
         slots = slots.view(B, E, S, -1).transpose(0, 1).reshape(E, B * S, -1)  # (E, B*S, D)
-        out = self.experts.forward_all(slots)  # (E, B*S, D)
+        if self.impl == "reference":  # every expert on every slot, then each expert's own slots: E times the work
+            every = self.experts.forward_all(slots.reshape(E * B * S, -1))  # (E, E*B*S, D)
+            out = torch.stack([every[e, e * B * S : (e + 1) * B * S] for e in range(E)])  # (E, B*S, D)
+        else:
+            out = self.experts.forward_all(slots)  # (E, B*S, D): one bmm per matrix, each expert on its slots
         out = out.view(E, B, S, -1).transpose(0, 1).reshape(B, E * S, -1)  # (B, E*S, D)
         y = torch.einsum("bts,bsd->btd", r.combine.to(x.dtype), out)  # (B, T, D) eq. 2
         if self.shared is not None:
@@ -338,19 +347,3 @@ class MoE(nn.Module):
                 "unused_experts": (per_expert == 0).sum(),
             }
         return MoEOutput(y.reshape(shape), torch.zeros((), device=x.device), stats)
-
-
-def build_router(name: str, d_model: int, num_experts: int, capacity_factor: float | None, options: dict) -> Router:
-    """Build router ``name`` with the options its constructor takes; an unknown option is an error."""
-    cls = router_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p not in ("self", "d_model", "num_experts")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"router {name!r} does not take option(s) {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}"
-        )
-    kwargs = dict(options)
-    if "capacity_factor" in accepted:
-        kwargs["capacity_factor"] = capacity_factor
-    return cls(d_model, num_experts, **kwargs)

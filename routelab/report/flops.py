@@ -56,24 +56,6 @@ def ffn_matmul_flops(d_model: int, hidden: int, activation: str) -> float:
     return (6.0 if activation == "swiglu" else 4.0) * d_model * hidden
 
 
-def expected_experts_per_token(ffn_cfg, seq_len: int) -> float:
-    """Experts that process a token on average, from the router's definition."""
-    router = ffn_cfg.router
-    if router in ("switch", "hash", "random", "base"):
-        return 1.0
-    if router == "gshard":
-        return 2.0  # an upper bound: the second expert is sometimes skipped in training
-    if router == "topk":
-        return float(ffn_cfg.top_k or 2)
-    if router == "topp":
-        return float(ffn_cfg.max_k or ffn_cfg.num_experts)  # upper bound; the run's stats give the mean
-    if router == "expert_choice":
-        return float(ffn_cfg.capacity_factor or 1.0)
-    if router == "soft":
-        return ffn_cfg.num_experts * ffn_cfg.slots_per_expert / seq_len
-    return float(ffn_cfg.top_k or 1)
-
-
 def ffn_cost(ffn: nn.Module, cfg, seq_len: int) -> tuple[float, int, int]:
     """(FLOPs per token, total params, active params) of one FFN module."""
     total = sum(p.numel() for p in ffn.parameters())
@@ -86,7 +68,7 @@ def ffn_cost(ffn: nn.Module, cfg, seq_len: int) -> tuple[float, int, int]:
     one = ffn_matmul_flops(cfg.d_model, hidden, f.activation)
     if getattr(f, "kind", "dense") != "moe" or not any("experts" in n for n, _ in ffn.named_parameters()):
         return one, total, total  # a dense FFN (also the dense layers of moe_every > 1)
-    k = expected_experts_per_token(f, seq_len)
+    k = ffn.router.experts_per_token(seq_len)  # each router says how many experts a token costs
     shared = getattr(f, "num_shared_experts", 0)
     flops = 2.0 * cfg.d_model * f.num_experts + (k + shared) * one
     expert_params = sum(p.numel() for n, p in ffn.named_parameters() if ".experts." in f".{n}")

@@ -11,6 +11,7 @@ each micro-batch loss is divided by ``grad_accum`` so the gradient is that of th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -29,6 +30,7 @@ from routelab.config import Config
 from routelab.data import ClassificationData, LMData, classification_batch, collate_classification, sample_lm_batch
 from routelab.io import atomic_write_json, make_temp_dir, replace_dir
 from routelab.model import RoutedTransformer
+from routelab.moe.routers import Router
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from routelab.train.evaluation import evaluate
 from routelab.train.metrics import (
@@ -63,6 +65,13 @@ EVAL_KEYS = ("loss", "bpb", "accuracy")  # what an eval line of metrics.jsonl ho
 
 # ----------------------------------------------------------------------------------------------
 # setup helpers
+
+
+def token_counts(data: LMData | ClassificationData, vocab_size: int) -> torch.Tensor:
+    """(V,) occurrences of each token id in the training split (LM stream or classification examples)."""
+    train = data.train
+    ids = train if isinstance(train, torch.Tensor) else torch.tensor([t for ids, _ in train for t in ids], dtype=torch.long)
+    return torch.bincount(ids.reshape(-1).cpu(), minlength=vocab_size)[:vocab_size]
 
 
 def seed_everything(seed: int) -> None:
@@ -206,11 +215,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
     cfg = resolve_config(cfg, data)
     save_config(cfg, out / CONFIG_FILE)
     model = RoutedTransformer(cfg.model).to(device)
-    if ckpt is None and getattr(cfg.model.ffn, "hash_table", "random") == "balanced":  # a resume loads its table
-        from routelab.moe.ffn import balance_hash_tables, token_counts
-
-        n = balance_hash_tables(model, token_counts(data, cfg.model.vocab_size))
-        log.info("balanced the hash tables of %d MoE layers by training-token frequency", n)
+    if ckpt is None:  # data-dependent router state (a frequency-balanced hash table); a resume loads it
+        counts = functools.cache(lambda: token_counts(data, cfg.model.vocab_size))
+        prepared = [m.kind for m in model.modules() if isinstance(m, Router) and m.prepare(counts)]
+        if prepared:
+            log.info("fitted %d %s router(s) to the training-token frequencies", len(prepared), "/".join(sorted(set(prepared))))
     if cfg.model.embeddings_path and ckpt is None:
         vocab = [data.tokenizer.id_to_token(i) for i in range(data.tokenizer.vocab_size)]
         filled = model.load_word_vectors(cfg.model.embeddings_path, vocab)

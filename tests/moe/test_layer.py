@@ -9,13 +9,15 @@ from routelab.moe import MoE
 from routelab.moe.routers import ROUTERS
 
 D, E, H, V = 8, 4, 6, 37
-OPTIONS = {"hash": {"vocab_size": V}, "topk": {"top_k": 2}, "topp": {"top_p": 0.5}, "soft": {"slots_per_expert": 2}}
+# options that exercise more than the defaults (a router missing here runs with its defaults)
+OPTIONS = {"topk": {"top_k": 2}, "topp": {"top_p": 0.5}, "soft": {"slots_per_expert": 2}}
+WHOLE_BATCH = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.whole_batch]
 
 
 def _layer(router, **kw):
     torch.manual_seed(0)
     opts = {**OPTIONS.get(router, {}), **kw}
-    return MoE(d_model=D, num_experts=E, hidden=H, router=router, **opts)
+    return MoE(d_model=D, num_experts=E, hidden=H, router=router, vocab_size=V, **opts)
 
 
 def _forward_backward(moe, x, ids, pad=None, seed=1):
@@ -29,7 +31,7 @@ def _forward_backward(moe, x, ids, pad=None, seed=1):
     return out, x.grad, grads
 
 
-@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("router", ROUTERS.names())
 @pytest.mark.parametrize("training", [True, False])
 def test_fast_path_matches_reference_forward_and_gradients(router, training):
     moe = _layer(router, jitter=0.1 if router == "switch" else 0.0).train(training)
@@ -47,7 +49,7 @@ def test_fast_path_matches_reference_forward_and_gradients(router, training):
         torch.testing.assert_close(g_fast[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
     # gradients reach the experts for every router, and the router weights for learned ones
     assert g_fast["experts.w_in"].abs().sum() > 0 and g_fast["experts.w_out"].abs().sum() > 0
-    if ROUTERS[router].learned:
+    if ROUTERS.get(router).module_class.learned:
         assert g_fast["router.weight"].abs().sum() > 0
     else:
         assert not any(n.startswith("router.") for n in g_fast)
@@ -238,7 +240,7 @@ def test_hash_without_token_ids_is_refused():
         _layer("hash")(torch.randn(3, D))
 
 
-@pytest.mark.parametrize("router", ["expert_choice", "soft"])
+@pytest.mark.parametrize("router", WHOLE_BATCH)
 def test_whole_batch_routers_are_refused_in_a_causal_layer(router):
     with pytest.raises(ConfigError, match="refused in a causal model"):
         _layer(router, causal=True)
@@ -250,14 +252,14 @@ def test_top_k_larger_than_num_experts_is_refused():
 
 
 def test_unknown_router_and_option_are_refused_with_known_names():
-    with pytest.raises(
-        ConfigError, match="known routers: switch, gshard, topk, topp, hash, random, expert_choice, base, soft"
-    ):
+    with pytest.raises(ConfigError, match="known kinds: base, expert_choice, gshard, hash, random, soft, switch, topk, topp"):
         _layer("top1")
-    with pytest.raises(ConfigError, match="does not take option.*top_p"):
+    with pytest.raises(ConfigError, match=r"unknown key 'router.top_p'; did you mean 'kind'\?|unknown key 'router.top_p'"):
         _layer("switch", top_p=0.3)
     with pytest.raises(ConfigError, match="bias_balancing"):
         _layer("hash", bias_balancing=True)
+    with pytest.raises(ConfigError, match="bounds each expert's tokens itself"):
+        _layer("expert_choice", capacity_factor=2.0)
 
 
 def test_soft_moe_matches_the_paper_formula():

@@ -1,7 +1,7 @@
 """``ffn.kind: moe`` inside RoutedTransformer: losses, statistics, moe_every, hash ids,
 causality, caching, save/load, presets and config errors."""
 
-from pathlib import Path
+import dataclasses
 
 import pytest
 import torch
@@ -9,9 +9,10 @@ import torch
 from routelab import Config, ConfigError, RoutedTransformer
 from routelab.ffn import DenseFFN
 from routelab.moe import MoEFFN, MoEFFNConfig
+from routelab.presets import CONFIGS_DIR
 from tests.conftest import tiny_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = CONFIGS_DIR
 
 
 def _model(**ffn):
@@ -100,11 +101,11 @@ def test_whole_batch_routers_refused_in_lm_allowed_in_encoder():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match=r"model.ffn.top_k=9 is invalid; allowed: 1 <= top_k <= num_experts=8"):
-        tiny_config(ffn={"kind": "moe", "router": "topk", "top_k": 9})
-    with pytest.raises(ConfigError, match=r"model.ffn.top_k=2 is invalid; allowed: 1 for router 'switch'"):
-        tiny_config(ffn={"kind": "moe", "top_k": 2})
-    with pytest.raises(ConfigError, match="unknown router 'hsah' \\(did you mean 'hash'\\?\\); known routers: switch"):
+    with pytest.raises(ConfigError, match=r"model.ffn.router.top_k=9 is invalid; allowed: 1 <= top_k <= num_experts=8"):
+        RoutedTransformer(tiny_config(ffn={"kind": "moe", "router": {"kind": "topk", "top_k": 9}}))
+    with pytest.raises(ConfigError, match=r"unknown key 'model.ffn.router.top_k'"):
+        tiny_config(ffn={"kind": "moe", "router": {"kind": "switch", "top_k": 2}})
+    with pytest.raises(ConfigError, match=r"model.ffn.router.kind: unknown router kind 'hsah' \(did you mean 'hash'\?\)"):
         tiny_config(ffn={"kind": "moe", "router": "hsah"})
     with pytest.raises(ConfigError, match="unknown key 'model.ffn.num_expert'; did you mean 'num_experts'"):
         tiny_config(ffn={"kind": "moe", "num_expert": 4})
@@ -119,6 +120,6 @@ def test_presets_load_and_match_dense_active_flops(name):
     dense = Config.load(CONFIGS / "lm-tiny.yaml").model
     cfg = Config.load(CONFIGS / f"{name}.yaml").model
     assert isinstance(cfg.ffn, MoEFFNConfig)
-    k = {"switch": 1, "hash": 1, "topk": cfg.ffn.top_k or 2}[cfg.ffn.router]
+    k = RoutedTransformer(dataclasses.replace(cfg, vocab_size=256)).layers[0].ffn.router.experts_per_token(256)
     assert k * cfg.ffn_hidden == dense.ffn_hidden  # same active FFN FLOPs per token
     assert cfg.ffn.activation == dense.ffn.activation and cfg.d_model == dense.d_model

@@ -7,19 +7,16 @@ import pytest
 import torch
 
 from routelab.config import ConfigError
-from routelab.moe.routers import (
-    BaseRouter,
-    ExpertChoiceRouter,
-    GShardRouter,
-    HashRouter,
-    RandomRouter,
-    SoftRouter,
-    SwitchRouter,
-    TopKRouter,
-    TopPRouter,
-    balanced_assignment,
-    router_class,
-)
+from routelab.moe.routers import ROUTERS, Router, build_router
+from routelab.moe.routers.base import BaseRouter, auction_assignment
+from routelab.moe.routers.expert_choice import ExpertChoiceRouter
+from routelab.moe.routers.gshard import GShardRouter
+from routelab.moe.routers.hash import HashRouter
+from routelab.moe.routers.random import RandomRouter
+from routelab.moe.routers.soft import SoftRouter
+from routelab.moe.routers.switch import SwitchRouter
+from routelab.moe.routers.topk import TopKRouter
+from routelab.moe.routers.topp import TopPRouter
 
 
 def _set(router, weight):
@@ -153,18 +150,18 @@ def _best_balanced(scores, cap):
     return max(sum(scores[t, a[t]].item() for t in range(T)) for a in set(itertools.permutations(slots)))
 
 
-def test_balanced_assignment_is_exactly_balanced_and_optimal_on_small_cases():
+def test_auction_assignment_is_exactly_balanced_and_optimal_on_small_cases():
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         scores = torch.randn(6, 3, generator=g)
-        a = balanced_assignment(scores)
+        a = auction_assignment(scores)
         assert torch.bincount(a, minlength=3).tolist() == [2, 2, 2]
         got = scores[torch.arange(6), a].sum().item()
         assert got >= _best_balanced(scores, 2) - 6 * 1e-4
     skewed = torch.randn(256, 8, generator=g)
     skewed[:, 0] += 5.0  # everyone prefers expert 0: still 32 each
-    assert torch.bincount(balanced_assignment(skewed), minlength=8).tolist() == [32] * 8
-    assert torch.bincount(balanced_assignment(torch.randn(10, 4, generator=g)), minlength=4).tolist() == [3, 3, 2, 2]
+    assert torch.bincount(auction_assignment(skewed), minlength=8).tolist() == [32] * 8
+    assert torch.bincount(auction_assignment(torch.randn(10, 4, generator=g)), minlength=4).tolist() == [3, 3, 2, 2]
 
 
 def test_base_router_balanced_in_training_greedy_in_eval_sigmoid_gate():
@@ -192,18 +189,34 @@ def test_soft_router_dispatch_sums_to_one_over_real_tokens():
 
 
 def test_unknown_router_lists_the_known_ones():
-    with pytest.raises(
-        ConfigError, match=r"unknown router 'swich' \(did you mean 'switch'\?\); known routers: switch, gshard, topk"
-    ):
-        router_class("swich")
+    with pytest.raises(ConfigError, match=r"unknown router kind 'swich' \(did you mean 'switch'\?\); known kinds: base, expert_choice"):
+        build_router("swich", 4, 4)
 
 
 def test_router_options_are_validated():
-    with pytest.raises(ConfigError, match="top_k=5"):
+    with pytest.raises(ConfigError, match=r"router.top_k=5 is invalid; allowed: 1 <= top_k <= num_experts=4"):
         TopKRouter(4, 4, top_k=5)
-    with pytest.raises(ConfigError, match="top_k=3"):
-        GShardRouter(4, 4, top_k=3)
+    with pytest.raises(ConfigError, match=r"unknown key 'router.top_k'.*known keys: kind"):
+        GShardRouter(4, 4, top_k=3)  # top-2 by definition: no option
     with pytest.raises(ConfigError, match="top_p"):
         TopPRouter(4, 4, top_p=0.0)
     with pytest.raises(ConfigError, match="vocab_size"):
         HashRouter(4, 4)
+    with pytest.raises(ConfigError, match=r"router.max_k=5 is invalid; allowed: 1 <= max_k <= num_experts=4"):
+        TopPRouter(4, 4, max_k=5)
+
+
+@pytest.mark.parametrize("name", ROUTERS.names())
+def test_every_router_is_one_registered_class_with_its_own_options(name):
+    """What a router must bring, checked for any router added later: its options dataclass (a
+    section of its own, kind = its name), the flags the layer reads, and its experts per token."""
+    entry = ROUTERS.get(name)
+    cls, options = entry.module_class, entry.config_class()
+    assert issubclass(cls, Router) and cls.kind == name and options.kind == name
+    router = cls(8, 4, options, vocab_size=11)
+    assert router.options is options
+    k = router.experts_per_token(16)
+    assert 0 < k <= 4
+    for flag in ("learned", "needs_token_ids", "whole_batch", "supports_selection_bias", "own_capacity", "soft"):
+        assert isinstance(getattr(cls, flag), bool)
+    assert hasattr(router, "weight") == cls.learned

@@ -34,12 +34,15 @@ def test_dense_pairs():
 
 @pytest.mark.parametrize(
     "router, extra, k",
-    [("switch", {}, 1), ("hash", {}, 1), ("topk", {"top_k": 2}, 2), ("topk", {"top_k": 3}, 3)],
+    [("switch", {}, 1), ("hash", {}, 1), ("topk", {"top_k": 2}, 2), ("topk", {"top_k": 3}, 3), ("topp", {"max_k": 2}, 2),
+     ("expert_choice", {"capacity_factor": 2.0}, 2), ("gshard", {}, 2), ("base", {}, 1)],
 )
 def test_moe_cost_by_hand(router, extra, k):
     # d=32, E=4 GELU experts of hidden 16, every layer: router 2*d*E plus k active experts 4*d*h
-    ffn = {"kind": "moe", "router": router, "num_experts": 4, "hidden": 16, **extra}
-    model = RoutedTransformer(tiny_config(ffn=ffn))
+    ffn = {"kind": "moe", "router": {"kind": router, **extra}, "num_experts": 4, "hidden": 16}
+    causal = router != "expert_choice"  # expert choice ranks the whole batch: an encoder
+    head = {} if causal else {"head": "classification", "num_labels": 2}
+    model = RoutedTransformer(tiny_config(ffn=ffn, **head))
     cost = model_cost(model, 16)
     d, h, E = 32, 16, 4
     assert cost.ffn_flops == pytest.approx(2 * (2 * d * E + k * 4 * d * h))

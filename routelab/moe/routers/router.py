@@ -1,0 +1,161 @@
+"""What every token -> expert router shares: the ``Routing`` it returns, the ``Router`` base class,
+and ``build_router``.
+
+A router only decides; the MoE layer applies capacity, dispatch, losses and statistics. Learned
+routers hold ``weight`` (E, D) (the layer's parameter ``router.weight``) and compute their
+probabilities in float32 from ``logits = x @ weight.T``. Each router is one file in this package:
+its options dataclass (a ``RouterConfig`` subclass) and its class, registered together in
+``ROUTERS`` under its name, with class attributes saying what it needs and what it can be combined
+with, and ``experts_per_token`` saying how many experts process a token (FLOP accounting).
+
+Shape legend: T tokens, D model dim, E experts, K choice slots per token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from routelab.config import from_dict, section_from_dict
+from routelab.errors import ConfigError
+from routelab.options import RouterConfig
+from routelab.registry import ROUTERS
+
+
+@dataclass
+class Routing:
+    """A token-choice routing decision for T tokens with K choice slots each.
+
+    Attributes:
+        expert_idx: (T, K) long, the expert of each slot.
+        gates: (T, K) float32 combine weights (differentiable for learned routers).
+        active: (T, K) bool, slots really used (top-p's unused slots, GShard's skipped second
+            expert, expert choice's unchosen pairs, capacity drops); None = all used.
+        logits: (T, E) float32 softmax logits (z-loss applies), or None (no softmax router).
+        probs: (T, E) float32 router probabilities (balance loss, entropy), or None.
+        balance: whether the load-balancing loss applies (token-choice routers with a softmax).
+    """
+
+    expert_idx: Tensor
+    gates: Tensor
+    active: Tensor | None = None
+    logits: Tensor | None = None
+    probs: Tensor | None = None
+    balance: bool = False
+
+
+@dataclass
+class SoftRouting:
+    """Soft MoE's dense decision for B sequences of T tokens and E*S slots (Puigcerver et al. 2023).
+
+    Attributes:
+        dispatch: (B, T, E*S) softmax over tokens (eq. 1, D): slot inputs are sum_t D_ts x_t.
+        combine: (B, T, E*S) softmax over slots (eq. 2, C): outputs are sum_s C_ts y_s.
+        logits: (B, T, E*S) float32.
+    """
+
+    dispatch: Tensor
+    combine: Tensor
+    logits: Tensor
+
+
+class Router(nn.Module):
+    """Base class. ``Router(d_model, num_experts, options)`` or, for code, the options as keywords
+    (``TopKRouter(64, 8, top_k=2)``); ``vocab_size`` is the model's, for routers that map token ids.
+
+    Class attributes say what a router needs and what it may be combined with; ``kind`` and
+    ``config_class`` are set when it is registered.
+    """
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type[RouterConfig]]
+    learned: ClassVar[bool] = True  # has ``weight`` (E, D) and a gradient
+    needs_token_ids: ClassVar[bool] = False  # routes by token id (hash), not by x
+    whole_batch: ClassVar[bool] = False  # decisions depend on other tokens -> refused in a causal model
+    supports_selection_bias: ClassVar[bool] = False  # aux-loss-free balancing (DeepSeek-V3) adds a bias to selection
+    own_capacity: ClassVar[bool] = False  # the router itself bounds tokens per expert (expert choice)
+    soft: ClassVar[bool] = False  # returns a SoftRouting (every expert sees a mix of all tokens)
+
+    def __init__(
+        self, d_model: int, num_experts: int, options: RouterConfig | None = None, *, vocab_size: int | None = None, **kw: Any
+    ) -> None:
+        super().__init__()
+        if options is None:
+            options = from_dict(self.config_class, {"kind": self.kind, **kw}, "router")
+        elif kw:
+            raise TypeError(f"give {type(self).__name__} its options or keyword options, not both ({sorted(kw)})")
+        if not isinstance(options, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes {self.config_class.__name__} options, got {type(options).__name__}")
+        self.options = options
+        self.d_model, self.num_experts, self.vocab_size = d_model, num_experts, vocab_size
+        self.check()
+        if self.learned:
+            self.weight = nn.Parameter(torch.empty(self.num_weight_rows(), d_model))
+            self.reset_parameters()
+
+    def check(self) -> None:
+        """Validate options against the layer (e.g. top_k <= num_experts); raise ``ConfigError``."""
+
+    def prepare(self, token_counts: Callable[[], Tensor]) -> bool:
+        """Set data-dependent state before a fresh run's first step; ``token_counts()`` gives the (V,)
+        occurrences of each token id in the training data. Returns whether anything changed."""
+        return False
+
+    def num_weight_rows(self) -> int:
+        """Rows of ``weight``: one per expert (soft MoE: one per slot)."""
+        return self.num_experts
+
+    # Every router defines ``experts_per_token(seq_len) -> float``: how many experts process a token
+    # on average by its definition (an upper bound where the number varies per token), so the FFN
+    # FLOPs of a token are that many experts' (``routelab.report.flops``). Checked at class creation.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not callable(getattr(cls, "experts_per_token", None)):
+            raise TypeError(f"router class {cls.__name__} must define experts_per_token(seq_len) -> float")
+
+    def reset_parameters(self, std: float | None = None) -> None:
+        if self.learned:
+            nn.init.normal_(self.weight, std=std if std is not None else 1.0 / math.sqrt(self.d_model))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x (T, D) -> (T, E) float32 logits = x @ weight.T."""
+        return x.float() @ self.weight.float().t()
+
+    def extra_repr(self) -> str:
+        fields = {k: v for k, v in vars(self.options).items() if k != "kind"}
+        return ", ".join([f"d_model={self.d_model}", f"num_experts={self.num_experts}", *(f"{k}={v}" for k, v in fields.items())])
+
+
+def select_scores(logits: Tensor, bias: Tensor | None) -> Tensor:
+    """Scores used only for *choosing* experts: logits + per-expert balancing bias (DeepSeek-V3)."""
+    return logits if bias is None else logits + bias.to(logits.dtype)
+
+
+def router_options(router: str | dict | RouterConfig, **kw: Any) -> RouterConfig:
+    """A router's validated options from a name plus keywords, a mapping, or options themselves."""
+    if isinstance(router, RouterConfig):
+        if kw:
+            raise ConfigError(f"router options given twice: {type(router).__name__} and {sorted(kw)}")
+        return router
+    if isinstance(router, str):
+        router = {"kind": router, **kw}
+    elif kw:
+        router = {**router, **kw}
+    return section_from_dict(RouterConfig, router, "router")
+
+
+def build_router(
+    router: str | dict | RouterConfig | Router, d_model: int, num_experts: int, vocab_size: int | None = None, **kw: Any
+) -> Router:
+    """The router ``router`` names (with keyword options), or describes, or is."""
+    if isinstance(router, Router):
+        if kw:
+            raise ConfigError(f"options {sorted(kw)} given with a built router {type(router).__name__}")
+        return router
+    options = router_options(router, **kw)
+    return ROUTERS.get(options.kind).module_class(d_model, num_experts, options, vocab_size=vocab_size)
