@@ -4,7 +4,8 @@ Every kind is a module with ``forward(x, padding_mask=None, cache=None) -> Tenso
 (``return_routes=True`` also returns what a learned kind chose). Kinds: ``dense`` (the baseline and
 reference); fixed sparse patterns ``local``, ``strided``, ``fixed``, ``longformer``, ``bigbird``;
 learned routing ``synthesizer``, ``kmeans``, ``moba``, ``topp``. All sparse kinds run on the
-block-sparse engine in ``block_sparse.py``.
+block-sparse engine in ``engine.py``; fixed patterns share the helpers in ``patterns.py``; kinds
+with q/k/v projections derive from ``base.QKVAttention``.
 """
 
 from routelab.attention.base import KVCache, RotaryEmbedding, build_attention

@@ -1,4 +1,5 @@
-"""Pieces shared by attention kinds: the builder, rotary embeddings, the KV cache, masks.
+"""Pieces shared by attention kinds: the builder, ``QKVAttention`` (the base module of the
+projection-based kinds), rotary embeddings, the KV cache, the causal mask, and the block's combine.
 
 Rotary position embedding: Su et al. 2021, "RoFormer", eq. (34): each pair of query/key channels
 (2i, 2i+1) at position m is rotated by angle m * theta_i, theta_i = base^(-2i/d).
@@ -77,6 +78,76 @@ class KVCache:
             self.v = torch.cat([self.v, v], dim=2)
         self.offset += k.shape[2]
         return self.k, self.v
+
+
+class QKVAttention(nn.Module):
+    """Projections, RoPE and the cache shared by attention kinds; subclasses implement ``attend``.
+
+    Parameter names follow common checkpoints: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+    """
+
+    def __init__(self, cfg, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg.attention
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.causal = cfg.causal
+        self.layer_idx = layer_idx
+        d = cfg.d_model
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.o_proj = nn.Linear(d, d)
+        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.positions == "rope" else None
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_routes: bool = False,
+    ):
+        """Shapes: B batch, T new tokens, S keys (T, or cached + T), H heads, hd head dim, D model dim.
+
+        Args:
+            x: (B, T, D).
+            padding_mask: bool (B, S), True = padding (never attended to). With a cache it covers
+                all S keys.
+            cache: a ``KVCache`` to read and extend (incremental decoding), or None.
+            return_routes: also return what a learned kind chose (None for fixed patterns).
+        Returns:
+            (B, T, D), or ((B, T, D), routes) with ``return_routes``.
+        """
+        B, T, D = x.shape
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        offset = cache.offset if cache is not None else 0
+        if self.rope is not None:
+            q, k = self.rope.rotate(q, offset), self.rope.rotate(k, offset)
+        out, routes = self.attend_routes(q, k, v, padding_mask, cache)  # (B, H, T, hd)
+        out = self.o_proj(out.transpose(1, 2).reshape(B, T, D))
+        return (out, routes) if return_routes else out
+
+    def attend_routes(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache | None):
+        """Extend the cache, then ``attend``; kinds with their own cache policy or routes override this."""
+        offset = cache.offset if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, S, hd)
+        return self.attend(q, k, v, padding_mask, offset), None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
+        """q: (B, H, T, hd), k/v: (B, H, S, hd), queries at absolute positions offset.. -> (B, H, T, hd).
+
+        Kinds implement this, or override ``attend_routes`` (own cache policy, learned routes).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define attend or attend_routes (abstract hook)")
+
+    @property
+    def dropout_p(self) -> float:
+        return self.cfg.dropout if self.training else 0.0
 
 
 class Combine(nn.Module):

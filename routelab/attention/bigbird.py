@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from routelab.attention.block_sparse import Part, SparsePatternAttention, Windows, pair_mask, sliding_parts
-from routelab.attention.dense import QKVAttention
+from routelab.attention.base import QKVAttention
+from routelab.attention.engine import Part, Windows
+from routelab.attention.patterns import SparsePatternAttention, pair_mask, sliding_parts
 from routelab.errors import check, check_positive
 from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION

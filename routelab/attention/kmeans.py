@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routelab.attention.base import KVCache
-from routelab.attention.block_sparse import Part, attend_parts, reference_attention
-from routelab.attention.dense import QKVAttention
-from routelab.attention.local import band, band_parts
+from routelab.attention.base import KVCache, QKVAttention
+from routelab.attention.engine import Part, attend_parts, reference_attention
+from routelab.attention.patterns import band, band_parts
 from routelab.attention.routes import ClusterRoutes
 from routelab.errors import ConfigError, check, check_fraction, check_positive
 from routelab.options import AttentionConfig

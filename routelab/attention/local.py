@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from routelab.attention.base import KVCache
-from routelab.attention.block_sparse import Part, SparsePatternAttention, reference_attention, sliding_parts
-from routelab.attention.dense import QKVAttention
+from routelab.attention.base import KVCache, QKVAttention
+from routelab.attention.engine import Part, reference_attention
+from routelab.attention.patterns import SparsePatternAttention, band, band_parts
 from routelab.errors import check_positive
 from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
@@ -32,23 +32,11 @@ class LocalAttentionConfig(AttentionConfig):
 
     window: int = 128  # w: bidirectional |i-j| <= w, causal 0 <= i-j <= w
     block_size: int = 64  # query block of the block-sparse engine (speed only; results are exact)
-    flex_inference: bool = False  # without autograd, use compiled FlexAttention (~20 s compile per shape)
+    flex_inference: bool = False  # without autograd, use compiled FlexAttention (a slow compile per shape)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "window", "block_size")
-
-
-def band(i: Tensor, j: Tensor, window: int, causal: bool) -> Tensor:
-    d = i - j
-    return (d >= 0) & (d <= window) if causal else d.abs() <= window
-
-
-def band_parts(T: int, window: int, block_size: int, causal: bool, device) -> list[Part]:
-    """The band |i - j| <= w (0 <= i - j <= w if causal) as query blocks of b with their key windows
-    [s - w, s + b (+ w)): exact token windows, strided views of K/V, one shared interior mask."""
-    length = min(block_size, T) + window * (1 if causal else 2)
-    return sliding_parts(T, block_size, -window, length, lambda i, j: band(i, j, window, causal), device)
 
 
 @ATTENTION.register("local", LocalAttentionConfig)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from routelab.attention.block_sparse import Part, SparsePatternAttention, Windows, pair_mask
-from routelab.attention.dense import QKVAttention
-from routelab.attention.local import band, band_parts
+from routelab.attention.base import QKVAttention
+from routelab.attention.engine import Part, Windows
+from routelab.attention.patterns import SparsePatternAttention, band, band_parts, pair_mask
 from routelab.errors import check, check_positive
 from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION

@@ -20,9 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from routelab.attention.base import KVCache
-from routelab.attention.block_sparse import Part, Windows, attend_parts, reference_attention
-from routelab.attention.dense import QKVAttention
+from routelab.attention.base import KVCache, QKVAttention
+from routelab.attention.engine import Part, Windows, attend_parts, reference_attention
 from routelab.attention.routes import BlockRoutes
 from routelab.errors import ConfigError, check_positive
 from routelab.options import AttentionConfig

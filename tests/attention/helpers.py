@@ -4,6 +4,7 @@ import torch
 
 from routelab import ModelConfig
 from routelab.attention import build_attention
+from routelab.attention.engine import spec_positions
 
 H, HD = 3, 8  # heads, head dim
 
@@ -46,3 +47,26 @@ def assert_same_outputs_and_grads(out, ref, inputs, padding, atol=1e-5):
     gb = torch.autograd.grad(ref, inputs, g, retain_graph=True)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def coverage(parts, T: int, BH: int = 1) -> torch.Tensor:
+    """How many times each (query, key) pair is attended across ``parts``: (BH, T, T) int.
+
+    Evaluates each part's own mask and causality on its slots, independently of the engine's mask
+    code; slots outside [0, T) are dropped. Builds dense tensors: for small T only.
+    """
+    count = torch.zeros(BH, T + 1, T + 1, dtype=torch.long)
+    for part in parts:
+        qpos, kpos = spec_positions(part.queries), spec_positions(part.keys)
+        Lq, Lk = qpos.shape[-1], kpos.shape[-1]
+        m = part.mask if part.mask is not None else torch.ones(1, 1, 1, 1, dtype=torch.bool)
+        if part.causal:
+            m = m & torch.ones(Lq, Lk, dtype=torch.bool).tril()
+        qpos = qpos.expand(BH, *qpos.shape[-2:]) if qpos.dim() == 2 else qpos
+        kpos = kpos.expand(BH, *kpos.shape[-2:]) if kpos.dim() == 2 else kpos
+        m = m.expand(BH, qpos.shape[1], Lq, Lk)
+        qi = torch.where((qpos >= 0) & (qpos < T), qpos, T)[:, :, :, None].expand_as(m)
+        ki = torch.where((kpos >= 0) & (kpos < T), kpos, T)[:, :, None, :].expand_as(m)
+        b = torch.arange(BH)[:, None, None, None].expand_as(m)
+        count.index_put_((b[m], qi[m], ki[m]), torch.ones(int(m.sum()), dtype=torch.long), accumulate=True)
+    return count[:, :T, :T]

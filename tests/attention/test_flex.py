@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import routelab.attention.flex as flex
-from routelab.attention.block_sparse import reference_attention
-from routelab.attention.local import band
+from routelab.attention.engine import reference_attention
+from routelab.attention.patterns import band
 from tests.attention.helpers import build, qkv_with_padding
 
 

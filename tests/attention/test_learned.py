@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from routelab.attention.block_sparse import reference_attention
+from routelab.attention.engine import reference_attention
 from routelab.attention.kmeans import arrival_groups, balanced_assignment, group_slots
 from tests.attention.helpers import HD, H, assert_same_outputs_and_grads, build, qkv_with_padding
 

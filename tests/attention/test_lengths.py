@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routelab import RoutedTransformer
-from routelab.attention.block_sparse import reference_attention
+from routelab.attention.engine import reference_attention
 from routelab.report.inspect import allowed_pairs, attention_routes
 from tests.attention.helpers import assert_same_outputs_and_grads, build, qkv_with_padding
 from tests.conftest import tiny_config

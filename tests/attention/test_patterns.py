@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from routelab.attention.block_sparse import coverage, reference_attention
-from tests.attention.helpers import H, assert_same_outputs_and_grads, build, qkv_with_padding
+from routelab.attention.engine import reference_attention
+from tests.attention.helpers import H, assert_same_outputs_and_grads, build, coverage, qkv_with_padding
 
 PATTERNS = {
     "local": dict(kind="local", window=5, block_size=8),

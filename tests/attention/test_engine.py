@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from routelab.attention.block_sparse import Part, Windows, attend_parts, coverage, reference_attention
-from routelab.attention.local import band, band_parts
-from tests.attention.helpers import H, assert_same_outputs_and_grads, qkv_with_padding
+from routelab.attention.engine import Part, Windows, attend_parts, reference_attention
+from routelab.attention.patterns import band, band_parts
+from tests.attention.helpers import H, assert_same_outputs_and_grads, coverage, qkv_with_padding
 
 
 @pytest.mark.parametrize("impl", ["flash", "sdpa", "math"])
@@ -64,7 +64,7 @@ def test_per_batch_head_groups_and_queries_with_no_key():
 
 def test_sliding_window_views_do_not_copy_keys():
     """Overlapping key windows are strided views of one padded tensor (no gathered copies)."""
-    from routelab.attention.block_sparse import _Layout
+    from routelab.attention.engine import _Layout
 
     parts = band_parts(64, 8, 16, True, None)
     layout = _Layout([p.keys for p in parts], 64, 1, sentinel=False)

@@ -20,8 +20,10 @@ Three implementations of the same math, picked by ``attend_parts``:
   ``F.scaled_dot_product_attention``; autograd.
 - ``math`` (several parts; any device; dropout): explicit per-group scores, autograd.
 
-``reference_attention`` (dense SDPA under the full boolean mask) is the slow, obviously correct
-path every kind is tested against.
+The hand-written backward exists so the merge of several parts costs no extra kernel; it is hard
+to read, so ``reference_attention`` (dense SDPA under the full boolean mask) stays beside it as the
+slow, obviously correct path every kind is tested against. Fixed patterns built on this engine
+(bands, sliding windows, the ``SparsePatternAttention`` base) are in ``patterns.py``.
 """
 
 from __future__ import annotations
@@ -531,116 +533,3 @@ def reference_attention(
     if padding_mask is not None:
         mask = mask & ~padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def coverage(parts: list[Part], T: int, BH: int = 1) -> Tensor:
-    """How many times each (query, key) pair is attended across parts: (BH, T, T) int (tests).
-
-    Builds dense tensors: for checking patterns on small T only.
-    """
-    lk = _Layout([p.keys for p in parts], T, BH, sentinel=False)
-    count = torch.zeros(BH, T + 1, T + 1, dtype=torch.long)
-    for part in parts:
-        m = _part_mask(part, lk, None, 1, None)
-        qpos, kpos = spec_positions(part.queries), spec_positions(part.keys)
-        Lq, Lk = qpos.shape[-1], kpos.shape[-1]
-        if m is None:
-            m = torch.ones(1, 1, 1, 1, dtype=torch.bool)
-        if part.causal:
-            m = m & _causal_slots(Lq, Lk, None)
-        qpos = qpos.expand(BH, *qpos.shape[-2:]) if qpos.dim() == 2 else qpos
-        kpos = kpos.expand(BH, *kpos.shape[-2:]) if kpos.dim() == 2 else kpos
-        m = m.expand(BH, qpos.shape[1], Lq, Lk)
-        qi = torch.where((qpos >= 0) & (qpos < T), qpos, T)[:, :, :, None].expand_as(m)
-        ki = torch.where((kpos >= 0) & (kpos < T), kpos, T)[:, :, None, :].expand_as(m)
-        b = torch.arange(BH)[:, None, None, None].expand_as(m)
-        count.index_put_((b[m], qi[m], ki[m]), torch.ones(int(m.sum()), dtype=torch.long), accumulate=True)
-    return count[:, :T, :T]
-
-
-# ----------------------------------------------------------------------------------------------
-# the module base of fixed patterns
-
-
-def sliding_parts(T: int, block: int, offset: int, length: int, allow, device=None, first: int = 0) -> list[Part]:
-    """Query blocks [first * b, T) of b tokens, block s seeing the keys [s + offset, s + offset + length).
-
-    ``allow(i, j)`` must depend only on i - j inside a window (a band, a block window): interior
-    blocks, whose key window lies inside [0, T), then share one (b, length) mask that stays in cache
-    and their windows are strided views of K/V (no copy, no padding). The few edge blocks gather
-    their windows, with slots outside [0, T) masked. The parts own disjoint query rows.
-    """
-    b = min(block, T)
-    nb = -(-T // b)
-    if first >= nb:
-        return []
-    lo = max(first, min(-(-max(-offset, 0) // b), nb))  # first block whose window starts at >= 0
-    hi = max(min((T - offset - length) // b + 1, nb), lo)  # one past the last whose window ends <= T
-    parts = []
-    if hi > lo:
-        queries, keys = Windows(lo * b, b, b, hi - lo), Windows(lo * b + offset, b, length, hi - lo)
-        first_q, first_k = Windows(lo * b, b, b, 1), Windows(lo * b + offset, b, length, 1)
-        parts.append(Part(queries, keys, pair_mask(allow, first_q, first_k, device)))  # (1, 1, b, length)
-    for start, count in ((first, lo - first), (hi, nb - hi)):
-        if count > 0:  # edge blocks gather their key windows; slots outside [0, T) are masked
-            queries = Windows(start * b, b, b, count)
-            keys = Windows(start * b + offset, b, length, count).positions(device)
-            keys = torch.where((keys >= 0) & (keys < T), keys, -1)
-            parts.append(Part(queries, keys, pair_mask(allow, queries, keys, device)))
-    return parts
-
-
-def pair_mask(allow, queries: Spec, keys: Spec, device=None) -> Tensor:
-    """allow(i, j) evaluated on a part's slots: (1, G, Lq, Lk) bool (or per-head (H, G, Lq, Lk))."""
-    qpos, kpos = spec_positions(queries, device), spec_positions(keys, device)
-    m = allow(qpos[..., :, None], kpos[..., None, :])
-    return m if m.dim() == 4 else m[None]
-
-
-class SparsePatternAttention:
-    """Mixin for fixed patterns: a token predicate ``allow(i, j)`` plus a plan of ``parts(T)``.
-
-    Subclasses (with ``QKVAttention``) implement ``allow`` (True = query i may see key j; includes
-    causality) and ``build_parts``. The full forward runs the block-sparse engine; incremental
-    decoding (queries at an offset over cached keys) evaluates ``allow`` on the new rows only,
-    which is O(T * S), like dense decoding.
-    """
-
-    max_cached_plans = 8
-
-    def allow(self, i: Tensor, j: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define allow (abstract hook of the mixin)")
-
-    def build_parts(self, T: int, device) -> list[Part]:
-        raise NotImplementedError(f"{type(self).__name__} must define build_parts (abstract hook of the mixin)")
-
-    def parts(self, T: int, device) -> list[Part]:
-        cache = self.__dict__.setdefault("_plans", {})
-        key = (T, str(device))
-        if key not in cache:
-            if len(cache) >= self.max_cached_plans:
-                cache.clear()
-            cache[key] = self.build_parts(T, device)
-        return cache[key]
-
-    def mask(self, seq_len: int) -> Tensor:
-        """Bool (seq_len, seq_len), True = may attend (per head (H, T, T) for BigBird)."""
-        pos = torch.arange(seq_len, device=self.q_proj.weight.device)
-        return self.allow(pos[:, None], pos[None, :])
-
-    def attended_pairs(self, seq_len: int) -> float:
-        """(query, key) pairs per head that the pattern allows (for FLOP reports)."""
-        m = self.mask(seq_len)
-        return float(m.sum()) / (m.shape[0] if m.dim() == 3 else 1)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
-        T, S = q.shape[2], k.shape[2]
-        if offset == 0 and T == S:
-            parts = self.parts(T, q.device)
-            return attend_parts(q, k, v, parts, padding_mask=padding_mask, dropout_p=self.dropout_p)
-        # decoding: the new rows of the pattern over the cached keys (keys are the last S positions)
-        qpos = torch.arange(offset, offset + T, device=q.device)
-        kpos = torch.arange(offset + T - S, offset + T, device=q.device)
-        mask = self.allow(qpos[:, None], kpos[None, :])
-        pad = padding_mask[:, -S:] if padding_mask is not None else None
-        return reference_attention(q, k, v, mask, pad)
