@@ -45,7 +45,7 @@ def kind_configs(n: int) -> dict[str, dict]:
         "synthesizer": dict(kind="synthesizer"),
         "kmeans": dict(kind="kmeans", num_clusters=max(n // 256, 1)),  # groups of ~256 tokens
         "moba": dict(kind="moba", block_size=128, top_k=3),
-        "topp": dict(kind="topp", block_size=128, top_p=0.9, max_blocks=3),
+        "block_topp": dict(kind="block_topp", block_size=128, top_p=0.9, max_blocks=3),
     }
 
 
@@ -85,7 +85,7 @@ def runner(name: str, n: int, causal: bool):
         return synth
     if name == "kmeans":
         return lambda q, k, v: attn._full(q, q, v, None)  # shared QK: q routes and is the key
-    if name in ("moba", "topp"):
+    if name in ("moba", "block_topp"):
         return lambda q, k, v: attn.attend_routes(q, k, v, None, None)
     return lambda q, k, v: (attn.attend(q, k, v, None, 0), None)
 
@@ -122,7 +122,7 @@ def allowed_pairs(name: str, n: int, causal: bool, routes) -> float:
         )[:, :n]
         per = (sizes * (sizes + 1) / 2).sum(-1) if causal else (sizes**2).sum(-1)
         return float(per.mean())
-    if name in ("moba", "topp"):
+    if name in ("moba", "block_topp"):
         b = routes.block_size
         chosen = (routes.blocks >= 0).sum(-1).double()  # (B, H, nqb)
         own = b * (b + 1) / 2 if causal else b * b
@@ -275,7 +275,7 @@ LM_KINDS = {  # windows of 256 bytes
     "synthesizer": dict(kind="synthesizer"),
     "kmeans": dict(kind="kmeans", num_clusters=4, local_heads=2, window=64),
     "moba": dict(kind="moba", block_size=32, top_k=3),
-    "topp": dict(kind="topp", block_size=32, top_p=0.9, max_blocks=4),
+    "block_topp": dict(kind="block_topp", block_size=32, top_p=0.9, max_blocks=4),
 }
 
 
@@ -342,7 +342,7 @@ def quality(out_root: str, lm_steps: int, listops_steps: int, only: list[str] | 
 
                 shutil.rmtree(out)
             summary = train(cfg, out)
-            extra = route_stats(out, cfg) if name in ("moba", "topp", "kmeans") else {}
+            extra = route_stats(out, cfg) if name in ("moba", "block_topp", "kmeans") else {}
             row = dict(
                 preset=preset,
                 kind=name,

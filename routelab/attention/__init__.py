@@ -3,13 +3,14 @@
 Every kind is a module with ``forward(x, padding_mask=None, cache=None) -> Tensor``
 (``return_routes=True`` also returns what a learned kind chose). Kinds: ``dense`` (the baseline and
 reference); fixed sparse patterns ``local``, ``strided``, ``fixed``, ``longformer``, ``bigbird``;
-learned routing ``synthesizer``, ``kmeans``, ``moba``, ``topp``. All sparse kinds run on the
+learned routing ``synthesizer``, ``kmeans``, ``moba``, ``block_topp``. All sparse kinds run on the
 block-sparse engine in ``engine.py``; fixed patterns share the helpers in ``patterns.py``; kinds
 with q/k/v projections derive from ``base.QKVAttention``.
 """
 
 from routelab.attention.base import KVCache, RotaryEmbedding, build_attention
 from routelab.attention.bigbird import BigBirdAttention, BigBirdAttentionConfig
+from routelab.attention.block_topp import BlockTopPAttention, BlockTopPAttentionConfig
 from routelab.attention.dense import DenseAttention, DenseAttentionConfig
 from routelab.attention.kmeans import KMeansAttention, KMeansAttentionConfig
 from routelab.attention.local import LocalAttention, LocalAttentionConfig
@@ -23,12 +24,13 @@ from routelab.attention.sparse_transformer import (
     StridedAttentionConfig,
 )
 from routelab.attention.synthesizer import SynthesizerAttention, SynthesizerAttentionConfig
-from routelab.attention.topp import TopPAttention, TopPAttentionConfig
 
 __all__ = [
     "BigBirdAttention",
     "BigBirdAttentionConfig",
     "BlockRoutes",
+    "BlockTopPAttention",
+    "BlockTopPAttentionConfig",
     "ClusterRoutes",
     "DenseAttention",
     "DenseAttentionConfig",
@@ -48,8 +50,6 @@ __all__ = [
     "StridedAttentionConfig",
     "SynthesizerAttention",
     "SynthesizerAttentionConfig",
-    "TopPAttention",
-    "TopPAttentionConfig",
     "WeightRoutes",
     "build_attention",
 ]

@@ -55,7 +55,7 @@ class KMeansAttentionConfig(AttentionConfig):
         check(self.local_heads >= 0, "model.attention.local_heads", self.local_heads, "an integer >= 0")
 
 
-def balanced_assignment(aff: Tensor, real: Tensor, capacity: Tensor) -> Tensor:
+def balanced_clusters(aff: Tensor, real: Tensor, capacity: Tensor) -> Tensor:
     """Each centroid takes its nearest tokens up to ``capacity``; rejected tokens try their next.
 
     aff: (B, H, T, c) affinities; real: (B, T) bool (padding gets -1); capacity: (B,) tokens per
@@ -204,7 +204,7 @@ class KMeansAttention(QKVAttention):
         if self.assignment == "nearest":
             return nearest, nearest
         capacity = (real.sum(-1) + self.num_clusters - 1) // self.num_clusters  # m = ceil(n / c) per row
-        return nearest, balanced_assignment(aff, real, capacity)
+        return nearest, balanced_clusters(aff, real, capacity)
 
     @torch.no_grad()
     def update_centroids(self, r: Tensor, nearest: Tensor) -> None:

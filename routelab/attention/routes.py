@@ -15,7 +15,7 @@ from torch import Tensor
 
 @dataclass
 class BlockRoutes:
-    """Key blocks each query block chose (``moba``, ``topp``); its own block is always attended.
+    """Key blocks each query block chose (``moba``, ``block_topp``); its own block is always attended.
 
     Attributes:
         blocks: (B, H, nqb, K) long, chosen key blocks, -1 = unused slot.

@@ -17,7 +17,7 @@ CAUSAL_KINDS = {
     "synthesizer-random-mix": dict(kind="synthesizer", variant="random", mix_dot=True, values="linear"),
     "kmeans": dict(kind="kmeans", num_clusters=3, local_heads=1, window=3),
     "moba": dict(kind="moba", block_size=4, top_k=2),
-    "topp": dict(kind="topp", block_size=4, top_p=0.7, max_blocks=3),
+    "block_topp": dict(kind="block_topp", block_size=4, top_p=0.7, max_blocks=3),
 }
 
 

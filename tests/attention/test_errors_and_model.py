@@ -19,10 +19,13 @@ from tests.conftest import tiny_config
         (dict(kind="bigbird", block_size=0), r"model.attention.block_size=0 is invalid"),
         (dict(kind="bigbird", window_blocks=2), r"model.attention.window_blocks=2 is invalid; allowed: an odd number"),
         (dict(kind="moba", block_size=0), r"model.attention.block_size=0 is invalid"),
-        (dict(kind="topp", top_p=1.5), r"model.attention.top_p=1.5 is invalid; allowed: 0 < top_p <= 1"),
+        (dict(kind="block_topp", top_p=1.5), r"model.attention.top_p=1.5 is invalid; allowed: 0 < top_p <= 1"),
         (dict(kind="kmeans", num_clusters=0), r"model.attention.num_clusters=0 is invalid"),
         (dict(kind="local", windw=3), r"unknown key 'model.attention.windw'; did you mean 'window'"),
-        (dict(kind="sliding"), r"unknown attention kind 'sliding'.*known kinds: bigbird, dense, fixed, kmeans, local"),
+        (
+            dict(kind="sliding"),
+            r"unknown attention kind 'sliding'.*known kinds: bigbird, block_topp, dense, fixed, kmeans, local",
+        ),
     ],
 )
 def test_bad_options_are_clear_config_errors(attention, pattern):
@@ -34,7 +37,7 @@ def test_bad_options_are_clear_config_errors(attention, pattern):
     "attention, pattern",
     [
         (dict(kind="moba", router_query="mean"), r"router_query='mean' is invalid for a causal model"),
-        (dict(kind="topp", router_query="mean"), r"router_query='mean' is invalid for a causal model"),
+        (dict(kind="block_topp", router_query="mean"), r"router_query='mean' is invalid for a causal model"),
         (dict(kind="kmeans", assignment="balanced"), r"assignment='balanced' is invalid for a causal model"),
     ],
 )

@@ -5,20 +5,20 @@ import torch
 import torch.nn.functional as F
 
 from routelab.attention.engine import reference_attention
-from routelab.attention.kmeans import arrival_groups, balanced_assignment, group_slots
+from routelab.attention.kmeans import arrival_groups, balanced_clusters, group_slots
 from tests.attention.helpers import HD, H, assert_same_outputs_and_grads, build, qkv_with_padding
 
-BLOCK_ROUTERS = {
+BLOCK_SELECT = {
     "moba": dict(kind="moba", block_size=4, top_k=2),
-    "topp": dict(kind="topp", block_size=4, top_p=0.6, max_blocks=3),
+    "block_topp": dict(kind="block_topp", block_size=4, top_p=0.6, max_blocks=3),
 }
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("T", [32, 37], ids=["multiple", "not-multiple"])
-@pytest.mark.parametrize("name", list(BLOCK_ROUTERS))
-def test_block_router_equals_dense_under_its_routes(name, T, causal):
-    attn = build(BLOCK_ROUTERS[name], causal)
+@pytest.mark.parametrize("name", list(BLOCK_SELECT))
+def test_block_select_equals_dense_under_its_routes(name, T, causal):
+    attn = build(BLOCK_SELECT[name], causal)
     q, k, v, padding = qkv_with_padding(T)
     out, routes = attn.attend_routes(q, k, v, padding, None)
     assert (routes.blocks >= 0).any()  # it did route somewhere
@@ -51,7 +51,7 @@ def test_kmeans_groups_are_balanced():
     real = torch.ones(2, 50, dtype=torch.bool)
     real[1, 41:] = False
     cap = (real.sum(-1) + 3) // 4  # ceil(n / c)
-    cluster = balanced_assignment(aff, real, cap)
+    cluster = balanced_clusters(aff, real, cap)
     assert torch.equal(cluster >= 0, real[:, None].expand(2, 3, 50))
     sizes = F.one_hot(cluster.clamp(min=0), 4).mul(real[:, None, :, None]).sum(2)  # (B, H, c)
     assert (sizes <= cap[:, None, None]).all() and torch.equal(sizes.sum(-1), real.sum(-1)[:, None].expand(2, 3))
@@ -94,9 +94,9 @@ def test_kmeans_centroids_move_only_by_ema_and_only_in_training():
     assert not torch.equal(attn.centroids, before)
 
 
-def test_topp_gives_more_blocks_to_flatter_routing():
+def test_block_topp_gives_more_blocks_to_flatter_routing():
     """Top-p takes the fewest blocks reaching mass p: a peaked score row needs 1, a flat one several."""
-    attn = build(dict(kind="topp", block_size=4, top_p=0.9, max_blocks=5), causal=False)
+    attn = build(dict(kind="block_topp", block_size=4, top_p=0.9, max_blocks=5), causal=False)
     peaked = torch.tensor([[[[20.0, 0, 0, 0, 0, 0]]]])
     flat = torch.zeros(1, 1, 1, 6)
     assert (attn.select(peaked) >= 0).sum() == 1
@@ -107,7 +107,7 @@ def test_topp_gives_more_blocks_to_flatter_routing():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_synthesizer_dense_is_the_seed_formula(causal):
+def test_synthesizer_dense_is_tay_eq_1_2(causal):
     """p_i = softmax(W2 relu(W1 x_i + b1) + b2)[:T] masked and renormalised; a_i = sum_j p_ij x_j."""
     attn = build(dict(kind="synthesizer"), causal, n_heads=1, d_model=8, max_seq_len=16).eval()
     x = torch.randn(2, 11, 8)

@@ -25,7 +25,7 @@ KINDS = {
     "synthesizer": dict(kind="synthesizer"),
     "kmeans": dict(kind="kmeans", num_clusters=3, local_heads=1, window=3, block_size=4),
     "moba": dict(kind="moba", block_size=8, top_k=2),
-    "topp": dict(kind="topp", block_size=4, top_p=0.7, max_blocks=3),
+    "block_topp": dict(kind="block_topp", block_size=4, top_p=0.7, max_blocks=3),
 }
 STATIC = ("local", "strided", "fixed", "longformer", "bigbird", "bigbird-2-global")
 LENGTHS = range(1, MAX_LEN + 1)

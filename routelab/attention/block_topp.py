@@ -3,8 +3,8 @@ block takes the fewest key blocks whose routing mass reaches p, at most ``max_bl
 whose queries need more context gets more (the budget rule of nucleus sampling, Holtzman et al.
 2020, eq. 2, applied to p_j = softmax_j(q . mean(K_j) / sqrt(d)) over the allowed key blocks).
 
-This realises the seed's claim that important tokens attend more; ``BlockRoutes.stats`` reports the
-mean number of blocks attended (own block included).
+Not the MoE router ``topp`` (Huang et al. 2024), which applies the same budget rule to experts.
+``BlockRoutes.stats`` reports the mean number of blocks attended (own block included).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from routelab.attention.moba import BlockRouter
+from routelab.attention.block_select import BlockSelectAttention
 from routelab.errors import check, check_positive
 from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 
 @dataclass
-class TopPAttentionConfig(AttentionConfig):
+class BlockTopPAttentionConfig(AttentionConfig):
     """Fewest key blocks reaching routing mass top_p, capped at max_blocks."""
 
     block_size: int = 64  # b: tokens per block
@@ -36,8 +36,8 @@ class TopPAttentionConfig(AttentionConfig):
         check(0.0 < self.top_p <= 1.0, "model.attention.top_p", self.top_p, "0 < top_p <= 1")
 
 
-@ATTENTION.register("topp", TopPAttentionConfig)
-class TopPAttention(BlockRouter):
+@ATTENTION.register("block_topp", BlockTopPAttentionConfig)
+class BlockTopPAttention(BlockSelectAttention):
     """Each query block attends to its own block and the smallest key-block set of mass >= p."""
 
     def __init__(self, cfg, layer_idx: int = 0) -> None:
