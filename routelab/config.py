@@ -274,6 +274,9 @@ def section_from_dict(base: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping with a 'kind' key (or a kind name), got {data!r}")
     kind = data.get("kind", base.kind)
+    if kind in getattr(base, "renamed", {}):  # a kind saved under its former name
+        kind = base.renamed[kind]
+        data = {**data, "kind": kind}
     try:
         entry = base.registry.get(kind)
     except UnknownKindError as e:

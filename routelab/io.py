@@ -237,11 +237,3 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         if target in shapes:
             shapes[alias] = shapes[target]
     return shapes
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:
-        raise DamagedFileError(path, f"cannot read it as safetensors ({type(e).__name__}: {e})") from None

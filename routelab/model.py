@@ -28,6 +28,8 @@ from routelab.errors import ConfigError
 from routelab.ffn import build_ffn
 
 IGNORE_INDEX = -100  # label value that is not scored (padding, positions without a label)
+# tensors added after checkpoints without them were written; absent = zero gives the older model exactly
+ZERO_IF_ABSENT = ("w_gate.bias", "experts.b_gate")  # the SwiGLU gate's bias (dense FFN had it; experts did not)
 CONFIG_JSON = "config.json"  # save_pretrained's files
 WEIGHTS_FILE = "model.safetensors"
 
@@ -187,6 +189,15 @@ class RoutedTransformer(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
     # ------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, reading state dicts that predate a zero-initialised tensor
+        added later (``ZERO_IF_ABSENT``): an absent one is zero, exactly the older model."""
+        state = dict(state_dict)
+        for name, tensor in self.state_dict().items():
+            if name not in state and name.endswith(ZERO_IF_ABSENT):
+                state[name] = torch.zeros_like(tensor)
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
@@ -271,7 +282,8 @@ def check_weights_file(cfg: ModelConfig | dict[str, tuple[int, ...]], path: str 
     expected = state_shapes(cfg) if isinstance(cfg, ModelConfig) else cfg
     found = read_shapes(path)
     problems = [f"{k} is {found[k]} in the file but {expected[k]} by the config" for k in expected if k in found and found[k] != expected[k]]
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    missing = sorted(k for k in set(expected) - set(found) if not k.endswith(ZERO_IF_ABSENT))
+    extra = sorted(set(found) - set(expected))
     if missing:
         problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})")
     if extra:

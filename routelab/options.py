@@ -21,6 +21,7 @@ class AttentionConfig:
 
     _section = "model.attention"
     registry: ClassVar[Registry] = ATTENTION
+    renamed: ClassVar[dict[str, str]] = {"topp": "block_topp"}  # old kind -> new name, so saved configs load
     kind: str = "dense"  # registry key: routelab.attention (dense; sparse/learned kinds plug in)
     dropout: float = 0.0  # dropout on attention probabilities (training only)
     combine: Literal["add", "concat"] = "add"  # block output: x + a (residual), or a linear map of [x; a]

@@ -1,4 +1,4 @@
-"""Small explicit registries: a variant is chosen by one string field (STYLE.md, practice 4).
+"""Small explicit registries: a variant is chosen by one string field of its config section.
 
 Each registry maps a name to a pair ``(config_class, module_class)``. The config class is a
 dataclass holding that variant's options (so YAML sections are typed and validated per kind);

@@ -90,3 +90,9 @@ def test_base_config_is_merged_under_the_file(tmp_path):
     (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="base 'missing.yaml' not found"):
         Config.load(tmp_path / "orphan.yaml")
+
+
+def test_a_renamed_attention_kind_still_loads():
+    """``topp`` was renamed ``block_topp`` (the MoE router keeps ``topp``): saved configs still load."""
+    cfg = ModelConfig(vocab_size=11, attention={"kind": "topp", "block_size": 8})
+    assert cfg.attention.kind == "block_topp" and cfg.attention.block_size == 8

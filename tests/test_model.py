@@ -154,3 +154,24 @@ def test_word_vectors_initialise_matching_rows(tmp_path):
     path.write_text("cat 1 2 3\n")
     with pytest.raises(ValueError, match="has 3 values; model.d_model=4 requires 4"):
         model.load_word_vectors(path, vocab)
+
+
+def test_state_dicts_without_the_gate_bias_still_load(tmp_path):
+    """Checkpoints written before SwiGLU gates had a bias everywhere (MoE experts, shared experts) load
+    with a zero bias: exactly the older model."""
+    cfg = tiny_config(ffn={"kind": "moe", "activation": "swiglu", "num_experts": 2, "num_shared_experts": 1})
+    model = RoutedTransformer(cfg).eval()
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith(("experts.b_gate", "w_gate.bias"))}
+    assert len(old) < len(model.state_dict())
+    loaded = RoutedTransformer(cfg).eval()
+    loaded.load_state_dict(old)
+    x = torch.randint(0, 61, (2, 9))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)  # model's gate biases are zero-initialised
+    from routelab.io import save_state_dict
+
+    model.save_pretrained(tmp_path)
+    save_state_dict(old, tmp_path / "model.safetensors")
+    cfg_json = json.loads((tmp_path / "config.json").read_text())
+    cfg_json.pop("weights_sha256")
+    (tmp_path / "config.json").write_text(json.dumps(cfg_json))
+    torch.testing.assert_close(RoutedTransformer.from_pretrained(tmp_path)(x).logits, model(x).logits)

@@ -9,20 +9,20 @@ The fast path (``grouped_experts``) is one autograd Function with a hand-written
 2. Forward: gather x into that buffer; per expert one ``addmm`` per weight matrix writing into
    slices of preallocated buffers; the activation once over the whole (N, H) buffer.
 3. Combine: ``embedding_bag`` over the inverse permutation with the gates as per-sample weights:
-   gather + gate multiply + sum over the K slots in one parallel pass (``index_add_`` was ~10x
-   slower here).
+   gather + gate multiply + sum over the K slots in one parallel pass (rather than ``index_add_``).
 4. Backward mirrors it: one gather of dL/dy, per-expert matmuls writing the weight gradients
-   straight into the stacked (E, D, H) gradient tensors, bias gradients as ``embedding_bag``
-   segment sums (``segment_reduce`` was ~50x slower), the gate gradient as a row dot product,
+   straight into the stacked (E, D, H) gradient tensors, bias gradients as per-expert row sums,
+   the gate gradient as a row dot product,
    and ``embedding_bag`` again to sum each token's K slot gradients.
 
-Why a Python loop over experts: measured on the 2-core CPU this library targets (see
-benchmarks/moe_layer.py --compare), one matmul per contiguous expert block beats a padded batched
-matmul, ``torch._grouped_mm`` (on CPU a per-group loop itself) and the same loop under autograd
-(whose slices and ``w[e]`` each materialise a full-size zero gradient in backward). The loop
-body launches matmuls only, never per-token work, and its task lists run on all of torch's
-threads at once with single-threaded BLAS (``Workspace``), so the many small matmuls pay no
-OpenMP fork/join each. Capacity drops are applied before the plan.
+Why a Python loop over experts: on CPU one matmul per contiguous expert block beats a padded
+batched matmul, ``torch._grouped_mm`` (on CPU a per-group loop itself) and the same loop under
+autograd (whose slices and ``w[e]`` each materialise a full-size zero gradient in backward);
+``benchmarks/moe_layer.py --compare`` times all four. The loop body launches matmuls only, never
+per-token work, and its task lists run on all of torch's threads at once with single-threaded BLAS
+(``routelab.moe.threads``), so the many small matmuls pay no OpenMP fork/join each. Capacity drops
+are applied before the plan. ``routelab.moe.experts.reference_combine`` is the slow, obviously
+correct path it is tested against.
 
 Shape legend: T tokens, K slots per token, N active pairs, E experts, D model dim, H hidden.
 """
@@ -30,13 +30,14 @@ Shape legend: T tokens, K slots per token, N active pairs, E experts, D model di
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from routelab.moe.threads import Workspace, WorkSplit
 
 # ----------------------------------------------------------------------------------------------
 # capacity
@@ -128,179 +129,6 @@ def plan_dispatch(expert_idx: Tensor, active: Tensor | None, num_experts: int) -
 # the fused grouped expert computation
 
 
-# (expert, first row, end row) of a run of rows in the expert-sorted buffer
-Task = tuple[int, int, int]
-
-
-def _row_tasks(counts: list[int], parts: int) -> list[list[Task]]:
-    """The N sorted rows cut into ``parts`` equal runs (an expert's block may be cut in two):
-    for work whose output rows are independent (matmuls into (N, .) buffers, elementwise ops)."""
-    N = sum(counts)
-    bounds = [N * i // parts for i in range(parts + 1)]
-    tasks: list[list[Task]] = [[] for _ in range(parts)]
-    start = 0
-    for e, n in enumerate(counts):
-        end = start + n
-        for p in range(parts):
-            s, t = max(start, bounds[p]), min(end, bounds[p + 1])
-            if s < t:
-                tasks[p].append((e, s, t))
-        start = end
-    return tasks
-
-
-def _expert_tasks(counts: list[int], parts: int) -> list[list[Task]]:
-    """Whole experts in ``parts`` contiguous groups of about N / parts rows: for the weight
-    gradients, each a sum over all of one expert's rows."""
-    N = max(sum(counts), 1)
-    tasks: list[list[Task]] = [[] for _ in range(parts)]
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            tasks[min(parts - 1, (start + n // 2) * parts // N)].append((e, start, start + n))
-        start += n
-    return tasks
-
-
-def _rows_mm(tasks: list[Task], out: Tensor, a: Tensor, b, bias=None, accumulate: bool = False) -> None:
-    """out[s:t] = bias[e] + a[s:t] @ b[e] (or out[s:t] += a[s:t] @ b[e]) for each task."""
-    for e, s, t in tasks:
-        if accumulate:
-            out[s:t].addmm_(a[s:t], b[e])
-        elif bias is not None:
-            torch.addmm(bias[e], a[s:t], b[e], out=out[s:t])
-        else:
-            torch.mm(a[s:t], b[e], out=out[s:t])
-
-
-def _weights_mm(tasks: list[Task], out, a: Tensor, b: Tensor, bias_out=None, bias_weight: Tensor | None = None) -> None:
-    """out[e] = a[s:t]^T @ b[s:t] for each task (one whole expert each), and the bias gradient
-    bias_out[e] = sum of b[s:t] (weighted by bias_weight[s:t] if given)."""
-    for e, s, t in tasks:
-        torch.mm(a[s:t].t(), b[s:t], out=out[e])
-        if bias_out is not None:
-            if bias_weight is None:
-                torch.sum(b[s:t], 0, out=bias_out[e])
-            else:
-                torch.mv(b[s:t].t(), bias_weight[s:t], out=bias_out[e])
-
-
-def _rows_apply(tasks: list[Task], fn, *tensors) -> None:
-    """fn(*(x[s:t] for x in tensors)) for each task: a row-wise op on a share of the rows."""
-    for _, s, t in tasks:
-        fn(*(x[s:t] for x in tensors))
-
-
-def _in_worker(inference: bool, kernel, tasks, args) -> None:
-    with torch.inference_mode() if inference else torch.no_grad():
-        kernel(tasks, *args)
-
-
-class Workspace:
-    """One MoE layer's helper threads and reusable working memory (like a cuDNN workspace).
-
-    Threads: the fast path is many small BLAS calls. With torch's intra-op OpenMP threads each
-    call is a fork/join, and libgomp's threads spin for milliseconds after each join: on this
-    2-core machine shared with other jobs that turned 64 experts' matmuls from 45 ms into 400-570
-    ms, and a whole MoE step into 15x a dense FFN's. So ``grouped_experts`` runs single-threaded
-    itself and spreads its work (matmul task lists and row-wise ops) over
-    ``torch.get_num_threads()`` threads: the caller and helper threads, each with single-threaded
-    BLAS, with one hand-off per op instead of an OpenMP join per matmul.
-
-    Memory: the (N, D) sorted buffer is dead once forward returns and the per-pair gradient
-    buffer once backward returns, so one buffer serves both, step after step (training only;
-    inference allocates per call). Allocations of 32 MB and more are fresh ``mmap``s under
-    glibc, and first-touching them costs ~0.25 ms per MB here, about a tenth of the layer's step
-    at 64 experts.
-
-    Not state: never saved, rebuilt empty when the module is copied or unpickled.
-    """
-
-    def __init__(self, min_macs: float = 2e9) -> None:
-        # helper threads only for passes of at least this many multiply-adds (~50 ms here): a
-        # shorter pass (the tiny presets: 0.5-1.1 G) mostly overlaps libgomp's ~7 ms spin after
-        # torch's last parallel op, whose spinning thread then halves a helper's speed
-        self.min_macs = min_macs
-        self._buffer: Tensor | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
-
-    def __getstate__(self) -> dict:
-        return {"min_macs": self.min_macs}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
-
-    def buffer(self, n: int, d: int, like: Tensor) -> Tensor:
-        t = self._buffer
-        if t is None or t.numel() < n * d or t.dtype != like.dtype or t.device != like.device:
-            t = self._buffer = like.new_empty(n * d)
-        return t[: n * d].view(n, d)
-
-    def run(self, kernel, tasks: list[list[Task]], *args) -> None:
-        """kernel(tasks[0], *args) on this thread, the other task lists on helper threads."""
-        parts = [t for t in tasks if t]
-        if len(parts) <= 1:
-            kernel(parts[0] if parts else [], *args)
-            return
-        if self._pool is None or self._pool_size < len(parts) - 1:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._pool = ThreadPoolExecutor(
-                len(parts) - 1, "routelab-moe", initializer=torch.set_num_threads, initargs=(1,)
-            )
-            self._pool_size = len(parts) - 1
-        inference = torch.is_inference_mode_enabled()
-        futures = [self._pool.submit(_in_worker, inference, kernel, p, args) for p in parts[1:]]
-        try:
-            kernel(parts[0], *args)
-        finally:
-            for f in futures:
-                f.result()
-
-
-class _Parallel:
-    """How one forward or backward call spreads its work (see ``Workspace``).
-
-    Inside ``with``, this thread runs single-threaded; ``mm_rows`` / ``mm_weights`` / ``apply``
-    hand task lists to the workspace's threads. Without a workspace (or with one torch thread)
-    everything runs here, with torch's own threading.
-    """
-
-    def __init__(self, ws: Workspace | None, counts: list[int], macs: int) -> None:
-        self.threads = torch.get_num_threads()
-        self.ws = ws if ws is not None and self.threads > 1 and macs >= ws.min_macs else None
-        P = self.threads if self.ws is not None else 1
-        N = sum(counts)
-        self.rows = _row_tasks(counts, P)  # matmuls into (N, .) buffers: rows split evenly
-        self.whole = _expert_tasks(counts, P)  # weight gradients: whole experts
-        self.even = [[(-1, N * i // P, N * (i + 1) // P)] for i in range(P)]  # elementwise ops
-
-    def __enter__(self) -> _Parallel:
-        if self.ws is not None:
-            torch.set_num_threads(1)  # this thread only (torch's setting is per thread)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.threads)
-
-    def _run(self, kernel, tasks, *args) -> None:
-        if self.ws is None:
-            kernel([t for part in tasks for t in part], *args)
-        else:
-            self.ws.run(kernel, tasks, *args)
-
-    def mm_rows(self, out, a, b, bias=None, accumulate=False) -> None:
-        self._run(_rows_mm, self.rows, out, a, b, bias, accumulate)
-
-    def mm_weights(self, out, a, b, bias_out=None, bias_weight=None) -> None:
-        self._run(_weights_mm, self.whole, out, a, b, bias_out, bias_weight)
-
-    def apply(self, fn, *tensors) -> None:
-        """fn on row slices of ``tensors`` (all with N rows), in parallel."""
-        self._run(_rows_apply, self.even, fn, *tensors)
-
-
 def _unbind(t: Tensor | None, transpose: bool = False):
     if t is None:
         return None
@@ -317,7 +145,7 @@ class _GroupedExperts(torch.autograd.Function):
     Per expert only matmuls run (``_rows_mm`` / ``_weights_mm``: ``addmm``/``mm`` into slices
     of preallocated buffers, weight gradients straight into the stacked gradient tensors);
     elementwise steps (activation and its backward, gate scaling) run on the whole sorted buffer
-    in a few row blocks; ``_Parallel`` spreads both over threads.
+    in a few row blocks; ``WorkSplit`` spreads both over threads.
 
     Memory: one (N, D) buffer holds the gathered tokens, then the expert outputs; backward
     regathers x instead of saving it and reuses the buffer for dL/dy per pair, the regathered
@@ -326,12 +154,12 @@ class _GroupedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gates, w_in, b_in, w_gate, w_out, b_out, plan: DispatchPlan, activation: str, ws, reuse):
-        # x (T, D); gates (T, K); w_in, w_gate (E, D, H); w_out (E, H, D); b_in (E, H); b_out (E, D)
+    def forward(ctx, x, gates, w_in, b_in, w_gate, b_gate, w_out, b_out, plan: DispatchPlan, activation: str, ws, reuse):
+        # x (T, D); gates (T, K); w_in, w_gate (E, D, H); w_out (E, H, D); b_in, b_gate (E, H); b_out (E, D)
         N, H, D = plan.num_pairs, w_in.shape[2], x.shape[1]
         buf = ws.buffer(max(N, 1), D, x) if reuse and ws is not None else x.new_empty(max(N, 1), D)
         macs = N * D * H * (3 if activation == "swiglu" else 2)  # the pass's matmul work
-        with _Parallel(ws, plan.counts, macs) as par:
+        with WorkSplit(ws, plan.counts, macs) as par:
             if N:  # (N, D): the tokens sorted by expert, then their outputs
                 par.apply(lambda tok, out: torch.index_select(x, 0, tok, out=out), plan.token, buf)
             else:
@@ -340,8 +168,8 @@ class _GroupedExperts(torch.autograd.Function):
             par.mm_rows(h, buf, _unbind(w_in), _unbind(b_in))
             hg = a = None
             if activation == "swiglu":
-                hg = x.new_empty(N, H)  # x W_gate
-                par.mm_rows(hg, buf, _unbind(w_gate))
+                hg = x.new_empty(N, H)  # x W_gate + b_gate
+                par.mm_rows(hg, buf, _unbind(w_gate), _unbind(b_gate))
                 a = x.new_empty(N, H)
                 par.apply(_silu_mul, a, hg, h)
             elif activation == "gelu":
@@ -355,32 +183,33 @@ class _GroupedExperts(torch.autograd.Function):
         w = gates.to(x.dtype) if plan.weight is None else gates.to(x.dtype) * plan.weight.to(x.dtype)
         y = F.embedding_bag(plan.inv, buf, mode="sum", per_sample_weights=w)  # (T, D): gather, gate, sum over K
         ctx.plan, ctx.activation, ctx.ws, ctx.reuse = plan, activation, ws, reuse
-        ctx.save_for_backward(x, h, hg, gates, w_in, b_in, w_gate, w_out, b_out)
+        ctx.save_for_backward(x, h, hg, gates, w_in, b_in, w_gate, b_gate, w_out, b_out)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, h, hg, gates, w_in, b_in, w_gate, w_out, b_out = ctx.saved_tensors
+        x, h, hg, gates, w_in, b_in, w_gate, b_gate, w_out, b_out = ctx.saved_tensors
         plan, activation, ws = ctx.plan, ctx.activation, ctx.ws
         T, K = plan.inv.shape
         N, H, D = plan.num_pairs, h.shape[1], x.shape[1]
         need_x, need_g = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_w = any(ctx.needs_input_grad[2:7])
-        grad_x = grad_gates = gw_in = gb_in = gw_gate = gw_out = gb_out = None
+        need_w = any(ctx.needs_input_grad[2:8])
+        grad_x = grad_gates = gw_in = gb_in = gw_gate = gb_gate = gw_out = gb_out = None
         if N == 0:
             grad_x = torch.zeros_like(x) if need_x else None
             grad_gates = torch.zeros_like(gates) if need_g else None
             if need_w:
                 gw_in, gw_out = torch.zeros_like(w_in), torch.zeros_like(w_out)
                 gw_gate = torch.zeros_like(w_gate) if w_gate is not None else None
+                gb_gate = torch.zeros_like(b_gate) if b_gate is not None else None
                 gb_in = torch.zeros_like(b_in) if b_in is not None else None
                 gb_out = torch.zeros_like(b_out) if b_out is not None else None
-            return grad_x, grad_gates, gw_in, gb_in, gw_gate, gw_out, gb_out, None, None, None, None
+            return grad_x, grad_gates, gw_in, gb_in, gw_gate, gb_gate, gw_out, gb_out, None, None, None, None
         gate = gates.reshape(-1)[plan.order[:N]].to(x.dtype).unsqueeze(1)  # (N, 1) gate of each sorted pair
         buf = ws.buffer(N, D, x) if ctx.reuse and ws is not None else x.new_empty(N, D)
         macs = N * D * H * (6 if activation == "swiglu" else 4)  # the pass's matmul work
-        with _Parallel(ws, plan.counts, macs) as par:
+        with WorkSplit(ws, plan.counts, macs) as par:
             par.apply(lambda tok, out: torch.index_select(grad_y, 0, tok, out=out), plan.token, buf)  # dL/dy per pair
             a = sg = None  # act(h) and, for swiglu, silu(hg), recomputed
             if activation == "relu":
@@ -433,10 +262,11 @@ class _GroupedExperts(torch.autograd.Function):
                 par.mm_weights(_unbind(gw_in), buf, ga, _unbind(gb_in))
                 if d_hg is not None:
                     gw_gate = torch.empty_like(w_gate)
-                    par.mm_weights(_unbind(gw_gate), buf, d_hg)
+                    gb_gate = torch.empty_like(b_gate) if b_gate is not None else None
+                    par.mm_weights(_unbind(gw_gate), buf, d_hg, _unbind(gb_gate))
                 for e, n in enumerate(plan.counts):  # experts without tokens get exact zeros
                     if n == 0:
-                        for g in (gw_in, gw_gate, gw_out, gb_in, gb_out):
+                        for g in (gw_in, gw_gate, gw_out, gb_in, gb_gate, gb_out):
                             if g is not None:
                                 g[e].zero_()
             if need_x:  # dL/dx per pair, into the same buffer
@@ -446,7 +276,7 @@ class _GroupedExperts(torch.autograd.Function):
         if need_x:
             w = None if plan.weight is None else plan.weight.to(buf.dtype)  # dropped slots add nothing
             grad_x = F.embedding_bag(plan.inv, buf, mode="sum", per_sample_weights=w)  # (T, D)
-        return grad_x, grad_gates, gw_in, gb_in, gw_gate, gw_out, gb_out, None, None, None, None
+        return grad_x, grad_gates, gw_in, gb_in, gw_gate, gb_gate, gw_out, gb_out, None, None, None, None
 
 
 def _swiglu_backward(ga: Tensor, h: Tensor, hg: Tensor, sg: Tensor, d_hg: Tensor) -> None:
@@ -470,6 +300,7 @@ def grouped_experts(
         experts.w_in,
         experts.b_in,
         experts.w_gate,
+        experts.b_gate,
         experts.w_out,
         experts.b_out,
         plan,

@@ -3,7 +3,9 @@ leading expert dimension, so expert parallelism can shard dim 0 and the math nev
 expert's weights under autograd. SwiGLU experts follow Shazeer 2020, eq. 6.
 
 E_i(x) = act(x W_in[i] + b_in[i]) W_out[i] + b_out[i],   or for swiglu
-E_i(x) = (silu(x W_gate[i]) * (x W_in[i] + b_in[i])) W_out[i] + b_out[i].
+E_i(x) = (silu(x W_gate[i] + b_gate[i]) * (x W_in[i] + b_in[i])) W_out[i] + b_out[i]:
+
+expert i computes exactly ``routelab.ffn.FeedForward`` with its slices of the stacked weights.
 
 Shape legend: T tokens, E experts, D model dim, H hidden width.
 """
@@ -13,17 +15,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routelab.errors import check
-
-ACTIVATIONS = ("relu", "gelu", "swiglu")
+from routelab.ffn.dense import ACTIVATIONS, activate
 
 
 class Experts(nn.Module):
     """E expert FFNs as stacked parameters ``w_in`` (E, D, H), ``b_in`` (E, H), ``w_gate`` (E, D, H)
-    (swiglu only), ``w_out`` (E, H, D), ``b_out`` (E, D)."""
+    and ``b_gate`` (E, H) (swiglu only), ``w_out`` (E, H, D), ``b_out`` (E, D)."""
 
     def __init__(
         self, num_experts: int, d_model: int, hidden: int, activation: str = "gelu", bias: bool = True
@@ -36,6 +36,7 @@ class Experts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(E, D, H)) if activation == "swiglu" else None
         self.w_out = nn.Parameter(torch.empty(E, H, D))
         self.b_in = nn.Parameter(torch.zeros(E, H)) if bias else None
+        self.b_gate = nn.Parameter(torch.zeros(E, H)) if bias and activation == "swiglu" else None
         self.b_out = nn.Parameter(torch.zeros(E, D)) if bias else None
         self.reset_parameters()
 
@@ -44,7 +45,7 @@ class Experts(nn.Module):
         for w, fan_in in ((self.w_in, self.d_model), (self.w_gate, self.d_model), (self.w_out, self.hidden)):
             if w is not None:
                 nn.init.normal_(w, std=std if std is not None else 1.0 / math.sqrt(fan_in))
-        for b in (self.b_in, self.b_out):
+        for b in (self.b_in, self.b_gate, self.b_out):
             if b is not None:
                 nn.init.zeros_(b)
 
@@ -62,13 +63,12 @@ class Experts(nn.Module):
         h = torch.bmm(x, self.w_in)  # (E, N, H)
         if self.b_in is not None:
             h = h + self.b_in.unsqueeze(1)
+        gate = None
         if self.activation == "swiglu":
-            h = F.silu(torch.bmm(x, self.w_gate)) * h
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.relu(h)
-        y = torch.bmm(h, self.w_out)  # (E, N, D)
+            gate = torch.bmm(x, self.w_gate)  # (E, N, H)
+            if self.b_gate is not None:
+                gate = gate + self.b_gate.unsqueeze(1)
+        y = torch.bmm(activate(h, gate, self.activation), self.w_out)  # (E, N, D)
         if self.b_out is not None:
             y = y + self.b_out.unsqueeze(1)
         return y

@@ -16,15 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import routelab.moe.losses as losses
 from routelab.errors import ConfigError, check
 from routelab.ffn.base import FFNOutput
-from routelab.moe.dispatch import Workspace, apply_capacity, capacity, grouped_experts, plan_dispatch
+from routelab.ffn.dense import FeedForward
+from routelab.moe.dispatch import apply_capacity, capacity, grouped_experts, plan_dispatch
 from routelab.moe.experts import Experts, reference_combine
 from routelab.moe.routers.router import Router, Routing, SoftRouting, build_router
+from routelab.moe.threads import Workspace
 from routelab.options import RouterConfig
 from routelab.registry import ROUTERS
 
@@ -42,26 +43,6 @@ class MoEOutput(FFNOutput):
     - ``unused_experts``: experts that received no token.
     - ``balance_loss``, ``z_loss``: the unweighted losses, where computed.
     """
-
-
-class SharedExperts(nn.Module):
-    """``num_shared`` always-on experts (DeepSeekMoE, Qwen-MoE) as one FFN of width num_shared * H:
-    the sum of n FFNs equals one FFN with their hidden units side by side (and summed biases)."""
-
-    def __init__(self, d_model: int, hidden: int, activation: str, bias: bool) -> None:
-        super().__init__()
-        self.activation = activation
-        self.w_in = nn.Linear(d_model, hidden, bias=bias)
-        self.w_gate = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
-        self.w_out = nn.Linear(hidden, d_model, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.w_in(x)
-        if self.activation == "swiglu":
-            h = F.silu(self.w_gate(x)) * h
-        else:
-            h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
-        return self.w_out(h)
 
 
 class MoE(nn.Module):
@@ -149,9 +130,9 @@ class MoE(nn.Module):
         self.entropy_loss_weight = entropy_loss_weight
         self.bias_update_rate = bias_update_rate
         self.experts = Experts(num_experts, d_model, hidden, activation, bias)
-        self.shared = (
-            SharedExperts(d_model, num_shared_experts * hidden, activation, bias) if num_shared_experts else None
-        )
+        # num_shared always-on experts (DeepSeekMoE, Qwen-MoE) as one FFN of width num_shared * H: the
+        # sum of n FFNs equals one FFN with their hidden units side by side (and summed output biases)
+        self.shared = FeedForward(d_model, num_shared_experts * hidden, activation, bias) if num_shared_experts else None
         # DeepSeek-V3 selection bias: state of the balancing controller, saved with the model
         self.register_buffer("selection_bias", torch.zeros(num_experts) if bias_balancing else None)
         self._workspace = Workspace()  # the fast path's helper threads and reusable buffer (not state)

@@ -3,16 +3,9 @@
 import pytest
 import torch
 
-from routelab.moe.dispatch import (
-    Workspace,
-    _expert_tasks,
-    _row_tasks,
-    apply_capacity,
-    capacity,
-    grouped_experts,
-    plan_dispatch,
-)
+from routelab.moe.dispatch import apply_capacity, capacity, grouped_experts, plan_dispatch
 from routelab.moe.experts import Experts, reference_combine
+from routelab.moe.threads import Workspace, _expert_tasks, _row_tasks
 
 
 def _run(fn, experts, x, gates):
@@ -45,8 +38,9 @@ def test_grouped_experts_match_reference_forward_and_gradients(activation, bias,
     experts = Experts(E, D, H, activation, bias)
     if bias:  # non-zero biases so their gradients and the gate gradient's bias term are exercised
         with torch.no_grad():
-            experts.b_in.normal_()
-            experts.b_out.normal_()
+            for b in (experts.b_in, experts.b_gate, experts.b_out):
+                if b is not None:
+                    b.normal_()
     x = torch.randn(T, D)
     idx = torch.randint(0, E - 1, (T, K))  # expert E-1 never chosen: its gradient must be exactly 0
     gates = torch.rand(T, K)

@@ -62,7 +62,7 @@ def test_parameter_names_and_shapes(activation):
     assert shapes["router.weight"] == (E, D)
     assert shapes["experts.w_in"] == (E, D, H) and shapes["experts.b_in"] == (E, H)
     assert shapes["experts.w_out"] == (E, H, D) and shapes["experts.b_out"] == (E, D)
-    assert ("experts.w_gate" in shapes) == (activation == "swiglu")
+    assert ("experts.w_gate" in shapes) == ("experts.b_gate" in shapes) == (activation == "swiglu")
     assert shapes["shared.w_in.weight"] == (H, D)
     assert "experts.b_in" not in dict(_layer("switch", bias=False).named_parameters())
 
@@ -301,3 +301,32 @@ def test_gate_matrix_reproduces_the_forward_combination(router):
     per_expert = moe.experts.forward_all(x[0])  # (E, T, D)
     expected = torch.einsum("te,etd->td", g[0], per_expert)
     torch.testing.assert_close(moe(x, token_ids=ids).hidden[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_each_expert_is_the_one_feed_forward(activation, bias):
+    """Expert e of the stacked weights computes exactly ``FeedForward`` holding its slices: one FFN
+    implementation for dense FFNs, shared experts and experts (so a dense FFN can seed experts)."""
+    from routelab.ffn.dense import FeedForward
+    from routelab.moe.experts import Experts
+
+    experts = Experts(3, D, H, activation, bias)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_()
+    x = torch.randn(5, D)
+    every = experts.forward_all(x)  # (E, T, D)
+    for e in range(3):
+        ffn = FeedForward(D, H, activation, bias)
+        with torch.no_grad():
+            ffn.w_in.weight.copy_(experts.w_in[e].t())
+            ffn.w_out.weight.copy_(experts.w_out[e].t())
+            if activation == "swiglu":
+                ffn.w_gate.weight.copy_(experts.w_gate[e].t())
+            if bias:
+                ffn.w_in.bias.copy_(experts.b_in[e])
+                ffn.w_out.bias.copy_(experts.b_out[e])
+                if activation == "swiglu":
+                    ffn.w_gate.bias.copy_(experts.b_gate[e])
+        torch.testing.assert_close(every[e], ffn(x), atol=1e-5, rtol=1e-5)
