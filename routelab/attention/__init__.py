@@ -5,8 +5,12 @@ Every kind is a module with ``forward(x, padding_mask=None, cache=None) -> Tenso
 reference); fixed sparse patterns ``local``, ``strided``, ``fixed``, ``longformer``, ``bigbird``;
 learned routing ``synthesizer``, ``kmeans``, ``moba``, ``block_topp``. All sparse kinds run on the
 block-sparse engine in ``engine.py``; fixed patterns share the helpers in ``patterns.py``; kinds
-with q/k/v projections derive from ``base.QKVAttention``.
+with q/k/v projections derive from ``base.QKVAttention``. Every module of this package is imported
+here, so a new kind is one new file that registers itself in ``ATTENTION``.
 """
+
+import importlib
+import pkgutil
 
 from routelab.attention.base import KVCache, RotaryEmbedding, build_attention
 from routelab.attention.bigbird import BigBirdAttention, BigBirdAttentionConfig
@@ -24,6 +28,9 @@ from routelab.attention.sparse_transformer import (
     StridedAttentionConfig,
 )
 from routelab.attention.synthesizer import SynthesizerAttention, SynthesizerAttentionConfig
+
+for _module in pkgutil.iter_modules(__path__):  # registers kinds added as files without an import here
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "BigBirdAttention",
