@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from routelab.config import Config, from_dict
+from routelab.config import Config, from_dict, read_yaml_mapping, resolve_base
 from routelab.data import DataError
 from routelab.errors import ERROR_FILE_ENV, ConfigError, check
 from routelab.io import atomic_write, check_folder_target, replace_dir
@@ -126,12 +124,7 @@ def load_compare_config(
     from routelab.train.run import preflight
 
     path = resolve_config_path(str(path))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"comparison config {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"comparison config {str(path)!r} must hold a mapping")
+    data = read_yaml_mapping(path, "comparison config")
     if budget:
         data = {**data, "budget": budget}
     cmp = from_dict(CompareConfig, data, "")
@@ -140,6 +133,7 @@ def load_compare_config(
     base = Path(cmp.base)
     base_path = base if base.is_file() else (path.parent / base if (path.parent / base).is_file() else None)
     base_path = base_path or resolve_config_path(cmp.base)
+    resolve_base(read_yaml_mapping(base_path), base_path)  # a broken base file: one error, not one per variant
     configs = {}
     for v in cmp.variants:
         _budget_overrides(v.set, f"variant {v.name!r}")

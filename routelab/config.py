@@ -246,12 +246,7 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "config file")
         return cls.from_dict(apply_overrides(resolve_base(data, path), overrides or []))
 
     def save(self, path: str | Path) -> None:
@@ -388,9 +383,45 @@ def resolve_base(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{str(path)!r}: base {data['base']!r} not found (looked for {str(base_path)!r})")
     if base_path in seen:
         raise ConfigError(f"{str(path)!r}: base configs form a cycle through {str(base_path)!r}")
-    base = yaml.safe_load(base_path.read_text()) or {}
-    base = resolve_base(base, base_path, (*seen, path.resolve()))
+    base = resolve_base(read_yaml_mapping(base_path, "base config"), base_path, (*seen, path.resolve()))
     return deep_merge(base, {k: v for k, v in data.items() if k != "base"})
+
+
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
+    """The mapping a YAML file holds (an empty file is ``{}``). A problem raises ``ConfigError`` naming
+    the file; a syntax error gives its line and column (1-based) and nothing more, so it fits on one
+    line: ``'x.yaml' line 3, column 7: mapping values are not allowed here``."""
+    try:
+        text = path.read_text(encoding="utf-8")  # YAML is UTF-8 whatever the locale says
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{str(path)!r} {yaml_error_position(e, text)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping (section: value), got {type(data).__name__}")
+    return data
+
+
+def yaml_error_position(e: yaml.YAMLError, text: str) -> str:
+    """``line 3, column 7: <problem>`` for a PyYAML error (its marks are 0-based); the construct it was
+    reading, when PyYAML names one, follows in brackets."""
+    if isinstance(e, yaml.MarkedYAMLError) and (e.problem_mark or e.context_mark):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem or e.context}"
+        if e.problem and e.context:
+            at = f" from line {e.context_mark.line + 1}, column {e.context_mark.column + 1}" if e.context_mark else ""
+            where += f" ({e.context}{at})"
+        return where
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML refuses; it knows only the offset
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        code = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        return f"line {line}, column {column}: character {code} is not allowed in YAML"
+    return f"is not valid YAML: {' '.join(str(e).split())}"
 
 
 def deep_merge(base: dict, over: dict) -> dict:

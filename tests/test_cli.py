@@ -86,3 +86,50 @@ def test_data_listops_writes_lra_tsv(tmp_path):
     assert main(args) == 0
     assert len(read_lra_tsv(tmp_path / "basic_train.tsv")) == 20
     assert (tmp_path / "basic_test.tsv").read_text().startswith("Source\tTarget\n")
+
+
+# -- YAML syntax errors: one line with the file, line and column ----------------------------------
+
+BROKEN = "model:\n  d_model: 32\n  n_heads: 2: 3\n"  # line 3, column 13: a second ': ' in a plain scalar
+
+
+@pytest.mark.parametrize("broken", ["run", "base", "compare", "compare-base"])
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tiny_yaml, tmp_path, capsys, broken):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BROKEN)
+    base = tmp_path / "child.yaml"
+    base.write_text("base: bad.yaml\ntrain: {steps: 2}\n")
+    cmp = tmp_path / "cmp.yaml"
+    body = {"budget": {"steps": 2}, "variants": [{"name": "a"}, {"name": "b"}]}
+    if broken == "compare":
+        cmp.write_text("base: tiny.yaml\nbudget: {steps: 2}\nvariants:\n  - name: a\n  - name: b: c\n")
+        expect = f"{str(cmp)!r} line 5, column 12: mapping values are not allowed here"
+    else:
+        cmp.write_text(yaml.safe_dump({"base": "bad.yaml", **body}))
+        expect = f"{str(bad)!r} line 3, column 13: mapping values are not allowed here"
+    argv = {
+        "run": ["train", str(bad), "--out", str(tmp_path / "r")],
+        "base": ["train", str(base), "--out", str(tmp_path / "r")],
+        "compare": ["compare", str(cmp), "--out", str(tmp_path / "c")],
+        "compare-base": ["compare", str(cmp), "--out", str(tmp_path / "c")],
+    }[broken]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("routelab:")]
+    assert lines == [f"routelab: error: {expect}"], err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+def test_yaml_error_names_the_construct_it_was_reading(tmp_path):
+    from routelab.config import Config, ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        Config.load(bad)
+    assert str(e.value) == (f"{str(bad)!r} line 3, column 1: expected ',' or ']', but got '<stream end>'"
+                            " (while parsing a flow sequence from line 2, column 10)")
+    bad.write_text("model:\n  d_model: 32\x07\n")
+    with pytest.raises(ConfigError, match=r"line 2, column 14: character #x0007 is not allowed in YAML"):
+        Config.load(bad)

@@ -66,7 +66,7 @@ def test_load_missing_and_malformed_files(tmp_path):
         Config.load(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml' line 2, column 1: expected ',' or '\]'"):
         Config.load(bad)
 
 
