@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,47 @@ def _train(cfg: Config, out: Path, resume: bool, isolate: bool) -> None:
         raise VariantError(reason or f"its training process exited with status {proc.returncode} (see the output above)")
 
 
+def format_duration(seconds: float) -> str:
+    """``45s``, ``1m32s``, ``1h05m``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+class CompareProgress:
+    """One stderr line as each variant starts (``[3/6] hash -> runs/cmp/hash (fresh)``) and one as it
+    ends, with its time and the time left: the mean of the variants trained so far times the number
+    still to train (``done`` ones take none). Plain lines, with or without a terminal, so they read
+    the same in a log; each variant's own process draws its step bar or progress lines between them."""
+
+    def __init__(self, plans: dict[str, str]) -> None:
+        self.plans = plans
+        self.order = list(plans)
+        self.took: list[float] = []  # seconds of each variant that trained here and finished
+        self.t0 = 0.0
+
+    def _say(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def start(self, name: str, folder: Path) -> None:
+        i = self.order.index(name) + 1
+        self._say(f"[{i}/{len(self.order)}] {name} -> {folder} ({self.plans[name]})")
+        self.t0 = time.perf_counter()
+
+    def finish(self, name: str, ok: bool) -> None:
+        if self.plans[name] == "done":
+            return
+        i = self.order.index(name) + 1
+        took = time.perf_counter() - self.t0
+        line = f"[{i}/{len(self.order)}] {name} {'done in' if ok else 'failed after'} {format_duration(took)}"
+        if ok:
+            self.took.append(took)
+        left = sum(self.plans[n] != "done" for n in self.order[i:])
+        if left and self.took:
+            line += f"; about {format_duration(sum(self.took) / len(self.took) * left)} left"
+        self._say(line)
+
+
 def compare(
     config_path: str | Path,
     out: str | Path | None = None,
@@ -251,8 +293,6 @@ def compare(
     Every variant's config is checked, and every existing variant folder compared with its config,
     before the first one trains. A variant that fails does not stop the others: the report covers
     those that finished, then ``VariantError`` names the ones that failed and why."""
-    from tqdm import tqdm
-
     from routelab.report.compare_report import write_report
 
     cmp, configs = load_compare_config(config_path, overrides, budget)
@@ -260,16 +300,16 @@ def compare(
     check_folder_target(out)
     plans = {name: plan_variant(name, cfg, out / name, force) for name, cfg in configs.items()}
     out.mkdir(parents=True, exist_ok=True)
-    tty = sys.stderr.isatty()
     failed: dict[str, str] = {}
-    for i, name in enumerate(tqdm(configs, desc="variants", disable=not tty), 1):
-        if not tty:  # logs and CI get one line per variant instead of bars
-            print(f"[{i}/{len(configs)}] {name} -> {out / name} ({plans[name]})", file=sys.stderr, flush=True)
+    progress = CompareProgress(plans)
+    for name in configs:
+        progress.start(name, out / name)
         try:
             run_variant(configs[name], out / name, plans[name], isolate=isolate)  # a child shows its own step bar
         except VariantError as e:
             failed[name] = str(e)
             print(f"routelab: variant {name!r} failed: {e}", file=sys.stderr, flush=True)
+        progress.finish(name, ok=name not in failed)
     if len(failed) == len(configs):
         raise VariantError(f"every variant failed, so there is no report; {name!r}: {failed[name]}")
     report = write_report(cmp, out, failed=failed)

@@ -47,8 +47,14 @@ def test_tiny_comparison_table_matches_run_summaries(base_yaml, tmp_path, capsys
         assert r["val_loss"] == summary["val_loss"] and r["steps"] == summary["steps"] == 4
         assert r["tokens_per_s"] == summary["tokens_per_s"]
     assert results[0]["steps_to_target"] == 4  # the reference reaches its own final loss at its end
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert re.search(r"^dense\s", printed, re.M) and re.search(r"^swiglu\s", printed, re.M)
+    progress = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert progress[0] == f"[1/2] dense -> {out / 'dense'} (fresh)"
+    assert re.fullmatch(r"\[1/2\] dense done in \d+s; about \d+s left", progress[1])
+    assert progress[2] == f"[2/2] swiglu -> {out / 'swiglu'} (fresh)"
+    assert re.fullmatch(r"\[2/2\] swiglu done in \d+s", progress[3]) and len(progress) == 4
     # every file the HTML references exists and is a non-empty PNG
     page = (out / "report.html").read_text()
     srcs = re.findall(r'src="([^"]+)"', page)
@@ -60,6 +66,33 @@ def test_tiny_comparison_table_matches_run_summaries(base_yaml, tmp_path, capsys
     before = (out / "dense" / "summary.json").stat().st_mtime_ns
     compare(cmp, out=out, isolate=False)
     assert (out / "dense" / "summary.json").stat().st_mtime_ns == before
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")] == [
+        f"[1/2] dense -> {out / 'dense'} (done)", f"[2/2] swiglu -> {out / 'swiglu'} (done)"]
+
+
+def test_progress_estimates_the_time_left_from_the_variants_trained(monkeypatch, capsys):
+    from routelab import compare as compare_module
+    from routelab.compare import CompareProgress, format_duration
+
+    clock = iter([0.0, 92.0, 92.0, 100.0, 200.0, 200.0, 310.0, 310.0, 410.0])  # start and end of each
+    monkeypatch.setattr(compare_module.time, "perf_counter", lambda: next(clock))
+    progress = CompareProgress({"dense": "fresh", "old": "done", "hash": "resume", "top2": "fresh", "last": "fresh"})
+    for name, ok in [("dense", True), ("old", True), ("hash", False), ("top2", True), ("last", True)]:
+        progress.start(name, compare_module.Path("runs") / name)
+        progress.finish(name, ok)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "[1/5] dense -> runs/dense (fresh)",
+        "[1/5] dense done in 1m32s; about 4m36s left",  # 92 s x the 3 still to train ('old' is done)
+        "[2/5] old -> runs/old (done)",
+        "[3/5] hash -> runs/hash (resume)",
+        "[3/5] hash failed after 1m40s; about 3m04s left",  # a failure does not count towards the mean
+        "[4/5] top2 -> runs/top2 (fresh)",
+        "[4/5] top2 done in 1m50s; about 1m41s left",  # mean of 92 and 110 s, one variant left
+        "[5/5] last -> runs/last (fresh)",
+        "[5/5] last done in 1m40s",
+    ]
+    assert [format_duration(s) for s in (0.4, 59.6, 3599, 3720)] == ["0s", "1m00s", "59m59s", "1h02m"]
 
 
 @pytest.mark.parametrize(
