@@ -1,5 +1,7 @@
 """routelab: routing in Transformer language models (attention routing and Mixture of Experts)."""
 
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+
 # importing the packages of each family registers their kinds (attention kinds, FFN kinds, routers)
 import routelab.attention  # noqa: F401  (registers attention kinds)
 import routelab.ffn  # noqa: F401  (registers the dense FFN)
@@ -14,8 +16,6 @@ from routelab.config import (
     TrainConfig,
 )
 from routelab.model import ModelOutput, RoutedTransformer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionConfig",

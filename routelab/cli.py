@@ -8,6 +8,10 @@
     routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR]
 
 Errors a user can cause (bad config, missing file, bad data) print one clear line and exit 2.
+
+``main(argv)`` runs a command and changes nothing process-wide; ``run()``, the ``routelab`` command
+and ``python -m routelab``, first picks CPU-thread defaults a command line may choose and a library
+import must not (see ``openmp_wait_defaults``).
 """
 
 from __future__ import annotations
@@ -18,20 +22,27 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from routelab import __version__
 from routelab.config import Config, DataConfig, apply_overrides, from_dict
 from routelab.errors import ERROR_FILE_ENV, ConfigError
 from routelab.io import check_folder_target
 from routelab.presets import resolve_config_path
 
+log = logging.getLogger("routelab.cli")
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from routelab.train import train
+    from routelab.train.run import preflight
 
     cfg_path = resolve_config_path(args.config)
     cfg = Config.load(cfg_path, args.set)
     out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
+    preflight(cfg)  # (train() checks again) a config that cannot train fails with its error line alone
+    log.info(describe_threads(cfg.train.threads))
     summary = train(cfg, out, resume=args.resume)
     print(json.dumps(summary, indent=2))
     headline = {"val_bpb": "validation bits per byte", "val_accuracy": "validation accuracy"}
@@ -121,6 +132,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="routelab", description="Routing in Transformer language models.")
+    p.add_argument("--version", action="version", version=f"routelab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a YAML config", description="Train a model; writes a run directory.")
@@ -226,5 +238,69 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# -- CPU threads ---------------------------------------------------------------------------------
+# When another busy process shares the cores, OpenMP threads that spin while they wait for work slow
+# training several-fold. A short spin (libgomp) or none (other runtimes) avoids it; the README's "CPU
+# threads" section has the measurements. OpenMP reads these variables once, when it loads with
+# torch, that is when the routelab package is imported: before any code of this module runs.
+OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # libgomp; Intel and LLVM OpenMP
+OPENMP_COMMANDS = ("train", "compare")  # the commands that train (compare: in child processes)
+
+
+def openmp_runtime() -> str:
+    """``libgomp`` when this process has GNU OpenMP loaded (torch's Linux wheels), else ``other``."""
+    try:
+        return "libgomp" if "libgomp" in Path("/proc/self/maps").read_text() else "other"
+    except OSError:  # no /proc (macOS, Windows)
+        return "other"
+
+
+def openmp_wait_defaults(environ: Mapping[str, str], runtime: str) -> dict[str, str]:
+    """The variables ``run()`` adds to the environment: ``GOMP_SPINCOUNT=1000`` for libgomp, the
+    portable ``OMP_WAIT_POLICY=PASSIVE`` for any other runtime; nothing when the user already chose
+    how idle OpenMP threads wait (any of ``OPENMP_WAIT_VARS`` set, to any value)."""
+    if any(v in environ for v in OPENMP_WAIT_VARS):
+        return {}
+    return {"GOMP_SPINCOUNT": "1000"} if runtime == "libgomp" else {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def describe_threads(config_threads: int | None) -> str:
+    """``CPU threads: 2 (torch's default; train.threads sets it), GOMP_SPINCOUNT=1000``."""
+    import torch
+
+    if config_threads:
+        n, why = config_threads, "train.threads"
+    elif "OMP_NUM_THREADS" in os.environ:
+        n, why = torch.get_num_threads(), "from OMP_NUM_THREADS"
+    else:
+        n, why = torch.get_num_threads(), "torch's default; train.threads sets it"
+    waits = ", ".join(f"{v}={os.environ[v]}" for v in OPENMP_WAIT_VARS if v in os.environ) or "OpenMP's default wait"
+    return f"CPU threads: {n} ({why}), {waits}"
+
+
+def run() -> None:
+    """The ``routelab`` command (and ``python -m routelab``): ``main()`` on ``sys.argv``, after setting
+    ``openmp_wait_defaults`` for the commands that train. ``compare``'s variants train in child
+    processes, which inherit the variables. ``train`` runs in this process, whose OpenMP runtime has
+    already read the environment, so it re-executes itself once (same interpreter and arguments)."""
+    argv = sys.argv[1:]
+    args = build_parser().parse_args(argv)  # --help, --version and usage errors exit here, as they are
+    extra = openmp_wait_defaults(os.environ, openmp_runtime()) if args.command in OPENMP_COMMANDS else {}
+    if extra:
+        os.environ.update(extra)
+        configure_logging()
+        log.info(
+            "%s: idle OpenMP threads soon sleep instead of spinning, so another busy process does not slow"
+            " training several-fold (set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose)",
+            ", ".join(f"{k}={v}" for k, v in extra.items()),
+        )
+        if args.command == "train" and "torch" in sys.modules and os.name == "posix" and sys.executable:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with contextlib.suppress(OSError):  # cannot re-execute: train on, with OpenMP's own default
+                os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    sys.exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

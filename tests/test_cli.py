@@ -1,6 +1,7 @@
 """The CLI end to end on tiny data: train -> eval -> generate -> resume, and its error handling."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -86,6 +87,91 @@ def test_data_listops_writes_lra_tsv(tmp_path):
     assert main(args) == 0
     assert len(read_lra_tsv(tmp_path / "basic_train.tsv")) == 20
     assert (tmp_path / "basic_test.tsv").read_text().startswith("Source\tTarget\n")
+
+
+# -- version, python -m routelab ------------------------------------------------------------------
+
+
+def test_version_is_the_package_metadata(capsys):
+    import importlib.metadata
+
+    import routelab
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"routelab {routelab.__version__}"
+    assert importlib.metadata.version("routelab") == routelab.__version__  # pyproject reads it from there
+
+
+def _cli(*args, env=None, cwd=None):
+    """``python -m routelab ARGS`` in a child process, with no OpenMP wait variable unless ``env`` sets one."""
+    import os
+    import subprocess
+    import sys
+
+    from routelab.cli import OPENMP_WAIT_VARS
+
+    base = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARS}
+    return subprocess.run([sys.executable, "-m", "routelab", *args], env={**base, **(env or {})}, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_python_m_routelab_runs_the_command_line(tmp_path):
+    import routelab
+
+    done = _cli("--version", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == f"routelab {routelab.__version__}"
+    done = _cli("--help", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith("usage: routelab ") and "compare" in done.stdout
+    done = _cli("train", cwd=tmp_path)  # usage errors: argparse's exit status 2
+    assert done.returncode == 2 and "usage: routelab train" in done.stderr
+
+
+# -- CPU threads ----------------------------------------------------------------------------------
+
+
+def test_openmp_wait_defaults_respect_the_users_own_choice():
+    from routelab.cli import openmp_wait_defaults
+
+    assert openmp_wait_defaults({}, "libgomp") == {"GOMP_SPINCOUNT": "1000"}
+    assert openmp_wait_defaults({}, "other") == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        assert openmp_wait_defaults({var: "x"}, "libgomp") == {}
+    assert openmp_wait_defaults({"OMP_NUM_THREADS": "2"}, "libgomp") == {"GOMP_SPINCOUNT": "1000"}
+
+
+def test_train_command_sets_the_wait_before_openmp_loads_and_says_so(tiny_yaml, tmp_path):
+    """The command re-executes itself once with the variable set (OpenMP read the environment when
+    torch loaded): the training process reports it; a user's own setting is left alone."""
+    from routelab.cli import openmp_runtime
+
+    args = ["train", str(tiny_yaml), "--set", "train.steps=2", "--no-sample"]
+    done = _cli(*args, "--out", str(tmp_path / "a"))
+    assert done.returncode == 0, done.stderr
+    chosen = "GOMP_SPINCOUNT=1000" if openmp_runtime() == "libgomp" else "OMP_WAIT_POLICY=PASSIVE"
+    lines = done.stderr.splitlines()
+    assert sum(line.startswith(f"routelab: {chosen}: idle OpenMP threads") for line in lines) == 1, done.stderr
+    assert any(re.fullmatch(rf"routelab: CPU threads: \d+ \(.+\), {chosen}", line) for line in lines), done.stderr
+    done = _cli(*args, "--out", str(tmp_path / "b"), "--set", "train.threads=1", env={"OMP_WAIT_POLICY": "ACTIVE"})
+    assert done.returncode == 0, done.stderr
+    assert "idle OpenMP threads" not in done.stderr
+    assert "routelab: CPU threads: 1 (train.threads), OMP_WAIT_POLICY=ACTIVE" in done.stderr.splitlines()
+
+
+def test_main_changes_no_process_wide_setting(tiny_yaml, tmp_path, monkeypatch):
+    """main(argv) is the library's way to run a command: it sets no OpenMP variable (run() does)."""
+    import os
+
+    from routelab.cli import OPENMP_WAIT_VARS
+
+    for var in OPENMP_WAIT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for command in (["train", str(tiny_yaml), "--out", str(tmp_path / "r"), "--set", "train.steps=2", "--no-sample"],
+                    ["compare", "compare-lm", "--out", str(tmp_path / "file-in-the-way")]):
+        (tmp_path / "file-in-the-way").write_text("")
+        main(command)
+        assert not [var for var in OPENMP_WAIT_VARS if var in os.environ]
 
 
 # -- YAML syntax errors: one line with the file, line and column ----------------------------------
