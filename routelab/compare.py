@@ -33,6 +33,7 @@ from routelab.data import DataError
 from routelab.errors import ERROR_FILE_ENV, ConfigError, check
 from routelab.io import atomic_write, check_folder_target, replace_dir
 from routelab.presets import resolve_config_path
+from routelab.train.metrics import format_duration
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -237,13 +238,6 @@ def _train(cfg: Config, out: Path, resume: bool, isolate: bool) -> None:
         reason = error_path.read_text().strip() if error_path.is_file() else ""
         error_path.unlink(missing_ok=True)
         raise VariantError(reason or f"its training process exited with status {proc.returncode} (see the output above)")
-
-
-def format_duration(seconds: float) -> str:
-    """``45s``, ``1m32s``, ``1h05m``."""
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
 
 
 class CompareProgress:

@@ -157,6 +157,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def format_duration(seconds: float) -> str:
+    """``45s``, ``1m32s``, ``1h05m``: how progress lines and reports show durations."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

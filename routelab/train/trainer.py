@@ -37,6 +37,7 @@ from routelab.train.metrics import (
     METRICS_FILE,
     MetricsLog,
     flatten_routing,
+    format_duration,
     mean_records,
     open_tensorboard,
     peak_rss_mb,
@@ -360,7 +361,4 @@ def progress_line(step: int, last: int, loss: float, tokens_per_s: float, s_per_
     eta = (last - step) * s_per_step
     if cfg.train.max_seconds:
         eta = min(eta, max(cfg.train.max_seconds - elapsed, 0.0))
-    minutes, seconds = divmod(round(eta), 60)
-    hours, minutes = divmod(minutes, 60)
-    eta_text = f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
-    return f"step {step}/{last}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  ETA {eta_text}"
+    return f"step {step}/{last}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  ETA {format_duration(eta)}"

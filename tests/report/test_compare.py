@@ -72,7 +72,8 @@ def test_tiny_comparison_table_matches_run_summaries(base_yaml, tmp_path, capsys
 
 def test_progress_estimates_the_time_left_from_the_variants_trained(monkeypatch, capsys):
     from routelab import compare as compare_module
-    from routelab.compare import CompareProgress, format_duration
+    from routelab.compare import CompareProgress
+    from routelab.train.metrics import format_duration
 
     clock = iter([0.0, 92.0, 92.0, 100.0, 200.0, 200.0, 310.0, 310.0, 410.0])  # start and end of each
     monkeypatch.setattr(compare_module.time, "perf_counter", lambda: next(clock))
