@@ -371,7 +371,9 @@ def lm_eval_batches(
     tokens: torch.Tensor, batch_size: int, seq_len: int, max_batches: int = 0
 ) -> Iterator[torch.Tensor]:
     """Non-overlapping windows in order, ``batch_size`` at a time; the last batch may be smaller and
-    a tail shorter than ``seq_len`` is dropped.
+    a tail shorter than ``seq_len`` is dropped. With ``max_batches``, the ``max_batches * batch_size``
+    windows are spread evenly over the whole split (a sample of every part of it, not its first
+    files), in order.
 
     Yields:
         (b, T) int64 with b <= B; at most ``max_batches`` batches (0 = all).
@@ -379,8 +381,8 @@ def lm_eval_batches(
     _check_long_enough(tokens, seq_len, batch_size)
     n_windows = tokens.numel() // seq_len
     windows = tokens[: n_windows * seq_len].reshape(n_windows, seq_len)  # (W, T)
-    n_batches = math.ceil(n_windows / batch_size)
-    if max_batches > 0:
-        n_batches = min(n_batches, max_batches)
-    for i in range(n_batches):
+    if 0 < max_batches and max_batches * batch_size < n_windows:
+        keep = torch.arange(max_batches * batch_size) * n_windows // (max_batches * batch_size)  # evenly spaced
+        windows = windows[keep]  # (max_batches * B, T)
+    for i in range(math.ceil(windows.shape[0] / batch_size)):
         yield windows[i * batch_size : (i + 1) * batch_size]

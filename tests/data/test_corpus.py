@@ -251,3 +251,6 @@ def test_lm_eval_batches_in_order() -> None:
     assert [b.shape[0] for b in batches] == [2, 2, 1]  # 5 windows, the 2-token tail dropped
     assert torch.equal(torch.cat(batches).flatten(), torch.arange(25))
     assert len(list(lm_eval_batches(torch.arange(27), 2, 5, max_batches=2))) == 2
+    # a subset of the windows is spread over the whole split: 4 of 10 windows -> 0, 2, 5, 7
+    sample = torch.cat(list(lm_eval_batches(torch.arange(50), 2, 5, max_batches=2)))
+    assert sample[:, 0].tolist() == [0, 10, 25, 35]
