@@ -3,7 +3,7 @@
 # source (routelab/configs/compare-lm.yaml: dense, switch, hash, hash-balanced and top-2 MoE at equal active
 # FLOPs, and local attention; same steps for all), print the results table and the report's path, and
 # inspect the routing of the top-2 model on a line of code. Each variant prints its time and the time
-# left as it ends (about 10 minutes in all on 2 cores). Rerunning keeps finished variants and resumes an
+# left as it ends (about 7 minutes in all on an idle 2-core CPU). Rerunning keeps finished variants and resumes an
 # interrupted one; delete runs/compare-lm to start over. Extra arguments go to `routelab compare`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
