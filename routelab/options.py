@@ -39,7 +39,7 @@ class FFNConfig:
     kind: str = "dense"  # registry key: routelab.ffn (dense; moe plugs in)
     hidden: int | None = None  # hidden width; None = 4 * d_model (8/3 * d_model for swiglu)
     activation: Literal["gelu", "relu", "swiglu"] = "gelu"  # swiglu adds a gate matrix (Shazeer 2020)
-    bias: bool = True  # biases in w_in/w_out, as in y = W2 act(W1 x + b1) + b2
+    bias: bool = True  # a bias on every projection (w_in, w_gate, w_out), as nn.Linear and HF mlp_bias
 
     def __post_init__(self) -> None:
         if self.hidden is not None:
