@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from routelab.config import Config, DataConfig, apply_overrides, from_dict
 from routelab.errors import ERROR_FILE_ENV, ConfigError
 from routelab.io import check_folder_target
 from routelab.presets import resolve_config_path
+from routelab.train.distributed import RankZeroError, launched
 
 log = logging.getLogger("routelab.cli")
 
@@ -42,6 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = Config.load(cfg_path, args.set)
     out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
     preflight(cfg)  # (train() checks again) a config that cannot train fails with its error line alone
+    if args.nproc is not None and args.nproc > 1 and not launched():
+        return launch_local(args.nproc, cfg.train.batch_size, without_nproc(args.argv))
     log.info(describe_threads(cfg.train.threads))
     summary = train(cfg, out, resume=args.resume)
     print(json.dumps(summary, indent=2))
@@ -140,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set model.d_model=256 (repeatable)")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    t.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (torchrun --standalone; "
+                   "train.batch_size is the global batch, split between them)")
     t.add_argument("--prompt", default="def ", help="prompt for the sample printed after LM training")
     t.add_argument("--no-sample", action="store_true", help="do not print a generated sample after LM training")
     t.set_defaults(func=cmd_train)
@@ -204,18 +210,63 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging() -> None:
-    """Show routelab's INFO messages (resuming, evaluations, progress lines) and warnings on stderr."""
+def configure_logging(rank: int = 0) -> None:
+    """Show routelab's INFO messages (resuming, evaluations, progress lines) and warnings on stderr;
+    in a distributed run only rank 0 does (the others log errors alone)."""
     logger = logging.getLogger("routelab")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     logger.propagate = False
 
 
+def process_rank() -> int:
+    """This process's rank in a ``torchrun`` launch (0 otherwise)."""
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_local(nproc: int, batch_size: int, argv: list[str]) -> int:
+    """``routelab train ... --nproc N``: the same command in N processes on this machine, started by
+    torch's launcher (``torch.distributed.run``, i.e. torchrun --standalone); returns the exit status.
+    A failed process is reported in one line after its own error line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    if batch_size % nproc:
+        raise ConfigError(f"train.batch_size={batch_size} is invalid with --nproc {nproc}; allowed: a multiple of {nproc}")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
+    launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "routelab", *argv])
+    log.info("starting %d processes with torch.distributed.run (torchrun --standalone)", nproc)
+    try:
+        torchrun(launcher)
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        print(f"routelab: error: process {rank} of {nproc} exited with status {failure.exitcode}; its error is above",
+              file=sys.stderr)
+        return 2 if failure.exitcode == 2 else 1
+    return 0
+
+
 def user_error(message: str) -> int:
-    """Print one error line (and, for a parent ``routelab compare``, leave it in ``ROUTELAB_ERROR_FILE``)."""
+    """Print one error line (and, for a parent ``routelab compare``, leave it in ``ROUTELAB_ERROR_FILE``);
+    in a distributed run it names the rank."""
     line = " ".join(str(message).split())  # one line, whatever the message held
+    if launched():
+        line = f"rank {process_rank()}: {line}"
     print(f"routelab: error: {line}", file=sys.stderr)
     if os.environ.get(ERROR_FILE_ENV):
         with contextlib.suppress(OSError):
@@ -228,9 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     config or data (``ValueError``: ``ConfigError``, ``DataError``, ``RunError``, ``DamagedFileError``),
     missing or unwritable files (``OSError``). Ctrl-C exits 130. Anything else is a bug: traceback."""
     args = build_parser().parse_args(argv)
-    configure_logging()
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    rank = process_rank()
+    configure_logging(rank)
     try:
-        return args.func(args)
+        with contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext():  # rank 0 prints
+            return args.func(args)
+    except RankZeroError:
+        return 2  # rank 0 failed first and reports it
     except (ValueError, OSError) as e:
         return user_error(str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.strerror}: {e.filename!r}")
     except KeyboardInterrupt:
@@ -288,7 +344,7 @@ def run() -> None:
     extra = openmp_wait_defaults(os.environ, openmp_runtime()) if args.command in OPENMP_COMMANDS else {}
     if extra:
         os.environ.update(extra)
-        configure_logging()
+        configure_logging(process_rank())
         log.info(
             "%s: idle OpenMP threads soon sleep instead of spinning, so another busy process does not slow"
             " training several-fold (set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose)",

@@ -174,7 +174,7 @@ class TrainConfig:
     _section = "train"
     steps: int = 1000  # optimizer steps (also the length of the LR schedule)
     max_seconds: float | None = None  # wall-clock budget: stop, as finished, once training took this long
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 16  # sequences per micro-batch, over all processes of a distributed run
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -194,6 +194,8 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     tensorboard: bool = False  # also log metrics to RUN_DIR/tensorboard (needs the tensorboard package)
     skip_nonfinite: bool = False  # skip (do not apply) an update whose loss or gradient is NaN/inf, instead of stopping
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # torchrun runs: auto = NCCL on CUDA, gloo on CPU
+    dist_timeout: float = 300.0  # seconds a collective may wait (a dead rank ends the run after this)
 
     def __post_init__(self) -> None:
         check_positive(self, "steps", "batch_size", "grad_accum", "lr")
@@ -207,6 +209,7 @@ class TrainConfig:
         check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "train.beta1/beta2", (self.beta1, self.beta2), "0 <= beta < 1")
         if self.threads is not None:
             check_positive(self, "threads")
+        check_positive(self, "dist_timeout")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from routelab.data import (
     collate_classification,
     lm_eval_batches,
 )
+from routelab.train.distributed import DistContext
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -37,6 +38,7 @@ def evaluate(
     cfg: Config,
     split: str = "val",
     max_batches: int | None = None,
+    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``split`` of ``data``.
 
@@ -44,6 +46,8 @@ def evaluate(
         split: 'val' or 'train' (LM); 'val', 'test' or 'train' (classification).
         max_batches: batches of ``cfg.train.batch_size`` to score; None = ``cfg.train.eval_batches``,
             0 = the whole split.
+        ctx: in a distributed run, each rank scores every world_size-th batch and the sums are
+            all-reduced: every rank gets the result of the whole evaluation.
 
     Returns:
         LM: ``{"loss", "bpb" (val only), "tokens"}``; classification: ``{"loss", "accuracy", "examples"}``.
@@ -57,26 +61,32 @@ def evaluate(
     fork_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=fork_devices):
+            ctx = ctx or DistContext()
             if isinstance(data, LMData):
-                return _evaluate_lm(model, data, cfg, split, max_batches, device)
+                return _evaluate_lm(model, data, cfg, split, max_batches, device, ctx)
             if isinstance(data, ClassificationData):
-                return _evaluate_classification(model, data, cfg, split, max_batches, device)
+                return _evaluate_classification(model, data, cfg, split, max_batches, device, ctx)
             raise TypeError(f"cannot evaluate on {type(data).__name__}; expected LMData or ClassificationData")
     finally:
         model.train(was_training)
 
 
-def _evaluate_lm(model, data: LMData, cfg: Config, split: str, max_batches: int, device) -> dict[str, Any]:
+def _evaluate_lm(model, data: LMData, cfg: Config, split: str, max_batches: int, device, ctx: DistContext) -> dict[str, Any]:
     splits = {"train": data.train, "val": data.val}
     if split not in splits:
         raise ValueError(f"LM data has no split {split!r}; allowed: {', '.join(splits)}")
     total_nats, total_tokens = 0.0, 0
-    for x in lm_eval_batches(splits[split], cfg.train.batch_size, cfg.data.seq_len, max_batches):  # (b, T)
+    batches = lm_eval_batches(splits[split], cfg.train.batch_size, cfg.data.seq_len, max_batches)
+    for i, x in enumerate(batches):  # (b, T)
+        if i % ctx.world_size != ctx.rank:  # this rank's share of the batches
+            continue
         x = x.to(device)
         out = model(x, labels=x)
         n = x.shape[0] * (x.shape[1] - 1)  # predicted positions: t predicts t + 1
         total_nats += out.task_loss.item() * n
         total_tokens += n
+    total_nats, total_tokens = ctx.sum([total_nats, total_tokens], device)
+    total_tokens = int(total_tokens)
     loss = total_nats / total_tokens
     result: dict[str, Any] = {"loss": loss}
     if split == "val":
@@ -91,7 +101,7 @@ def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
 
 
 def _evaluate_classification(
-    model, data: ClassificationData, cfg: Config, split: str, max_batches: int, device
+    model, data: ClassificationData, cfg: Config, split: str, max_batches: int, device, ctx: DistContext
 ) -> dict[str, Any]:
     splits = {"train": data.train, "val": data.val, "test": data.test}
     if split not in splits:
@@ -103,10 +113,13 @@ def _evaluate_classification(
     for i, batch in enumerate(classification_eval_batches(examples, cfg.train.batch_size)):
         if max_batches and i >= max_batches:
             break
+        if i % ctx.world_size != ctx.rank:  # this rank's share of the batches
+            continue
         b = collate_classification(batch, data.tokenizer, cfg.data.seq_len, cfg.data.truncate, data.num_classes)
         labels = b["labels"].to(device)  # (B,)
         out = model(b["input_ids"].to(device), labels=labels, attention_mask=b["attention_mask"].to(device))
         total_nats += out.task_loss.item() * labels.numel()
         correct += int((out.logits.argmax(-1) == labels).sum())
         seen += labels.numel()
-    return {"loss": total_nats / seen, "accuracy": correct / seen, "examples": seen}
+    total_nats, correct, seen = ctx.sum([total_nats, correct, seen], device)
+    return {"loss": total_nats / seen, "accuracy": correct / seen, "examples": int(seen)}

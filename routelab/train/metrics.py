@@ -104,11 +104,14 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 class MetricsLog:
     """Appends records to ``run_dir/metrics.jsonl`` and, if given a writer, to TensorBoard."""
 
-    def __init__(self, path: str | Path, tensorboard: Any = None) -> None:
+    def __init__(self, path: str | Path, tensorboard: Any = None, enabled: bool = True) -> None:
         self.path = Path(path)
         self.tensorboard = tensorboard  # a SummaryWriter (see ``open_tensorboard``) or None
+        self.enabled = enabled  # False on the ranks of a distributed run other than 0: they write nothing
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         line = json.dumps({k: _finite(v) for k, v in record.items()})
         with self.path.open("a") as f:
             f.write(line + "\n")
@@ -123,7 +126,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> int:
         """Drop lines with ``step > step`` and unreadable lines (a partial write); return how many."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return 0
         kept, dropped = [], 0
         for line in self.path.read_text().splitlines():

@@ -58,8 +58,10 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.skip_nonfinite",
+    "train.dist_backend",
+    "train.dist_timeout",
 )
-DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads")  # never change what a run computes
+DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.dist_backend", "train.dist_timeout")  # never change what a run computes
 # nor do these change its results (metrics, model): a comparison reuses a variant that differs only here
 NO_EFFECT_ON_RESULTS = (*DISPLAY_ONLY, "train.checkpoint_every", "train.keep_checkpoints")
 

@@ -11,6 +11,7 @@ each micro-batch loss is divided by ``grad_accum`` so the gradient is that of th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -23,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from routelab.config import Config
@@ -32,6 +35,7 @@ from routelab.io import atomic_write_json, make_temp_dir, replace_dir
 from routelab.model import RoutedTransformer
 from routelab.moe.routers import Router
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
 from routelab.train.evaluation import evaluate
 from routelab.train.metrics import (
     METRICS_FILE,
@@ -89,21 +93,24 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 def micro_batch(
-    cfg: Config, data: LMData | ClassificationData, step: int, micro: int, perms: dict
+    cfg: Config, data: LMData | ClassificationData, step: int, micro: int, perms: dict, ctx: DistContext | None = None
 ) -> dict[str, torch.Tensor]:
-    """Micro-batch ``micro`` of update ``step`` (1-based): a pure function of (seed, step, micro).
+    """This rank's rows of micro-batch ``micro`` of update ``step`` (1-based): a pure function of
+    (seed, step, micro, rank, world size); the global micro-batch is the same whatever the world size.
 
     Returns:
-        ``input_ids`` (B, T) and ``labels`` ((B, T) for LM, (B,) for classification), plus
-        ``attention_mask`` (B, T) for classification. ``perms`` caches epoch permutations.
+        ``input_ids`` (b, T) and ``labels`` ((b, T) for LM, (b,) for classification), plus
+        ``attention_mask`` (b, T) for classification; b = batch_size / world size. ``perms`` caches
+        epoch permutations.
     """
     t = cfg.train
+    rows = (ctx or DistContext()).share(t.batch_size)
     index = (step - 1) * t.grad_accum + micro  # global micro-batch number, from 0
     if isinstance(data, LMData):
         gen = torch.Generator().manual_seed(batch_seed(t.seed, index))
-        x = sample_lm_batch(data.train, t.batch_size, cfg.data.seq_len, gen)  # (B, T)
+        x = sample_lm_batch(data.train, t.batch_size, cfg.data.seq_len, gen)[rows]  # (b, T) of the global (B, T)
         return {"input_ids": x, "labels": x}  # the model shifts labels inside
-    examples = classification_batch(data.train, t.batch_size, t.seed, index, perms)
+    examples = classification_batch(data.train, t.batch_size, t.seed, index, perms)[rows]
     return collate_classification(examples, data.tokenizer, cfg.data.seq_len, cfg.data.truncate, data.num_classes)
 
 
@@ -125,8 +132,13 @@ def train_step(
     step: int,
     perms: dict,
     device: torch.device,
+    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     """Run update ``step``: ``grad_accum`` forward/backward passes, clip, AdamW step, zero grads.
+
+    In a distributed run ``model`` is the ``DistributedDataParallel`` wrapper: gradients are
+    averaged once per update (not per micro-batch), and the reported losses, tokens and routing
+    statistics are over all ranks, so every rank takes the same decisions.
 
     A non-finite loss or gradient norm raises ``NonFiniteError`` before the update is applied, or
     with ``train.skip_nonfinite`` the update is dropped and ``skipped`` is True.
@@ -136,15 +148,18 @@ def train_step(
         ``grad_norm`` (before clipping), ``tokens`` (non-padding input tokens) and flattened routing stats.
     """
     t = cfg.train
+    ctx = ctx or DistContext()
     lr = lr_at(step, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
     totals = torch.zeros(3, device=device)  # loss, task_loss, aux_loss summed over micro-batches
     routing, tokens = [], 0
     for micro in range(t.grad_accum):
-        batch = {k: v.to(device) for k, v in micro_batch(cfg, data, step, micro, perms).items()}
-        out = model(**batch)
-        (out.loss / t.grad_accum).backward()
+        batch = {k: v.to(device) for k, v in micro_batch(cfg, data, step, micro, perms, ctx).items()}
+        last = micro == t.grad_accum - 1
+        with contextlib.nullcontext() if last or not ctx.enabled else model.no_sync():  # all-reduce once per update
+            out = model(**batch)
+            (out.loss / t.grad_accum).backward()
         totals += torch.stack([out.loss.detach(), out.task_loss.detach(), out.aux_loss.detach().float()])
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
@@ -155,8 +170,9 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    loss, task_loss, aux_loss = (totals / t.grad_accum).tolist()
-    skipped = not (math.isfinite(loss) and math.isfinite(float(grad_norm)))
+    loss, task_loss, aux_loss = ctx.mean((totals / t.grad_accum).tolist(), device)
+    tokens = int(ctx.sum([tokens], device)[0])
+    skipped = not (math.isfinite(loss) and math.isfinite(float(grad_norm)))  # grads are all-reduced: same on all ranks
     if skipped and not t.skip_nonfinite:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(
@@ -174,8 +190,22 @@ def train_step(
         "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens": tokens,
-        **(mean_records(routing) if routing else {}),
+        **(mean_over_ranks(mean_records(routing), ctx, device) if routing else {}),
     }
+
+
+def mean_over_ranks(stats: dict[str, Any], ctx: DistContext, device: torch.device) -> dict[str, Any]:
+    """Numeric statistics (numbers and lists of numbers) averaged over the ranks, others as they are."""
+    if not ctx.enabled:
+        return stats
+    keys = [k for k, v in stats.items() if isinstance(v, (int, float)) or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))]
+    flat = [float(x) for k in keys for x in (stats[k] if isinstance(stats[k], list) else [stats[k]])]
+    means, out, i = ctx.mean(flat, device), dict(stats), 0
+    for k in keys:
+        n = len(stats[k]) if isinstance(stats[k], list) else 1
+        out[k] = means[i : i + n] if isinstance(stats[k], list) else means[i]
+        i += n
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +226,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
     Progress goes to the ``routelab.train`` logger: a line every ``log_every`` steps (step, loss,
     tokens/s, ETA) when no progress bar is shown (no terminal), and every evaluation.
 
+    Started by ``torchrun`` (see ``routelab.train.distributed``), the processes train one model with
+    ``DistributedDataParallel`` on shares of the same global batches; rank 0 alone writes the run
+    folder and logs.
+
     Returns:
         the summary, also written to ``summary.json``.
     """
@@ -204,17 +238,36 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         raise ValueError(f"stop_after={stop_after} is invalid; allowed: None or a step >= 1")
     preflight(cfg)
     out = Path(out_dir)
-    ckpt = prepare_run_dir(out, cfg, resume)
     device = resolve_device(cfg.train.device)
+    ctx = init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout, device)
+    summary = _train(cfg, out, resume, stop_after, rank_device(device, ctx), ctx, start_time)
+    shutdown(ctx)  # not after an error: this rank exits at once, and the launcher stops the others
+    return summary
+
+
+def _train(
+    cfg: Config, out: Path, resume: bool, stop_after: int | None, device: torch.device, ctx: DistContext, start_time: float
+) -> dict[str, Any]:
+    """``train`` on one rank (of one or more); rank 0 prepares the folder and data files first."""
+    ctx.share(cfg.train.batch_size)  # the global batch must split evenly between the ranks
+    ckpt = ctx.on_main(lambda: prepare_run_dir(out, cfg, resume))
+    if not ctx.is_main and resume:
+        ckpt = latest_checkpoint(out)  # rank 0 verified it and set damaged ones aside
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
 
-    data = load_task_data(cfg, out)
-    if not (out / TOKENIZER_FILE).is_file():
-        data.tokenizer.save(out)
+    def first_load() -> Any:  # rank 0 builds the tokenizer (e.g. trains a BPE) and saves it for the others
+        data = load_task_data(cfg, out)
+        if not (out / TOKENIZER_FILE).is_file():
+            data.tokenizer.save(out)
+        save_config(resolve_config(cfg, data), out / CONFIG_FILE)
+        return data
+
+    data = ctx.on_main(first_load)
+    if not ctx.is_main:
+        data = load_task_data(cfg, out)
     cfg = resolve_config(cfg, data)
-    save_config(cfg, out / CONFIG_FILE)
     model = RoutedTransformer(cfg.model).to(device)
     if ckpt is None:  # data-dependent router state (a frequency-balanced hash table); a resume loads it
         counts = functools.cache(lambda: token_counts(data, cfg.model.vocab_size))
@@ -226,7 +279,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         filled = model.load_word_vectors(cfg.model.embeddings_path, vocab)
         log.info("word vectors from %s filled %d of %d embedding rows", cfg.model.embeddings_path, filled, len(vocab))
     optimizer = build_optimizer(model, cfg.train)
-    metrics = MetricsLog(out / METRICS_FILE, open_tensorboard(out / "tensorboard") if cfg.train.tensorboard else None)
+    tensorboard = open_tensorboard(out / "tensorboard") if cfg.train.tensorboard and ctx.is_main else None
+    metrics = MetricsLog(out / METRICS_FILE, tensorboard, enabled=ctx.is_main)
 
     book: dict[str, Any] = {"tokens_seen": 0, "elapsed_s": 0.0, "train_loss": None, "skipped_steps": 0}
     step = 0
@@ -236,16 +290,20 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         book.update(state["bookkeeping"])
         dropped = metrics.truncate_after(step)
         log.info("resuming from %s (step %d); dropped %d metrics lines past it", ckpt, step, dropped)
+    if ctx.enabled:
+        log.info("%d processes (%s), global batch %d = %d per process", ctx.world_size, dist.get_backend(),
+                 cfg.train.batch_size, cfg.train.batch_size // ctx.world_size)
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     start_step, elapsed_before = step, book["elapsed_s"]
     loop_start = time.perf_counter()
 
-    def checkpoint() -> None:
+    def checkpoint() -> None:  # rank 0's model and optimizer state are every rank's (gradients are averaged)
         book["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
-        save_checkpoint(out, step, model, optimizer, {"bookkeeping": dict(book)}, cfg.train.keep_checkpoints)
+        ctx.on_main(lambda: save_checkpoint(out, step, model, optimizer, {"bookkeeping": dict(book)}, cfg.train.keep_checkpoints))
 
     def run_eval(write: bool = True) -> dict[str, Any]:
-        result = evaluate(model, data, cfg, "val")
+        result = evaluate(model, data, cfg, "val", ctx=ctx)
         if write:
             metrics.write({"step": step, "split": "val", **{k: v for k, v in result.items() if k in EVAL_KEYS}})
         log.info("step %d validation: %s", step, "  ".join(f"{k} {result[k]:.4f}" for k in EVAL_KEYS if k in result))
@@ -253,7 +311,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
 
     train_time, run_tokens = 0.0, 0  # this invocation, for throughput
     window_time, window_tokens = 0.0, 0  # since the last metrics line
-    show_bar = cfg.train.progress and sys.stderr.isatty()
+    show_bar = cfg.train.progress and sys.stderr.isatty() and ctx.is_main
     log_lines = cfg.train.progress and not show_bar  # logs, nohup, CI: a line per log_every steps instead
     bar = tqdm(total=last, initial=step, disable=not show_bar, desc="train", dynamic_ncols=True)
     perms: dict = {}
@@ -264,7 +322,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         while step < last and not out_of_time:
             step += 1
             t0 = time.perf_counter()
-            result = train_step(model, optimizer, cfg, data, step, perms, device)
+            if ctx.enabled:  # each rank's own stream (dropout, random routing) as a function of (seed, step, rank)
+                torch.manual_seed(batch_seed(cfg.train.seed + 1 + ctx.rank, step))
+            result = train_step(trained, optimizer, cfg, data, step, perms, device, ctx)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -299,9 +359,11 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
                 run_eval()
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != last:
                 checkpoint()
-            if cfg.train.max_seconds and elapsed_before + time.perf_counter() - loop_start >= cfg.train.max_seconds:
-                out_of_time = True
-                break
+            if cfg.train.max_seconds:  # every rank stops at the same step
+                over = elapsed_before + time.perf_counter() - loop_start >= cfg.train.max_seconds
+                if ctx.any(over, device):
+                    out_of_time = True
+                    break
     except NonFiniteError as e:
         metrics.close()
         ckpt = latest_checkpoint(out)
@@ -319,7 +381,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         checkpoint()
     completed = step >= cfg.train.steps or out_of_time
     if completed:
-        export_model(model, data.tokenizer, out / MODEL_DIR)
+        ctx.on_main(lambda: export_model(model, data.tokenizer, out / MODEL_DIR))
     summary = {
         "steps": step,
         "target_steps": cfg.train.steps,
@@ -337,9 +399,10 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
         "num_parameters": model.num_parameters(),
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),
+        "world_size": ctx.world_size,
         "config_sha256": config_sha256(cfg),
     }
-    atomic_write_json(out / SUMMARY_FILE, summary)  # after model/: a summary says the export is complete
+    ctx.on_main(lambda: atomic_write_json(out / SUMMARY_FILE, summary))  # after model/: the export is complete
     return summary
 
 

@@ -111,9 +111,9 @@ def nan_at_step(monkeypatch):
     real_batch, real_forward = trainer_mod.micro_batch, RoutedTransformer.forward
     current = {}
 
-    def batch(cfg, data, step, micro, perms):
+    def batch(cfg, data, step, micro, perms, ctx=None):
         current["step"] = step
-        return real_batch(cfg, data, step, micro, perms)
+        return real_batch(cfg, data, step, micro, perms, ctx)
 
     def forward(self, *args, **kwargs):
         out = real_forward(self, *args, **kwargs)

@@ -1,0 +1,140 @@
+"""Data parallelism on ``torch.distributed``: process groups from ``torchrun``, a rank's share of
+each global batch, and the few collectives the trainer needs.
+
+One run = one model trained by ``world_size`` processes started by torch's own launcher
+(``torchrun``, or ``routelab train --nproc N`` which calls it). ``train.batch_size`` is the *global*
+micro-batch: rank r computes rows ``r * b .. (r + 1) * b - 1`` of it (b = batch_size / world_size),
+so N processes train on exactly the batches one process would, and a checkpoint resumes on any
+number of processes. Dense parameters are replicated with ``DistributedDataParallel``, which
+averages gradients: the mean of the ranks' mean losses over equal shares is the global mean loss.
+
+The backend follows the device (gloo on CPU, NCCL on CUDA) unless ``train.dist_backend`` says
+otherwise; ``train.dist_timeout`` bounds every collective, so a rank that dies ends the run
+instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from routelab.errors import ConfigError
+
+T = TypeVar("T")
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set by torchrun
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the run: one process is ``DistContext()`` (rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files, logs and progress."""
+        return self.rank == 0
+
+    def share(self, global_rows: int, what: str = "train.batch_size") -> slice:
+        """This rank's rows of a global batch of ``global_rows`` (which the world size must divide)."""
+        if global_rows % self.world_size:
+            raise ConfigError(
+                f"{what}={global_rows} is invalid with {self.world_size} processes; allowed: a multiple of the"
+                " number of processes (it is the global batch, split evenly between them)"
+            )
+        b = global_rows // self.world_size
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    # -- collectives (no-ops in one process) ------------------------------------------------------
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum of ``values`` over the ranks (float64)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def mean(self, values: list[float], device: torch.device) -> list[float]:
+        return [v / self.world_size for v in self.sum(values, device)]
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if ``flag`` is True on one (so all ranks take the same branch)."""
+        return bool(self.sum([float(flag)], device)[0]) if self.enabled else flag
+
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """Run ``fn`` on rank 0 only and tell the others how it went: its result is rank 0's, an
+        error it raised is raised on rank 0 as is and on the others as ``RankZeroError`` (so no rank
+        waits for a rank that already failed)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001  (re-raised below, after telling the others)
+                error = e
+        if self.enabled:
+            box = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and not self.is_main:
+                raise RankZeroError(box[0])
+        if error is not None:
+            raise error
+        return result
+
+
+class RankZeroError(RuntimeError):
+    """Raised on the other ranks when rank 0 failed a step it does alone (rank 0 reports the cause)."""
+
+
+def launched() -> bool:
+    """Whether this process was started by ``torchrun`` (or another launcher setting its variables)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(backend: str, timeout_s: float, device: torch.device) -> DistContext:
+    """Join the process group ``torchrun`` described in the environment; ``DistContext()`` without one.
+
+    ``backend`` 'auto' is NCCL for a CUDA device and gloo otherwise. Each rank on CUDA uses the GPU
+    of its ``LOCAL_RANK``.
+    """
+    if not launched():
+        return DistContext()
+    missing = [v for v in LAUNCH_VARS if v not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE > 1 but {', '.join(missing)} unset: start distributed runs with torchrun or --nproc")
+    ctx = DistContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"train.dist_backend='nccl' needs a CUDA device, but train.device is {str(device)!r}; use gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return ctx
+
+
+def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
+    """On CUDA, each local rank takes its own GPU (``cuda:LOCAL_RANK``) unless one is named."""
+    if device.type == "cuda" and device.index is None and ctx.enabled:
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
