@@ -43,8 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg_path = resolve_config_path(args.config)
     cfg = Config.load(cfg_path, args.set)
     out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
-    preflight(cfg)  # (train() checks again) a config that cannot train fails with its error line alone
-    if args.nproc is not None and args.nproc > 1 and not launched():
+    nproc = args.nproc if args.nproc is not None and args.nproc > 1 and not launched() else None
+    preflight(cfg, nproc)  # (train() checks again) a config that cannot train fails with its error line alone
+    if nproc:
         return launch_local(args.nproc, cfg.train.batch_size, without_nproc(args.argv))
     log.info(describe_threads(cfg.train.threads))
     summary = train(cfg, out, resume=args.resume)
@@ -248,7 +249,7 @@ def launch_local(nproc: int, batch_size: int, argv: list[str]) -> int:
 
     if batch_size % nproc:
         raise ConfigError(f"train.batch_size={batch_size} is invalid with --nproc {nproc}; allowed: a multiple of {nproc}")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)  # we report failures ourselves; no launcher banners
     launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "routelab", *argv])
     log.info("starting %d processes with torch.distributed.run (torchrun --standalone)", nproc)
     try:

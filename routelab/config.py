@@ -196,6 +196,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (do not apply) an update whose loss or gradient is NaN/inf, instead of stopping
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # torchrun runs: auto = NCCL on CUDA, gloo on CPU
     dist_timeout: float = 300.0  # seconds a collective may wait (a dead rank ends the run after this)
+    expert_parallel: int = 1  # P: spread each MoE layer's experts over groups of P processes (divides both)
 
     def __post_init__(self) -> None:
         check_positive(self, "steps", "batch_size", "grad_accum", "lr")
@@ -209,7 +210,7 @@ class TrainConfig:
         check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "train.beta1/beta2", (self.beta1, self.beta2), "0 <= beta < 1")
         if self.threads is not None:
             check_positive(self, "threads")
-        check_positive(self, "dist_timeout")
+        check_positive(self, "dist_timeout", "expert_parallel")
 
 
 @dataclass

@@ -136,6 +136,7 @@ class MoE(nn.Module):
         # DeepSeek-V3 selection bias: state of the balancing controller, saved with the model
         self.register_buffer("selection_bias", torch.zeros(num_experts) if bias_balancing else None)
         self._workspace = Workspace()  # the fast path's helper threads and reusable buffer (not state)
+        self.expert_parallel = None  # set by routelab.moe.parallel.apply_expert_parallel: experts on several ranks
 
     def extra_repr(self) -> str:
         return f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}, impl={self.impl!r}"
@@ -223,6 +224,8 @@ class MoE(nn.Module):
             self._update_selection_bias(r.expert_idx, chosen)
         if self.impl == "reference":
             y = reference_combine(self.experts, x, r.expert_idx, r.gates, active)
+        elif self.expert_parallel is not None:  # experts spread over ranks (routelab.moe.parallel)
+            y = self.expert_parallel(self.experts, x, r.expert_idx, r.gates, active, self._workspace)
         else:
             plan = plan_dispatch(r.expert_idx, active, E)
             y = grouped_experts(self.experts, x, r.gates, plan, self._workspace)

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,18 +141,24 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     bookkeeping: dict[str, Any],
     keep: int,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then keep only the ``keep`` newest; return its folder.
 
     ``bookkeeping`` (JSON-able trainer counters) is stored in ``state.json``, with the SHA-256 of
-    both tensor files, checked on load.
+    both tensor files, checked on load. ``model_state`` / ``optimizer_tensors`` replace the model's
+    state dict and the optimizer's tensors (expert parallelism passes the experts gathered from all
+    ranks, so a checkpoint is the same whatever the number of processes).
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
     tmp = make_temp_dir(root, final.name)
     try:
-        files = {MODEL_FILE: save_state_dict(model.state_dict(), tmp / MODEL_FILE)}
+        files = {MODEL_FILE: save_state_dict(model_state if model_state is not None else model.state_dict(), tmp / MODEL_FILE)}
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+        if optimizer_tensors is not None:
+            opt_tensors = optimizer_tensors
         rng_tensors, rng_meta = capture_rng(_device_of(model))
         files[OPTIMIZER_FILE] = save_state_dict({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
         state = {
@@ -261,12 +268,28 @@ def load_checkpoint(
     state = verify_checkpoint(path, shapes)
     model.load_state_dict(load_state_dict(path / MODEL_FILE))
     if optimizer is not None or rng:
-        tensors = load_state_dict(path / OPTIMIZER_FILE)
-        try:
-            if optimizer is not None:
-                optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
-            if rng:
-                restore_rng(tensors, state["rng"], _device_of(model))
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise DamagedFileError(path / OPTIMIZER_FILE, f"its optimizer or RNG state does not fit ({type(e).__name__}: {e})") from None
+        load_optimizer_state(path, optimizer, state, device=_device_of(model) if rng else None)
     return state
+
+
+def load_optimizer_state(
+    path: str | Path,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict,
+    device: torch.device | None = None,
+    tensor_map: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Load a checkpoint's optimizer state into ``optimizer`` (if given) and its RNG states (if
+    ``device``); ``tensor_map(key, tensor)`` may transform each ``state.{idx}.{name}`` tensor first
+    (expert parallelism keeps this rank's slice of the experts' moments)."""
+    path = Path(path)
+    tensors = load_state_dict(path / OPTIMIZER_FILE)
+    if tensor_map is not None:
+        tensors = {k: tensor_map(k, t) if k.startswith("state.") else t for k, t in tensors.items()}
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+        if device is not None:
+            restore_rng(tensors, state["rng"], device)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise DamagedFileError(path / OPTIMIZER_FILE, f"its optimizer or RNG state does not fit ({type(e).__name__}: {e})") from None

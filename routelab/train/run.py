@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,8 +61,11 @@ RESUMABLE_CHANGES = (
     "train.skip_nonfinite",
     "train.dist_backend",
     "train.dist_timeout",
+    "train.expert_parallel",
 )
-DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.dist_backend", "train.dist_timeout")  # never change what a run computes
+# how a run is laid out, not what it computes (up to float summation order)
+DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.dist_backend", "train.dist_timeout",
+                "train.expert_parallel")  # never change what a run computes
 # nor do these change its results (metrics, model): a comparison reuses a variant that differs only here
 NO_EFFECT_ON_RESULTS = (*DISPLAY_ONLY, "train.checkpoint_every", "train.keep_checkpoints")
 
@@ -215,13 +219,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, world_size: int | None = None) -> None:
     """Check what can be checked without reading data or allocating weights, so a bad config fails
     in a second rather than after data loading (or, in a comparison, after other variants trained):
     the device, optional packages the config asks for, the data source's existence, and the model
     itself, built on the meta device (every layer's own checks, e.g. a batch-ranking router in a
-    causal model), with placeholder sizes where the data decides them."""
+    causal model), with placeholder sizes where the data decides them. ``world_size``: the number of
+    processes the run will have (default: this launch's)."""
     resolve_device(cfg.train.device)
+    P, world = cfg.train.expert_parallel, world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if P > 1 and world == 1:
+        raise ConfigError(
+            f"train.expert_parallel={P} spreads experts over processes, but this is one process;"
+            f" start it with --nproc N or torchrun (N a multiple of {P})"
+        )
+    if world % P:
+        raise ConfigError(f"train.expert_parallel={P} is invalid with {world} processes; allowed: a divisor of {world}")
+    if cfg.train.expert_parallel > 1 and getattr(cfg.model.ffn, "kind", "dense") != "moe":
+        raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
     if cfg.train.tensorboard:
         tensorboard_writer_class()
     if cfg.data.task not in SUPPORTED_TASKS:

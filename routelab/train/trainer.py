@@ -33,8 +33,9 @@ from routelab.config import Config
 from routelab.data import ClassificationData, LMData, classification_batch, collate_classification, sample_lm_batch
 from routelab.io import atomic_write_json, make_temp_dir, replace_dir
 from routelab.model import RoutedTransformer
+from routelab.moe.parallel import ExpertGradients, check_expert_parallel, expert_groups
 from routelab.moe.routers import Router
-from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
 from routelab.train.evaluation import evaluate
 from routelab.train.metrics import (
@@ -62,6 +63,7 @@ from routelab.train.run import (
     save_config,
 )
 from routelab.train.schedule import lr_at
+from routelab.train.sharded import ShardedExperts
 
 log = logging.getLogger("routelab.train")
 
@@ -133,6 +135,7 @@ def train_step(
     perms: dict,
     device: torch.device,
     ctx: DistContext | None = None,
+    expert_grads: ExpertGradients | None = None,
 ) -> dict[str, Any]:
     """Run update ``step``: ``grad_accum`` forward/backward passes, clip, AdamW step, zero grads.
 
@@ -166,7 +169,10 @@ def train_step(
         if out.routing:
             routing.append(flatten_routing(out.routing))
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if t.grad_clip > 0:
+    if expert_grads is not None:  # expert parallelism: expert gradients over their replicas, the global norm
+        expert_grads.sync()
+        grad_norm = expert_grads.clip(params, t.grad_clip)
+    elif t.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -278,6 +284,13 @@ def _train(
         vocab = [data.tokenizer.id_to_token(i) for i in range(data.tokenizer.vocab_size)]
         filled = model.load_word_vectors(cfg.model.embeddings_path, vocab)
         log.info("word vectors from %s filled %d of %d embedding rows", cfg.model.embeddings_path, filled, len(vocab))
+    experts = None  # expert parallelism: this rank keeps its slice of every MoE layer's experts
+    state = None
+    if cfg.train.expert_parallel > 1:
+        check_expert_parallel(model, cfg.train.expert_parallel, ctx.world_size)
+        if ckpt is not None:  # the checkpoint holds every expert: load it whole, then slice
+            state = load_checkpoint(ckpt, model, None, rng=True)
+        experts = ShardedExperts(model, expert_groups(cfg.train.expert_parallel, ctx.rank, ctx.world_size))
     optimizer = build_optimizer(model, cfg.train)
     tensorboard = open_tensorboard(out / "tensorboard") if cfg.train.tensorboard and ctx.is_main else None
     metrics = MetricsLog(out / METRICS_FILE, tensorboard, enabled=ctx.is_main)
@@ -285,14 +298,20 @@ def _train(
     book: dict[str, Any] = {"tokens_seen": 0, "elapsed_s": 0.0, "train_loss": None, "skipped_steps": 0}
     step = 0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)  # also restores the RNG states
+        if experts is None:
+            state = load_checkpoint(ckpt, model, optimizer)  # also restores the RNG states
+        else:
+            load_optimizer_state(ckpt, optimizer, state, tensor_map=experts.slicer(optimizer))
         step = state["step"]
         book.update(state["bookkeeping"])
         dropped = metrics.truncate_after(step)
         log.info("resuming from %s (step %d); dropped %d metrics lines past it", ckpt, step, dropped)
     if ctx.enabled:
-        log.info("%d processes (%s), global batch %d = %d per process", ctx.world_size, dist.get_backend(),
-                 cfg.train.batch_size, cfg.train.batch_size // ctx.world_size)
+        log.info("%d processes (%s), global batch %d = %d per process%s", ctx.world_size, dist.get_backend(),
+                 cfg.train.batch_size, cfg.train.batch_size // ctx.world_size,
+                 f"; experts spread over groups of {experts.groups.size}" if experts else "")
+        if experts is not None:  # expert gradients are reduced over their replicas only (ExpertGradients)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts.names)
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     start_step, elapsed_before = step, book["elapsed_s"]
@@ -300,10 +319,12 @@ def _train(
 
     def checkpoint() -> None:  # rank 0's model and optimizer state are every rank's (gradients are averaged)
         book["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
-        ctx.on_main(lambda: save_checkpoint(out, step, model, optimizer, {"bookkeeping": dict(book)}, cfg.train.keep_checkpoints))
+        full = experts.full_states(optimizer) if experts else (None, None)  # every expert, from all ranks
+        ctx.on_main(lambda: save_checkpoint(out, step, model, optimizer, {"bookkeeping": dict(book)}, cfg.train.keep_checkpoints, *full))
 
     def run_eval(write: bool = True) -> dict[str, Any]:
-        result = evaluate(model, data, cfg, "val", ctx=ctx)
+        # under expert parallelism every rank runs every batch in step (its experts serve all ranks)
+        result = evaluate(model, data, cfg, "val", ctx=ctx if experts is None else None)
         if write:
             metrics.write({"step": step, "split": "val", **{k: v for k, v in result.items() if k in EVAL_KEYS}})
         log.info("step %d validation: %s", step, "  ".join(f"{k} {result[k]:.4f}" for k in EVAL_KEYS if k in result))
@@ -324,7 +345,7 @@ def _train(
             t0 = time.perf_counter()
             if ctx.enabled:  # each rank's own stream (dropout, random routing) as a function of (seed, step, rank)
                 torch.manual_seed(batch_seed(cfg.train.seed + 1 + ctx.rank, step))
-            result = train_step(trained, optimizer, cfg, data, step, perms, device, ctx)
+            result = train_step(trained, optimizer, cfg, data, step, perms, device, ctx, experts.gradients if experts else None)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -381,7 +402,8 @@ def _train(
         checkpoint()
     completed = step >= cfg.train.steps or out_of_time
     if completed:
-        ctx.on_main(lambda: export_model(model, data.tokenizer, out / MODEL_DIR))
+        final_model = experts.full_model(cfg.model) if experts else model
+        ctx.on_main(lambda: export_model(final_model, data.tokenizer, out / MODEL_DIR))
     summary = {
         "steps": step,
         "target_steps": cfg.train.steps,
@@ -396,7 +418,7 @@ def _train(
         "train_tokens": book["tokens_seen"],
         "wall_time_s": time.perf_counter() - start_time,
         "elapsed_s": elapsed_before + time.perf_counter() - loop_start,
-        "num_parameters": model.num_parameters(),
+        "num_parameters": experts.num_parameters(cfg.model) if experts else model.num_parameters(),
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),
         "world_size": ctx.world_size,

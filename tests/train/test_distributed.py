@@ -117,3 +117,64 @@ def test_a_batch_the_processes_cannot_share_is_refused(tiny, tmp_path):
     assert ran.stderr.strip().splitlines()[-1] == (
         "routelab: error: train.batch_size=8 is invalid with --nproc 3; allowed: a multiple of 3"
     )
+
+
+MOE = ["--set", "model.ffn={kind: moe, router: {kind: topk, top_k: 2}, num_experts: 4, hidden: 16, balance_loss_weight: 0}"]
+
+
+@pytest.mark.parametrize("nproc, ep", [(2, 2), (4, 2)])
+def test_expert_parallel_training_equals_one_process(tiny, tmp_path, nproc, ep):
+    """Experts spread over groups of ``ep`` processes, replicated across the groups: expert gradients
+    reduced over replicas only and divided by the world size, router and dense ones by DDP. With the
+    balance loss off (it is per rank: each sees its share of the batch), the parameters equal one
+    process's on the same global batches."""
+    one = _routelab("train", str(tiny), *MOE, "--out", str(tmp_path / "one"), "--no-sample")
+    assert one.returncode == 0, one.stderr
+    many = _routelab("train", str(tiny), *MOE, "--nproc", str(nproc), "--set", f"train.expert_parallel={ep}",
+                     "--out", str(tmp_path / "ep"), "--no-sample")
+    assert many.returncode == 0, many.stderr
+    _assert_same_params(tmp_path / "one" / "model" / "model.safetensors", tmp_path / "ep" / "model" / "model.safetensors")
+    assert f"experts spread over groups of {ep}" in many.stderr
+
+
+def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(tiny, tmp_path):
+    straight = _routelab("train", str(tiny), *MOE, "--out", str(tmp_path / "straight"), "--no-sample")
+    assert straight.returncode == 0, straight.stderr
+    script = tmp_path / "stop.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from routelab.config import Config
+        from routelab.train import train
+        cfg = Config.load({str(tiny)!r}, [sys.argv[1], "train.expert_parallel=2"])
+        train(cfg, {str(tmp_path / "moved")!r}, stop_after=2)
+    """))
+    ffn = MOE[1]
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), ffn],
+                         capture_output=True, text=True, env=_env(), timeout=240)
+    assert ran.returncode == 0, ran.stderr
+    # steps 1-2 in two processes with expert parallelism (above), 3-4 in one process, then 5-6 in two processes with expert parallelism again
+    summary = train(Config.load(tiny, [ffn]), tmp_path / "moved", resume=True, stop_after=4)
+    assert summary["steps"] == 4
+    back = _routelab("train", str(tiny), *MOE, "--nproc", "2", "--set", "train.expert_parallel=2", "--resume",
+                     "--out", str(tmp_path / "moved"), "--no-sample")
+    assert back.returncode == 0, back.stderr
+    _assert_same_params(tmp_path / "straight" / "model" / "model.safetensors", tmp_path / "moved" / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "train.expert_parallel=2"], "train.expert_parallel=2 spreads experts over processes, but this is one process"),
+        (["--nproc", "2", "--set", "train.expert_parallel=3"], "train.expert_parallel=3 is invalid with 2 processes"),
+        (["--nproc", "2", "--set", "train.expert_parallel=2", "--set", "model.ffn.num_experts=3"],
+         "train.expert_parallel=2 is invalid: it must divide model.ffn.num_experts=3"),
+    ],
+)
+def test_bad_expert_parallel_settings_fail_before_training(tiny, tmp_path, args, message):
+    """(Routers that rank the whole batch are refused too: tests/moe/test_parallel.py.)"""
+    ran = _routelab("train", str(tiny), *MOE, *args, "--out", str(tmp_path / "run"), "--no-sample")
+    assert ran.returncode == 2
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("routelab: error:")]
+    assert len(errors) >= 1 and "Traceback" not in ran.stderr
+    assert message in errors[0], errors
+    assert not (tmp_path / "run" / "checkpoints").exists()

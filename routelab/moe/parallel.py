@@ -1,0 +1,221 @@
+"""Expert parallelism (GShard, Lepikhin et al. 2020, sec. 3; Switch, Fedus et al. 2021, sec. 2.2):
+the experts of each MoE layer are spread over the P ranks of an expert-parallel group, and tokens
+travel to their experts and back with two all-to-all exchanges.
+
+Per layer and step, on every rank of a group (its experts are the slice e0 .. e0 + E/P - 1 of
+dimension 0 of the stacked expert weights):
+
+1. route the rank's own tokens as in one process (the router is replicated);
+2. sort the chosen (token, slot) pairs by expert, which is by destination rank, and exchange the
+   counts per (destination, expert) with ``all_to_all_single``;
+3. send the tokens' rows (``all_to_all_single`` with variable split sizes);
+4. run the local experts on what arrived (the fused grouped path of ``routelab.moe.dispatch``);
+5. send the results back with the reverse exchange and combine them by gate weight.
+
+Backward mirrors it: the gradient of an exchange is the exchange with the split sizes swapped
+(``AllToAll``). Capacity, when set, is computed from each rank's own tokens (GShard's groups).
+
+Gradients: an expert's gradient on its owner sums the contributions of every rank of its group; the
+replicas of the same slice in other groups (data parallelism across groups) hold the same experts,
+so the expert gradients are summed over those replicas only and divided by the world size (the
+global loss is the mean of the ranks' losses), never averaged over the expert-parallel group (whose
+ranks hold different experts). Dense and router parameters stay with ``DistributedDataParallel``.
+
+Shape legend: T tokens of this rank, K slots per token, N chosen pairs sent, M pairs received,
+E experts, L = E / P local experts, D model dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from routelab.errors import ConfigError
+from routelab.moe.dispatch import grouped_experts, plan_dispatch
+
+EXPERT_PARAMS = ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out")  # stacked (E, ...) tensors of ``Experts``
+
+
+class AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` of rows with variable split sizes; backward sends the gradients back
+    along the same routes (the split sizes swapped)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group: Any) -> Tensor:
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None
+
+
+@dataclass
+class ExpertGroups:
+    """This rank's place in expert parallelism of size P over ``world_size`` ranks: the P consecutive
+    ranks of its expert-parallel group hold different experts; the ``world_size / P`` ranks at the
+    same position of every group hold the same experts (their data-parallel replicas)."""
+
+    size: int  # P
+    index: int  # this rank's position in its group: it owns expert slice ``index``
+    group: Any  # the expert-parallel process group
+    replicas: Any  # the process group of this slice's replicas (None when there is one group)
+    world_size: int
+
+
+def expert_groups(size: int, rank: int, world_size: int) -> ExpertGroups:
+    """Create the process groups (every rank calls this with the same arguments, in the same order)."""
+    groups = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(world_size // size)]
+    replica_groups = [dist.new_group(list(range(i, world_size, size))) for i in range(size)] if world_size > size else None
+    index = rank % size
+    return ExpertGroups(size, index, groups[rank // size], replica_groups[index] if replica_groups else None, world_size)
+
+
+class ExpertParallel:
+    """Dispatch and combine of one MoE layer whose ``experts`` hold only this rank's slice."""
+
+    def __init__(self, groups: ExpertGroups, num_experts: int) -> None:
+        self.groups, self.num_experts = groups, num_experts
+        self.local = num_experts // groups.size  # L
+
+    def __call__(self, experts: nn.Module, x: Tensor, expert_idx: Tensor, gates: Tensor, active: Tensor | None, workspace) -> Tensor:
+        """x (T, D), expert_idx / gates / active (T, K) -> y (T, D) = sum_k gates * expert(x)."""
+        T, K = expert_idx.shape
+        P, L, group = self.groups.size, self.local, self.groups.group
+        flat = expert_idx.reshape(-1)  # (T*K,)
+        chosen = torch.arange(T * K, device=x.device) if active is None else active.reshape(-1).nonzero().squeeze(1)
+        order = torch.argsort(flat[chosen], stable=True)  # by expert = by (destination rank, its local expert)
+        pairs = chosen[order]  # (N,) slot index of each pair, sorted
+        send_counts = torch.bincount(flat[pairs], minlength=self.num_experts)  # (E,) = (P, L) row-major
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)  # (P*L,): from each source, per local expert
+        send = send_counts.view(P, L).sum(1).tolist()
+        recv = recv_counts.view(P, L).sum(1).tolist()
+        tokens = torch.div(pairs, K, rounding_mode="floor")  # (N,)
+        x_in = AllToAll.apply(x[tokens], send, recv, group)  # (M, D): by source, then by local expert
+        local = torch.arange(L, device=x.device).repeat(P)  # (P*L,) local expert of each received block
+        local = torch.repeat_interleave(local, recv_counts)  # (M,)
+        plan = plan_dispatch(local[:, None], None, L)
+        y_in = grouped_experts(experts, x_in, x_in.new_ones(x_in.shape[0], 1), plan, workspace)  # (M, D)
+        y_out = AllToAll.apply(y_in, recv, send, group)  # (N, D): back in the order sent
+        g = gates.reshape(-1)[pairs].to(y_out.dtype)  # (N,)
+        return torch.zeros_like(x).index_add(0, tokens, y_out * g[:, None])  # (T, D)
+
+    def bytes_sent(self, send: list[int], d_model: int, element_size: int) -> int:
+        """Bytes this rank sends to other ranks in one direction of one exchange."""
+        own = self.groups.index
+        return sum(n for r, n in enumerate(send) if r != own) * d_model * element_size
+
+
+def check_expert_parallel(model: nn.Module, size: int, world_size: int) -> list[nn.Module]:
+    """The model's MoE layers, after checking that expert parallelism of ``size`` can run them."""
+    from routelab.moe.layer import MoE
+
+    if world_size % size:
+        raise ConfigError(f"train.expert_parallel={size} is invalid with {world_size} processes; allowed: a divisor of {world_size}")
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if not layers:
+        raise ConfigError(f"train.expert_parallel={size} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
+    for m in layers:
+        if m.num_experts % size:
+            raise ConfigError(f"train.expert_parallel={size} is invalid: it must divide model.ffn.num_experts={m.num_experts}")
+        if m.router.whole_batch or m.router.soft:
+            raise ConfigError(
+                f"router {m.router.kind!r} ranks the whole batch together, which expert parallelism splits between"
+                " processes; allowed with expert parallelism: routers that route each token on its own"
+            )
+        if m.impl != "sorted":
+            raise ConfigError("expert parallelism runs the fast path only; set model.ffn.impl=sorted")
+    return layers
+
+
+def apply_expert_parallel(model: nn.Module, groups: ExpertGroups) -> list[str]:
+    """Keep, in every MoE layer, only this rank's slice of the stacked expert weights and route its
+    experts' work through ``ExpertParallel``; returns the names of the sliced parameters (for
+    ``DistributedDataParallel`` to leave alone and ``sync_expert_grads`` to reduce). A transform of a
+    built model: the model code does not change."""
+    layers = check_expert_parallel(model, groups.size, groups.world_size)
+    names = []
+    for m in layers:
+        L = m.num_experts // groups.size
+        lo = groups.index * L
+        for p in EXPERT_PARAMS:
+            t = getattr(m.experts, p)
+            if t is not None:
+                setattr(m.experts, p, nn.Parameter(t.detach()[lo : lo + L].clone()))
+        m.experts.num_experts = L
+        m.expert_parallel = ExpertParallel(groups, m.num_experts)
+    prefix = {id(m): n for n, m in model.named_modules()}
+    for m in layers:
+        base = f"{prefix[id(m)]}.experts" if prefix[id(m)] else "experts"
+        names += [f"{base}.{p}" for p in EXPERT_PARAMS if getattr(m.experts, p) is not None]
+    return names
+
+
+def sync_expert_grads(model: nn.Module, names: list[str], groups: ExpertGroups) -> None:
+    """Expert gradients: summed over the replicas of this slice, divided by the world size (see the
+    module docstring). Call once per update, after the last backward."""
+    params = dict(model.named_parameters())
+    grads = [params[n].grad for n in names if params[n].grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if groups.replicas is not None:
+        dist.all_reduce(flat, group=groups.replicas)
+    flat /= groups.world_size
+    i = 0
+    for g in grads:
+        g.copy_(flat[i : i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def gather_experts(t: Tensor, groups: ExpertGroups) -> Tensor:
+    """The full (E, ...) tensor from the slices (L, ...) of the expert-parallel group."""
+    parts = [torch.empty_like(t) for _ in range(groups.size)]
+    dist.all_gather(parts, t.contiguous(), group=groups.group)
+    return torch.cat(parts, dim=0)
+
+
+def slice_experts(t: Tensor, groups: ExpertGroups) -> Tensor:
+    """This rank's rows of a full (E, ...) tensor."""
+    L = t.shape[0] // groups.size
+    return t[groups.index * L : (groups.index + 1) * L].clone()
+
+
+class ExpertGradients:
+    """The gradient steps expert parallelism adds to an update: ``sync`` (expert gradients over the
+    replicas of their slice, see ``sync_expert_grads``) and ``clip`` (the global gradient norm, whose
+    expert part is spread over the expert-parallel group, so every rank clips by the same factor)."""
+
+    def __init__(self, model: nn.Module, names: list[str], groups: ExpertGroups) -> None:
+        self.model, self.names, self.groups = model, names, groups
+        params = dict(model.named_parameters())
+        self.expert_ids = {id(params[n]) for n in names}
+
+    def sync(self) -> None:
+        sync_expert_grads(self.model, self.names, self.groups)
+
+    def clip(self, params: list[nn.Parameter], max_norm: float) -> Tensor:
+        """The global 2-norm of all gradients (before clipping); scales them to ``max_norm`` if larger
+        (``max_norm`` 0: no clipping), as ``torch.nn.utils.clip_grad_norm_`` does in one process."""
+        grads = [(p.grad, id(p) in self.expert_ids) for p in params if p.grad is not None]
+        device = grads[0][0].device if grads else torch.device("cpu")
+        sq = torch.zeros(2, dtype=torch.float32, device=device)  # dense (same on every rank), this rank's experts
+        for g, is_expert in grads:
+            sq[int(is_expert)] += g.float().pow(2).sum()
+        expert_sq = sq[1:].clone()
+        dist.all_reduce(expert_sq, group=self.groups.group)  # the slices of the group make all the experts
+        norm = (sq[0] + expert_sq[0]).sqrt()
+        if max_norm > 0:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g, _ in grads:
+                g.mul_(coef.to(g.dtype))
+        return norm

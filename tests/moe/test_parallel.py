@@ -1,0 +1,97 @@
+"""Expert parallelism in real processes (gloo over loopback): the MoE layer with its experts spread
+over 2 or 4 ranks gives the outputs and every gradient (input, router, experts) of the same layer in
+one process on the same tokens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LAYER_CHECK = textwrap.dedent(
+    """
+    import os, sys
+    import torch, torch.distributed as dist
+    from routelab.moe import MoE
+    from routelab.moe.parallel import apply_expert_parallel, expert_groups, gather_experts
+
+    router, opts, training = sys.argv[1], eval(sys.argv[2]), sys.argv[3] == "train"
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    D, E, H, T = 8, 8, 6, 11
+    full = MoE(d_model=D, num_experts=E, hidden=H, router=router, vocab_size=29, activation="swiglu", **opts)
+    ep = MoE(d_model=D, num_experts=E, hidden=H, router=router, vocab_size=29, activation="swiglu", **opts)
+    ep.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        for n, p in full.named_parameters():
+            if n.startswith("experts.b"):
+                p.normal_()  # non-zero biases, copied below
+        ep.load_state_dict(full.state_dict())
+    x = torch.randn(world, 2, T, D, generator=torch.Generator().manual_seed(1))  # every rank's tokens
+    ids = torch.randint(0, 29, (world, 2, T), generator=torch.Generator().manual_seed(2))
+    gy = torch.randn(world, 2, T, D, generator=torch.Generator().manual_seed(3))
+    full.train(training); ep.train(training)
+    # one process: all ranks' tokens (capacity is per group of tokens, so per rank here too)
+    xs = x.clone().requires_grad_(True)
+    outs = [full(xs[r], token_ids=ids[r]) for r in range(world)]
+    loss = sum((o.hidden * gy[r]).sum() + o.aux_loss for r, o in enumerate(outs))
+    loss.backward()
+    groups = expert_groups(world, rank, world)
+    names = apply_expert_parallel(ep, groups)
+    xr = x[rank].clone().requires_grad_(True)
+    out = ep(xr, token_ids=ids[rank])
+    ((out.hidden * gy[rank]).sum() + out.aux_loss).backward()
+    torch.testing.assert_close(out.hidden, outs[rank].hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xr.grad, xs.grad[rank], atol=1e-5, rtol=1e-5)
+    g = ep.router.weight.grad.clone() if ep.router.learned else None
+    if g is not None:
+        dist.all_reduce(g)  # each rank holds its tokens' share of the router gradient
+        torch.testing.assert_close(g, full.router.weight.grad, atol=1e-5, rtol=1e-5)
+    for n in names:
+        local = dict(ep.named_parameters())[n].grad
+        torch.testing.assert_close(gather_experts(local, groups), dict(full.named_parameters())[n].grad, atol=1e-5, rtol=1e-5, msg=n)
+    print("ok", rank)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _torchrun(nproc: int, script: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+
+@pytest.mark.parametrize(
+    "nproc, router, opts, mode",
+    [(2, "topk", {"top_k": 2}, "train"), (4, "topk", {"top_k": 2}, "train"), (2, "switch", {"capacity_factor": 1.0}, "train"),
+     (2, "hash", {}, "train"), (2, "gshard", {}, "eval"), (2, "topp", {"top_p": 0.5}, "train"), (2, "random", {}, "eval")],
+)  # gshard and random draw random numbers in training: each rank's stream differs from one process's
+def test_expert_parallel_layer_equals_one_process(tmp_path, nproc, router, opts, mode):
+    script = tmp_path / "check.py"
+    script.write_text(LAYER_CHECK)
+    ran = _torchrun(nproc, script, router, repr(opts), mode)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("ok") == nproc  # every rank got through its checks (lines may interleave)
+
+
+def test_routers_that_rank_the_whole_batch_refuse_expert_parallelism():
+    from routelab import ModelConfig, RoutedTransformer
+    from routelab.errors import ConfigError
+    from routelab.moe.parallel import check_expert_parallel
+
+    for router in ("expert_choice", "soft"):
+        cfg = ModelConfig(vocab_size=11, d_model=16, n_heads=2, head="classification", num_labels=2,
+                          ffn={"kind": "moe", "router": router, "num_experts": 4})
+        with pytest.raises(ConfigError, match=f"router '{router}' ranks the whole batch together"):
+            check_expert_parallel(RoutedTransformer(cfg), 2, 2)
+    ok = RoutedTransformer(ModelConfig(vocab_size=11, d_model=16, n_heads=2, ffn={"kind": "moe", "router": "hash", "num_experts": 4}))
+    assert len(check_expert_parallel(ok, 2, 4)) == 2  # both MoE layers
