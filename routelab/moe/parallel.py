@@ -109,11 +109,6 @@ class ExpertParallel:
         g = gates.reshape(-1)[pairs].to(y_out.dtype)  # (N,)
         return torch.zeros_like(x).index_add(0, tokens, y_out * g[:, None])  # (T, D)
 
-    def bytes_sent(self, send: list[int], d_model: int, element_size: int) -> int:
-        """Bytes this rank sends to other ranks in one direction of one exchange."""
-        own = self.groups.index
-        return sum(n for r, n in enumerate(send) if r != own) * d_model * element_size
-
 
 def check_expert_parallel(model: nn.Module, size: int, world_size: int) -> list[nn.Module]:
     """The model's MoE layers, after checking that expert parallelism of ``size`` can run them."""

@@ -26,40 +26,36 @@ class ShardedExperts:
         self.names = apply_expert_parallel(model, groups)
         self.gradients = ExpertGradients(model, self.names, groups)
 
-    def _expert_indices(self, optimizer: torch.optim.Optimizer) -> set[int]:
-        """Positions (as in ``optimizer.state_dict()``) of the expert parameters."""
+    def _expert_moment(self, optimizer: torch.optim.Optimizer):
+        """Whether a ``state.{idx}.{name}`` optimizer tensor belongs to an expert parameter and is
+        shaped like it (AdamW's moments; not its 0-d step count)."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        return {i for i, p in enumerate(params) if id(p) in self.gradients.expert_ids}
+        experts = {i for i, p in enumerate(params) if id(p) in self.gradients.expert_ids}
+        return lambda key, t: int(key.split(".")[1]) in experts and t.dim() > 0
 
     def slicer(self, optimizer: torch.optim.Optimizer):
         """``tensor_map`` for ``load_optimizer_state``: this rank's rows of the experts' moments."""
-        experts = self._expert_indices(optimizer)
+        is_expert = self._expert_moment(optimizer)
+        return lambda key, t: slice_experts(t, self.groups) if is_expert(key, t) else t
 
-        def keep_slice(key: str, t: torch.Tensor) -> torch.Tensor:
-            idx = int(key.split(".")[1])
-            return slice_experts(t, self.groups) if idx in experts and t.dim() > 0 else t
-
-        return keep_slice
-
-    def full_states(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The whole model's state dict and the optimizer's tensors, experts gathered (every rank calls it)."""
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict, experts gathered from the group (every rank calls it)."""
         state = self.model.state_dict()
         for n in self.names:
             state[n] = gather_experts(state[n], self.groups)
+        return state
+
+    def full_states(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``full_state_dict`` and the optimizer's tensors, experts' moments gathered (every rank calls it)."""
+        is_expert = self._expert_moment(optimizer)
         tensors, _ = optimizer_to_flat(optimizer)
-        experts = self._expert_indices(optimizer)
-        for key, t in tensors.items():
-            if int(key.split(".")[1]) in experts and t.dim() > 0:
-                tensors[key] = gather_experts(t, self.groups)
-        return state, tensors
+        tensors = {k: gather_experts(t, self.groups) if is_expert(k, t) else t for k, t in tensors.items()}
+        return self.full_state_dict(), tensors
 
     def full_model(self, cfg: ModelConfig) -> RoutedTransformer:
         """A one-process model holding every expert (every rank calls it; rank 0 exports it)."""
-        state = self.model.state_dict()
-        for n in self.names:
-            state[n] = gather_experts(state[n], self.groups)
         full = RoutedTransformer(cfg)
-        full.load_state_dict(state)
+        full.load_state_dict(self.full_state_dict())
         return full.eval()
 
     def num_parameters(self, cfg: ModelConfig) -> int:
