@@ -236,6 +236,21 @@ class Config:
             self.data.seq_len,
             f"<= model.max_seq_len={self.model.max_seq_len}",
         )
+        self._resolve_expert_groups()
+
+    def _resolve_expert_groups(self) -> None:
+        """Device-limited routing counts ranks: ``model.ffn.expert_groups`` null means one group per
+        rank of ``train.expert_parallel``, written into the config so the model routes the same way
+        wherever it runs later (one process, another expert-parallel size)."""
+        ffn, P = self.model.ffn, self.train.expert_parallel
+        if getattr(ffn, "max_ranks_per_token", None) is None:
+            return
+        if ffn.expert_groups is None:
+            check(P > 1, "model.ffn.expert_groups", None,
+                  "the number of expert groups max_ranks_per_token counts in (null takes train.expert_parallel, which is 1 here)")
+            ffn.expert_groups = P
+        check(ffn.expert_groups % P == 0, "model.ffn.expert_groups", ffn.expert_groups,
+              f"a multiple of train.expert_parallel={P}, so that each group's experts sit on one rank")
 
     # -- I/O -----------------------------------------------------------------------------------
     @classmethod

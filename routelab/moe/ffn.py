@@ -53,6 +53,9 @@ class MoEFFNConfig(FFNConfig):
     jitter: float = 0.0  # multiplicative router-input noise in training (Switch used 0.01)
     num_shared_experts: int = 0  # always-on experts of width hidden (DeepSeekMoE, Qwen-MoE)
     moe_every: int = 1  # every k-th block is MoE, the others dense (Switch/GShard: 2)
+    balance_scope: Literal["local", "global"] = "local"  # balance loss over each process's batch, or all processes' (Qiu et al. 2025)
+    max_ranks_per_token: int | None = None  # device-limited routing (DeepSeek-V2): a token's experts on at most M groups/ranks
+    expert_groups: int | None = None  # the groups max_ranks_per_token counts in; null = train.expert_parallel
     impl: Literal["sorted", "reference"] = "sorted"  # sorted = fast sparse path; reference = all experts, masked
 
     def __post_init__(self) -> None:
@@ -75,6 +78,21 @@ class MoEFFNConfig(FFNConfig):
             check(getattr(self, n) >= 0, f"{sec}.{n}", getattr(self, n), "a number >= 0")
         check(0.0 <= self.jitter < 1.0, f"{sec}.jitter", self.jitter, "0 <= jitter < 1")
         check(self.moe_every >= 1, f"{sec}.moe_every", self.moe_every, "an integer >= 1 (1 = every block)")
+        if self.expert_groups is not None:
+            check(
+                self.expert_groups >= 1 and self.num_experts % self.expert_groups == 0,
+                f"{sec}.expert_groups",
+                self.expert_groups,
+                f"a divisor of {sec}.num_experts={self.num_experts}",
+            )
+        if self.max_ranks_per_token is not None:
+            check(
+                self.max_ranks_per_token >= 1 and router.supports_selection_bias,
+                f"{sec}.max_ranks_per_token",
+                self.max_ranks_per_token,
+                "null, or an integer >= 1 with a router that chooses by score ("
+                + ", ".join(n for n in ROUTERS.names() if ROUTERS.get(n).module_class.supports_selection_bias) + ")",
+            )
         if self.bias_balancing:
             ok = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.supports_selection_bias]
             check(
@@ -140,6 +158,9 @@ class MoEFFN(MoE):
                 jitter=f.jitter,
                 num_shared_experts=f.num_shared_experts,
                 causal=bool(cfg.causal),
+                balance_scope=f.balance_scope,
+                expert_groups=f.expert_groups,
+                max_ranks_per_token=f.max_ranks_per_token,
                 impl=f.impl,
                 vocab_size=cfg.vocab_size,
             )

@@ -65,6 +65,12 @@ class MoE(nn.Module):
         jitter: multiplicative uniform noise [1 - eps, 1 + eps] on the router input in training.
         num_shared_experts: always-on experts of width H added to every token's output.
         causal: the layer sits in a causal model; routers that rank the whole batch are refused.
+        balance_scope: "local" (the balance loss over this process's batch) or "global" (over the
+            batches of all processes training together, when ``balance_group`` is set by the trainer;
+            Qiu et al. 2025). The same in one process.
+        expert_groups, max_ranks_per_token: device-limited routing (DeepSeek-V2, sec. 2.1.3): each
+            token chooses among the experts of its ``max_ranks_per_token`` best of ``expert_groups``
+            groups of consecutive experts (``Router.limit_groups``); None = unlimited.
         impl: "sorted" (fast sparse path) or "reference" (every expert on every token, masked).
         vocab_size: the model's vocabulary size, for routers that map token ids (hash).
         **router_options: the router's own options (see its ``RouterConfig`` subclass in
@@ -90,6 +96,9 @@ class MoE(nn.Module):
         jitter: float = 0.0,
         num_shared_experts: int = 0,
         causal: bool = False,
+        balance_scope: str = "local",
+        expert_groups: int | None = None,
+        max_ranks_per_token: int | None = None,
         impl: str = "sorted",
         vocab_size: int | None = None,
         **router_options,
@@ -106,8 +115,13 @@ class MoE(nn.Module):
         check(0.0 <= jitter < 1.0, "jitter", jitter, "0 <= jitter < 1")
         check(num_shared_experts >= 0, "num_shared_experts", num_shared_experts, "an integer >= 0")
         check(impl in ("sorted", "reference"), "impl", impl, "'sorted' or 'reference'")
+        check(balance_scope in ("local", "global"), "balance_scope", balance_scope, "'local' or 'global'")
         self.router = build_router(router, d_model, num_experts, vocab_size, **router_options)
         name = self.router.kind
+        if max_ranks_per_token is not None:
+            if expert_groups is None:
+                raise ConfigError("max_ranks_per_token needs expert_groups: the number of groups (ranks) it counts in")
+            self.router.limit_groups(expert_groups, max_ranks_per_token)
         if capacity_factor is not None and self.router.own_capacity:
             raise ConfigError(
                 f"capacity_factor={capacity_factor!r} is invalid for router {name!r}, which bounds each expert's"
@@ -137,6 +151,8 @@ class MoE(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(num_experts) if bias_balancing else None)
         self._workspace = Workspace()  # the fast path's helper threads and reusable buffer (not state)
         self.expert_parallel = None  # set by routelab.moe.parallel.apply_expert_parallel: experts on several ranks
+        self.balance_scope = balance_scope
+        self.balance_group = None  # the process group balanced together (balance_scope "global"); set by the trainer
 
     def extra_repr(self) -> str:
         return f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}, impl={self.impl!r}"
@@ -275,12 +291,13 @@ class MoE(nn.Module):
             stats["max_load"] = per_expert.max()
             stats["mean_load"] = per_expert.mean()
             stats["unused_experts"] = (per_expert == 0).sum()
-        if T == 0 or not self.router.learned:
-            return aux, stats
-        if r.balance and r.probs is not None and self.balance_loss_weight > 0:
-            lb = losses.load_balancing_loss(r.probs, r.expert_idx, chosen)
+        group = self.balance_group if self.balance_scope == "global" and self.training else None
+        if r.balance and r.probs is not None and self.balance_loss_weight > 0 and self.router.learned and (T > 0 or group is not None):
+            lb = losses.load_balancing_loss(r.probs, r.expert_idx, chosen, group)  # with a group: on every rank, even T = 0
             aux = aux + self.balance_loss_weight * lb
             stats["balance_loss"] = lb.detach()
+        if T == 0 or not self.router.learned:
+            return aux, stats
         if r.logits is not None and self.z_loss_weight > 0:
             z = losses.router_z_loss(r.logits)
             aux = aux + self.z_loss_weight * z

@@ -11,11 +11,14 @@ The layer multiplies each by its configured weight (alpha, beta, ...) and adds t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
-def load_balancing_loss(probs: Tensor, expert_idx: Tensor, selected: Tensor | None = None) -> Tensor:
+def load_balancing_loss(probs: Tensor, expert_idx: Tensor, selected: Tensor | None = None, group: Any = None) -> Tensor:
     """Switch Transformers' auxiliary loss without its weight alpha: ``E * sum_i f_i * P_i``.
 
     Shapes: T tokens, E experts, K choices per token.
@@ -25,17 +28,34 @@ def load_balancing_loss(probs: Tensor, expert_idx: Tensor, selected: Tensor | No
     of expert i. f is counted before capacity drops, as in the Switch implementation. With uniform
     routing f_i = P_i = 1/E and the loss is 1, its minimum for balanced assignments.
 
+    Global-batch balancing (Qiu et al. 2025, "Demons in the Detail"): with ``group`` (a
+    process group of W ranks training together), f and P are taken over the tokens of all its ranks
+    (their counts and probability sums all-reduced), so each rank's loss is the loss of the global
+    batch. Its gradient is the rank's own tokens' share, times W: the data-parallel mean over the W
+    ranks then gives exactly the gradient of one process holding the whole batch. Every rank of the
+    group must call it (also with T = 0).
+
     Args:
         probs: (T, E) router probabilities (float32).
         expert_idx: (T, K) chosen experts.
         selected: (T, K) bool, which choices count (None = all).
+        group: None (this batch alone) or the process group whose batches are balanced together.
     """
     T, E = probs.shape
     one_hot = torch.zeros(T, E, dtype=probs.dtype, device=probs.device)
     weight = torch.ones_like(expert_idx, dtype=probs.dtype) if selected is None else selected.to(probs.dtype)
     one_hot.scatter_add_(1, expert_idx, weight)  # (T, E) assignments per token and expert
-    f = one_hot.sum(0) / weight.sum().clamp_min(1.0)  # (E,) eq. 5, detached by construction
-    P = probs.mean(0)  # (E,) eq. 6
+    if group is None:
+        f = one_hot.sum(0) / weight.sum().clamp_min(1.0)  # (E,) eq. 5, detached by construction
+        P = probs.mean(0)  # (E,) eq. 6
+        return E * torch.dot(f, P)
+    p_sum = probs.sum(0)  # (E,)
+    totals = torch.cat([one_hot.sum(0), p_sum.detach(), weight.sum().reshape(1), probs.new_tensor([T])])  # (2E + 2,)
+    dist.all_reduce(totals, group=group)
+    f = totals[:E] / totals[2 * E].clamp_min(1.0)  # (E,) over the global batch
+    n = totals[2 * E + 1].clamp_min(1.0)  # tokens of the global batch
+    share = p_sum * (dist.get_world_size(group) / n)  # (E,) this rank's tokens' part of P, times W
+    P = totals[E : 2 * E] / n + (share - share.detach())  # value: the global P; gradient: the share's
     return E * torch.dot(f, P)
 
 

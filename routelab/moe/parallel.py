@@ -27,6 +27,7 @@ E experts, L = E / P local experts, D model dim.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from routelab.errors import ConfigError
+from routelab.moe.comm import CommCounters, now
 from routelab.moe.dispatch import grouped_experts, plan_dispatch
 
 EXPERT_PARAMS = ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out")  # stacked (E, ...) tensors of ``Experts``
@@ -42,20 +44,34 @@ EXPERT_PARAMS = ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out")  # stacke
 
 class AllToAll(torch.autograd.Function):
     """``all_to_all_single`` of rows with variable split sizes; backward sends the gradients back
-    along the same routes (the split sizes swapped)."""
+    along the same routes (the split sizes swapped). Each call, forward and backward, is counted in
+    ``counters`` (rows to other ranks than ``me``, seconds); ``role`` "combine" (the exchange that
+    brings results back) marks when its backward ended, "dispatch" adds the time since then (the
+    local experts' backward) to ``expert_s``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group: Any) -> Tensor:
-        out = x.new_empty((sum(recv), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
-        ctx.send, ctx.recv, ctx.group = send, recv, group
-        return out
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group: Any, counters: CommCounters, me: int, role: str) -> Tensor:
+        ctx.send, ctx.recv, ctx.group, ctx.counters, ctx.me, ctx.role = send, recv, group, counters, me, role
+        return _exchange(x, send, recv, group, counters, me)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
-        return out, None, None, None
+        c = ctx.counters
+        if ctx.role == "dispatch" and c.backward_mark is not None:
+            c.expert_s += now(grad.device) - c.backward_mark
+        out = _exchange(grad, ctx.recv, ctx.send, ctx.group, c, ctx.me)
+        if ctx.role == "combine":
+            c.backward_mark = now(grad.device)
+        return out, None, None, None, None, None, None
+
+
+def _exchange(x: Tensor, send: list[int], recv: list[int], group: Any, counters: CommCounters, me: int) -> Tensor:
+    """Rows x (sum(send), ...) -> (sum(recv), ...), counted."""
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    t0 = now(x.device)
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    counters.exchange(sum(send), send[me], math.prod(x.shape[1:]) * x.element_size(), now(x.device) - t0)
+    return out
 
 
 @dataclass
@@ -85,27 +101,34 @@ class ExpertParallel:
     def __init__(self, groups: ExpertGroups, num_experts: int) -> None:
         self.groups, self.num_experts = groups, num_experts
         self.local = num_experts // groups.size  # L
+        self.counters = CommCounters()  # what this layer sent and how long it took, since the trainer last read it
 
     def __call__(self, experts: nn.Module, x: Tensor, expert_idx: Tensor, gates: Tensor, active: Tensor | None, workspace) -> Tensor:
         """x (T, D), expert_idx / gates / active (T, K) -> y (T, D) = sum_k gates * expert(x)."""
         T, K = expert_idx.shape
-        P, L, group = self.groups.size, self.local, self.groups.group
+        P, L, group, me, c = self.groups.size, self.local, self.groups.group, self.groups.index, self.counters
         flat = expert_idx.reshape(-1)  # (T*K,)
         chosen = torch.arange(T * K, device=x.device) if active is None else active.reshape(-1).nonzero().squeeze(1)
         order = torch.argsort(flat[chosen], stable=True)  # by expert = by (destination rank, its local expert)
         pairs = chosen[order]  # (N,) slot index of each pair, sorted
         send_counts = torch.bincount(flat[pairs], minlength=self.num_experts)  # (E,) = (P, L) row-major
         recv_counts = torch.empty_like(send_counts)
+        t0 = now(x.device)
         dist.all_to_all_single(recv_counts, send_counts, group=group)  # (P*L,): from each source, per local expert
+        c.exchange(self.num_experts, L, send_counts.element_size(), now(x.device) - t0)
         send = send_counts.view(P, L).sum(1).tolist()
         recv = recv_counts.view(P, L).sum(1).tolist()
+        c.route(torch.div(expert_idx, L, rounding_mode="floor"), active)
+        c.pairs, c.local_pairs, c.sent_tokens = c.pairs + len(pairs), c.local_pairs + send[me], c.sent_tokens + len(pairs) - send[me]
         tokens = torch.div(pairs, K, rounding_mode="floor")  # (N,)
-        x_in = AllToAll.apply(x[tokens], send, recv, group)  # (M, D): by source, then by local expert
+        x_in = AllToAll.apply(x[tokens], send, recv, group, c, me, "dispatch")  # (M, D): by source, then by local expert
+        t0 = now(x.device)
         local = torch.arange(L, device=x.device).repeat(P)  # (P*L,) local expert of each received block
         local = torch.repeat_interleave(local, recv_counts)  # (M,)
         plan = plan_dispatch(local[:, None], None, L)
         y_in = grouped_experts(experts, x_in, x_in.new_ones(x_in.shape[0], 1), plan, workspace)  # (M, D)
-        y_out = AllToAll.apply(y_in, recv, send, group)  # (N, D): back in the order sent
+        c.expert_s += now(x.device) - t0
+        y_out = AllToAll.apply(y_in, recv, send, group, c, me, "combine")  # (N, D): back in the order sent
         g = gates.reshape(-1)[pairs].to(y_out.dtype)  # (N,)
         return torch.zeros_like(x).index_add(0, tokens, y_out * g[:, None])  # (T, D)
 

@@ -26,6 +26,11 @@ class ShardedExperts:
         self.names = apply_expert_parallel(model, groups)
         self.gradients = ExpertGradients(model, self.names, groups)
 
+    def communication(self) -> dict[str, dict[str, float]]:
+        """Per MoE layer (by module name), what it sent and how long it took since the last call
+        (``routelab.moe.comm.CommCounters.take``); starts the next count."""
+        return {n: m.expert_parallel.counters.take() for n, m in self.model.named_modules() if getattr(m, "expert_parallel", None)}
+
     def _expert_moment(self, optimizer: torch.optim.Optimizer):
         """Whether a ``state.{idx}.{name}`` optimizer tensor belongs to an expert parameter and is
         shaped like it (AdamW's moments; not its 0-d step count)."""

@@ -33,7 +33,9 @@ from routelab.config import Config
 from routelab.data import ClassificationData, LMData, classification_batch, collate_classification, sample_lm_batch
 from routelab.io import atomic_write_json, make_temp_dir, replace_dir
 from routelab.model import RoutedTransformer
-from routelab.moe.parallel import ExpertGradients, check_expert_parallel, expert_groups
+from routelab.moe.comm import STATS, add_step, over_layers, run_summary
+from routelab.moe.layer import MoE
+from routelab.moe.parallel import check_expert_parallel, expert_groups
 from routelab.moe.routers import Router
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
@@ -135,7 +137,7 @@ def train_step(
     perms: dict,
     device: torch.device,
     ctx: DistContext | None = None,
-    expert_grads: ExpertGradients | None = None,
+    experts: ShardedExperts | None = None,
 ) -> dict[str, Any]:
     """Run update ``step``: ``grad_accum`` forward/backward passes, clip, AdamW step, zero grads.
 
@@ -148,7 +150,9 @@ def train_step(
 
     Returns:
         ``skipped``, ``loss``, ``task_loss``, ``aux_loss`` (means over micro-batches), ``lr``,
-        ``grad_norm`` (before clipping), ``tokens`` (non-padding input tokens) and flattened routing stats.
+        ``grad_norm`` (before clipping), ``tokens`` (non-padding input tokens) and flattened routing stats;
+        under expert parallelism the routing stats include each MoE layer's communication
+        (``routelab.moe.comm.STATS``) and ``communication`` holds them over all layers.
     """
     t = cfg.train
     ctx = ctx or DistContext()
@@ -157,6 +161,8 @@ def train_step(
         group["lr"] = lr
     totals = torch.zeros(3, device=device)  # loss, task_loss, aux_loss summed over micro-batches
     routing, tokens = [], 0
+    if experts is not None:
+        experts.communication()  # count this update only (not an evaluation since the last one)
     for micro in range(t.grad_accum):
         batch = {k: v.to(device) for k, v in micro_batch(cfg, data, step, micro, perms, ctx).items()}
         last = micro == t.grad_accum - 1
@@ -169,9 +175,9 @@ def train_step(
         if out.routing:
             routing.append(flatten_routing(out.routing))
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if expert_grads is not None:  # expert parallelism: expert gradients over their replicas, the global norm
-        expert_grads.sync()
-        grad_norm = expert_grads.clip(params, t.grad_clip)
+    if experts is not None:  # expert parallelism: expert gradients over their replicas, the global norm
+        experts.gradients.sync()
+        grad_norm = experts.gradients.clip(params, t.grad_clip)
     elif t.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     else:
@@ -188,6 +194,12 @@ def train_step(
     if not skipped:  # a skipped step applies no update (AdamW's moments and step count stay as they were)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    stats = mean_records(routing) if routing else {}
+    comm = experts.communication() if experts is not None else {}
+    stats.update(flatten_routing(comm))
+    stats = mean_over_ranks(stats, ctx, device) if stats else {}
+    if comm:
+        stats["communication"] = over_layers([{k: stats[f"routing/{n}/{k}"] for k in STATS} for n in comm])
     return {
         "skipped": skipped,
         "loss": loss,
@@ -196,7 +208,7 @@ def train_step(
         "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens": tokens,
-        **(mean_over_ranks(mean_records(routing), ctx, device) if routing else {}),
+        **stats,
     }
 
 
@@ -307,6 +319,9 @@ def _train(
         dropped = metrics.truncate_after(step)
         log.info("resuming from %s (step %d); dropped %d metrics lines past it", ckpt, step, dropped)
     if ctx.enabled:
+        for m in model.modules():  # balance_scope "global": the balance loss over the batches of every rank
+            if isinstance(m, MoE):
+                m.balance_group = dist.group.WORLD
         log.info("%d processes (%s), global batch %d = %d per process%s", ctx.world_size, dist.get_backend(),
                  cfg.train.batch_size, cfg.train.batch_size // ctx.world_size,
                  f"; experts spread over groups of {experts.groups.size}" if experts else "")
@@ -345,13 +360,15 @@ def _train(
             t0 = time.perf_counter()
             if ctx.enabled:  # each rank's own stream (dropout, random routing) as a function of (seed, step, rank)
                 torch.manual_seed(batch_seed(cfg.train.seed + 1 + ctx.rank, step))
-            result = train_step(trained, optimizer, cfg, data, step, perms, device, ctx, experts.gradients if experts else None)
+            result = train_step(trained, optimizer, cfg, data, step, perms, device, ctx, experts)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             train_time, window_time = train_time + dt, window_time + dt
             run_tokens, window_tokens = run_tokens + result["tokens"], window_tokens + result["tokens"]
             book["tokens_seen"] += result["tokens"]
+            if "communication" in result:
+                add_step(book.setdefault("communication", {}), result["communication"], dt)
             if result["skipped"]:
                 book["skipped_steps"] += 1
                 consecutive_skips += 1
@@ -367,7 +384,7 @@ def _train(
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == last:
                 tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
-                record = {"step": step, **{k: v for k, v in result.items() if k not in ("tokens", "skipped")}}
+                record = {"step": step, **{k: v for k, v in result.items() if k not in ("tokens", "skipped", "communication")}}
                 record["skipped_steps"] = book["skipped_steps"]
                 record["tokens_per_s"] = tokens_per_s
                 record["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
@@ -422,6 +439,7 @@ def _train(
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),
         "world_size": ctx.world_size,
+        **({"communication": run_summary(book["communication"])} if book.get("communication") else {}),
         "config_sha256": config_sha256(cfg),
     }
     ctx.on_main(lambda: atomic_write_json(out / SUMMARY_FILE, summary))  # after model/: the export is complete

@@ -95,3 +95,55 @@ def test_routers_that_rank_the_whole_batch_refuse_expert_parallelism():
             check_expert_parallel(RoutedTransformer(cfg), 2, 2)
     ok = RoutedTransformer(ModelConfig(vocab_size=11, d_model=16, n_heads=2, ffn={"kind": "moe", "router": "hash", "num_experts": 4}))
     assert len(check_expert_parallel(ok, 2, 4)) == 2  # both MoE layers
+
+
+COUNTER_CHECK = textwrap.dedent(
+    """
+    import sys
+    import torch, torch.distributed as dist
+    from routelab.moe import MoE
+    from routelab.moe.parallel import apply_expert_parallel, expert_groups
+
+    M = eval(sys.argv[1])  # device-limited routing: at most M ranks per token (None: unlimited)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    D, E, H, T, K = 8, 8, 6, 13, 3
+    torch.manual_seed(0)
+    layer = MoE(d_model=D, num_experts=E, hidden=H, router="topk", top_k=K,
+                **({"max_ranks_per_token": M, "expert_groups": world} if M else {}))
+    x = torch.randn(world, T, D, generator=torch.Generator().manual_seed(1))  # every rank's tokens
+    L = E // world
+    C = torch.zeros(world, world, dtype=torch.long)  # pairs from rank r to rank s, from the routing itself
+    reach = []
+    for r in range(world):
+        dest = layer.router(x[r]).expert_idx // L  # (T, K) the rank of each chosen expert
+        C[r] = torch.bincount(dest.reshape(-1), minlength=world)
+        reach.append(torch.tensor([len(set(row.tolist())) for row in dest]))
+    if M:
+        assert max(int(n.max()) for n in reach) <= M
+    apply_expert_parallel(layer, expert_groups(world, rank, world))
+    out = layer(x[rank].clone().requires_grad_(True))
+    out.hidden.square().sum().backward()
+    c = layer.expert_parallel.counters.take()
+    away, come = int(C[rank].sum() - C[rank, rank]), int(C[:, rank].sum() - C[rank, rank])
+    assert c["a2a_sent_tokens"] == away, (c, away)
+    # counts (int64) to the other ranks; rows out and back in the forward, the same in the backward
+    assert c["a2a_sent_bytes"] == (E - L) * 8 + 2 * (away + come) * D * 4, (c, away, come)
+    assert c["local_fraction"] == float(C[rank, rank]) / float(C[rank].sum())
+    assert abs(c["ranks_per_token"] - float(reach[rank].double().mean())) < 1e-12
+    assert c["max_ranks_per_token"] == float(reach[rank].max())
+    assert c["a2a_s"] > 0 and c["expert_s"] > 0
+    assert layer.expert_parallel.counters.take()["a2a_sent_bytes"] == 0  # take starts a fresh count
+    print("ok", rank)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.parametrize("nproc, max_ranks", [(2, None), (4, None), (2, 1), (4, 2)])
+def test_communication_counters_equal_the_counts_derived_from_the_routing(tmp_path, nproc, max_ranks):
+    script = tmp_path / "counters.py"
+    script.write_text(COUNTER_CHECK)
+    ran = _torchrun(nproc, script, repr(max_ranks))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("ok") == nproc

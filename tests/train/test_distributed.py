@@ -29,6 +29,11 @@ TINY = {
 
 @pytest.fixture
 def tiny(tmp_path):
+    return write_tiny(tmp_path)
+
+
+def write_tiny(tmp_path: Path) -> Path:
+    """The tiny LM config (and its corpus) in ``tmp_path``."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(200)))
     path = tmp_path / "tiny.yaml"

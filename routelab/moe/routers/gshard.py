@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from routelab.errors import check
-from routelab.moe.routers.router import Router, Routing, select_scores
+from routelab.moe.routers.router import Router, Routing
 from routelab.options import RouterConfig
 from routelab.registry import ROUTERS
 
@@ -35,7 +35,7 @@ class GShardRouter(Router):
     def forward(self, x: Tensor, token_ids: Tensor | None = None, selection_bias: Tensor | None = None) -> Routing:
         logits = self.logits(x)  # (T, E)
         probs = logits.softmax(-1)
-        idx = select_scores(logits, selection_bias).topk(2, dim=-1).indices  # (T, 2)
+        idx = self.selection_scores(logits, selection_bias).topk(2, dim=-1).indices  # (T, 2)
         p = probs.gather(1, idx)
         gates = p / p.sum(-1, keepdim=True)  # (T, 2): g1 + g2 = 1
         active = None

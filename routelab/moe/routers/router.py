@@ -93,6 +93,7 @@ class Router(nn.Module):
             raise TypeError(f"{type(self).__name__} takes {self.config_class.__name__} options, got {type(options).__name__}")
         self.options = options
         self.d_model, self.num_experts, self.vocab_size = d_model, num_experts, vocab_size
+        self.group_limit: tuple[int, int] | None = None  # (G groups, M of them per token): ``limit_groups``
         self.check()
         if self.learned:
             self.weight = nn.Parameter(torch.empty(self.num_weight_rows(), d_model))
@@ -100,6 +101,38 @@ class Router(nn.Module):
 
     def check(self) -> None:
         """Validate options against the layer (e.g. top_k <= num_experts); raise ``ConfigError``."""
+
+    def limit_groups(self, groups: int, per_token: int) -> None:
+        """Device-limited routing (DeepSeek-V2, sec. 2.1.3): the E experts form ``groups`` groups of
+        E/G consecutive experts (under expert parallelism, those of one rank), and each token chooses
+        its experts only among its ``per_token`` best groups, a group's score being its best expert's
+        selection score. A token then reaches at most M groups, so at most M ranks. Routers that choose
+        by score (``supports_selection_bias``) apply it in ``selection_scores``."""
+        E, name = self.num_experts, self.kind
+        if not self.supports_selection_bias:
+            known = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.supports_selection_bias]
+            raise ConfigError(f"max_ranks_per_token is not supported by router {name!r}; allowed with: {', '.join(known)}")
+        if groups < 1 or E % groups:
+            raise ConfigError(f"expert_groups={groups} is invalid; allowed: a divisor of num_experts={E}")
+        k = int(self.experts_per_token(1))
+        if not 1 <= per_token <= groups or per_token * (E // groups) < k:
+            raise ConfigError(
+                f"max_ranks_per_token={per_token} is invalid for {groups} groups of {E // groups} experts and router"
+                f" {name!r} choosing {k}; allowed: {-(-k // (E // groups))} <= max_ranks_per_token <= {groups}"
+            )
+        self.group_limit = (groups, per_token)
+
+    def selection_scores(self, logits: Tensor, bias: Tensor | None) -> Tensor:
+        """(T, E) scores for *choosing* experts: ``select_scores``, then -inf outside each token's
+        M best groups when ``limit_groups`` is set."""
+        s = select_scores(logits, bias)
+        if self.group_limit is None:
+            return s
+        G, M = self.group_limit
+        T, E = s.shape
+        best = s.view(T, G, E // G).amax(-1)  # (T, G): a group's score is its best expert's
+        keep = torch.zeros(T, G, dtype=torch.bool, device=s.device).scatter_(1, best.topk(M, dim=-1).indices, True)
+        return s.masked_fill(~keep.repeat_interleave(E // G, dim=1), float("-inf"))
 
     def prepare(self, token_counts: Callable[[], Tensor]) -> bool:
         """Set data-dependent state before a fresh run's first step; ``token_counts()`` gives the (V,)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from routelab.moe.routers.router import Router, Routing, select_scores
+from routelab.moe.routers.router import Router, Routing
 from routelab.options import RouterConfig
 from routelab.registry import ROUTERS
 
@@ -29,5 +29,5 @@ class SwitchRouter(Router):
     def forward(self, x: Tensor, token_ids: Tensor | None = None, selection_bias: Tensor | None = None) -> Routing:
         logits = self.logits(x)  # (T, E)
         probs = logits.softmax(-1)
-        idx = select_scores(logits, selection_bias).argmax(-1, keepdim=True)  # (T, 1)
+        idx = self.selection_scores(logits, selection_bias).argmax(-1, keepdim=True)  # (T, 1)
         return Routing(idx, probs.gather(1, idx), None, logits, probs, balance=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from routelab.errors import check, qualified
-from routelab.moe.routers.router import Router, Routing, select_scores
+from routelab.moe.routers.router import Router, Routing
 from routelab.options import RouterConfig
 from routelab.registry import ROUTERS
 
@@ -35,7 +35,7 @@ class TopKRouter(Router):
     def forward(self, x: Tensor, token_ids: Tensor | None = None, selection_bias: Tensor | None = None) -> Routing:
         logits = self.logits(x)  # (T, E)
         probs = logits.softmax(-1)
-        idx = select_scores(logits, selection_bias).topk(self.options.top_k, dim=-1).indices  # (T, K)
+        idx = self.selection_scores(logits, selection_bias).topk(self.options.top_k, dim=-1).indices  # (T, K)
         gates = probs.gather(1, idx)  # (T, K)
         if self.options.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
