@@ -6,6 +6,7 @@ A comparison config (YAML)::
     budget: {steps: 300}             # exactly one of steps, tokens, seconds, shared by every variant
     set: [train.eval_every=100]      # overrides applied to every variant
     reference: dense                 # the variant whose final validation loss is the target
+    nproc: 1                         # processes per variant (>1: each trains with routelab train --nproc)
     variants:
       - {name: dense}
       - {name: switch, set: [model.ffn.kind=moe, model.ffn.router=switch]}
@@ -84,8 +85,10 @@ class CompareConfig:
     set: list[str] = field(default_factory=list)
     reference: str | None = None  # None = the first variant
     eval_example: int = 0  # validation example whose attention routes the report shows
+    nproc: int = 1  # processes each variant trains with (torch.distributed.run on this machine)
 
     def __post_init__(self) -> None:
+        check(self.nproc >= 1, "compare.nproc", self.nproc, "an integer >= 1")
         check(bool(self.base), "compare.base", self.base, "a preset name or a run config path")
         check(len(self.variants) > 0, "compare.variants", self.variants, "a non-empty list of {name, set}")
         names = [v.name for v in self.variants]
@@ -143,7 +146,7 @@ def load_compare_config(
         try:
             cfg = Config.load(base_path, sets)
             configs[v.name] = Config.load(base_path, [*sets, *cmp.budget.overrides(cfg)])
-            preflight(configs[v.name])
+            preflight(configs[v.name], cmp.nproc)
         except (ConfigError, DataError) as e:
             raise ConfigError(f"variant {v.name!r}: {e}") from None
     return cmp, configs
@@ -181,7 +184,7 @@ def plan_variant(name: str, cfg: Config, run_dir: Path, force: bool) -> str:
     return "rerun" if any((run_dir / n).exists() for n in ("model", "summary.json")) else "fresh"
 
 
-def run_variant(cfg: Config, out: Path, plan: str = "fresh", isolate: bool = True) -> dict[str, Any]:
+def run_variant(cfg: Config, out: Path, plan: str = "fresh", isolate: bool = True, nproc: int = 1) -> dict[str, Any]:
     """Carry out ``plan`` (see ``plan_variant``) for one variant; returns its summary.
 
     A ``rerun`` trains into ``OUT/.<name>.rerun`` (resuming it if an earlier rerun was interrupted)
@@ -208,15 +211,18 @@ def run_variant(cfg: Config, out: Path, plan: str = "fresh", isolate: bool = Tru
         resume = same and latest_checkpoint(target) is not None
         if not resume:
             shutil.rmtree(target, ignore_errors=True)  # an unfinished rerun of another config
-    _train(cfg, target, resume, isolate)
+    _train(cfg, target, resume, isolate, nproc)
     if target != out:
         replace_dir(target, out)
     return finished_summary(out) or {}
 
 
-def _train(cfg: Config, out: Path, resume: bool, isolate: bool) -> None:
-    """Train in this process, or (``isolate``) in a child ``routelab train`` so peak memory is the
-    variant's own; the child's one-line error comes back through ``ROUTELAB_ERROR_FILE``."""
+def _train(cfg: Config, out: Path, resume: bool, isolate: bool, nproc: int = 1) -> None:
+    """Train in this process, or (``isolate``) in a child ``routelab train`` (with ``--nproc`` when
+    ``nproc`` > 1) so peak memory is the variant's own; the child's one-line error comes back through
+    ``ROUTELAB_ERROR_FILE``."""
+    if not isolate and nproc > 1:
+        raise ConfigError(f"compare.nproc={nproc} needs each variant in its own processes; allowed in-process: 1")
     if not isolate:
         from routelab.train import train
 
@@ -233,6 +239,8 @@ def _train(cfg: Config, out: Path, resume: bool, isolate: bool) -> None:
     cmd = [sys.executable, "-m", "routelab.cli", "train", str(cfg_path), "--out", str(out), "--no-sample"]
     if resume:
         cmd.append("--resume")
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env={**os.environ, ERROR_FILE_ENV: str(error_path)})
     if proc.returncode != 0:
         reason = error_path.read_text().strip() if error_path.is_file() else ""
@@ -299,7 +307,7 @@ def compare(
     for name in configs:
         progress.start(name, out / name)
         try:
-            run_variant(configs[name], out / name, plans[name], isolate=isolate)  # a child shows its own step bar
+            run_variant(configs[name], out / name, plans[name], isolate=isolate, nproc=cmp.nproc)  # a child shows its own step bar
         except VariantError as e:
             failed[name] = str(e)
             print(f"routelab: variant {name!r} failed: {e}", file=sys.stderr, flush=True)

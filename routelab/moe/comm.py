@@ -2,13 +2,15 @@
 
 Every ``all_to_all_single`` of ``routelab.moe.parallel`` adds what it hands to *other* ranks (rows
 kept on this rank move no data) and the time it took; the layer adds its routing (pairs, how many
-stay local, how many ranks each token reaches) and its expert compute time. A step of one MoE layer
-makes five exchanges: the counts (E - E/P int64 values to others), the tokens' rows out and the
-results back in the forward pass, and the same two volumes again in the backward pass (the
-gradient of an exchange is the exchange reversed). So, with N pairs routed by this rank and R
-pairs it received, n and r of them its own:
+stay local, how many ranks each token reaches) and its expert compute time. A token travels once to
+each rank holding one of its experts (one row per (token, rank)). With N pairs and U rows sent by
+this rank, M pairs and R rows received, n pairs and u rows its own, D model dim and b bytes per
+element, one MoE layer's training step sends
 
-    sent_bytes = (E - E/P) * 8 + 2 * ((N - n) + (R - r)) * D * bytes_per_element    (fwd + bwd)
+    sent_bytes = 16 (P - 1)                      the counts (rows and pairs per destination, int64)
+               + 2 ((U - u) + (R - u)) D b       rows out and results back, forward and backward
+               + (N - n) (8 + b)                 the pairs' (row, local expert) as int32, and gates
+               + (M - n) b                       the gates' gradients, backward
 
 Times are wall-clock seconds on this rank: ``a2a_s`` inside the exchanges (forward and backward,
 waiting for the slowest peer included), ``expert_s`` in the local experts (forward, and backward
@@ -41,7 +43,7 @@ class CommCounters:
     local_pairs: int = 0  # of them, pairs whose expert is on this rank
     ranks: int = 0  # sum over tokens of the distinct ranks its pairs went to
     max_ranks: int = 0  # the most ranks one token went to
-    sent_tokens: int = 0  # pairs sent to other ranks by the forward dispatch
+    sent_tokens: int = 0  # token rows sent to other ranks by the forward dispatch (one per (token, rank))
     sent_bytes: int = 0  # bytes handed to other ranks by every exchange, forward and backward
     exchanges: int = 0  # all_to_all_single calls
     a2a_s: float = 0.0
@@ -82,7 +84,7 @@ class CommCounters:
 
 
 STATS = {  # statistic -> what it means (per MoE layer, per training step, each rank, averaged over ranks)
-    "a2a_sent_tokens": "(token, expert) pairs sent to experts on other ranks by the forward dispatch",
+    "a2a_sent_tokens": "tokens sent to other ranks by the forward dispatch (a token once per rank it reaches)",
     "a2a_sent_bytes": "bytes sent to other ranks by all exchanges of the step, forward and backward",
     "local_fraction": "fraction of (token, expert) pairs whose expert is on the token's own rank",
     "ranks_per_token": "mean number of ranks a token's chosen experts sit on",

@@ -1,19 +1,24 @@
 """Expert parallelism (GShard, Lepikhin et al. 2020, sec. 3; Switch, Fedus et al. 2021, sec. 2.2):
 the experts of each MoE layer are spread over the P ranks of an expert-parallel group, and tokens
-travel to their experts and back with two all-to-all exchanges.
+travel to their experts and back with all-to-all exchanges.
 
 Per layer and step, on every rank of a group (its experts are the slice e0 .. e0 + E/P - 1 of
 dimension 0 of the stacked expert weights):
 
 1. route the rank's own tokens as in one process (the router is replicated);
-2. sort the chosen (token, slot) pairs by expert, which is by destination rank, and exchange the
-   counts per (destination, expert) with ``all_to_all_single``;
-3. send the tokens' rows (``all_to_all_single`` with variable split sizes);
-4. run the local experts on what arrived (the fused grouped path of ``routelab.moe.dispatch``);
-5. send the results back with the reverse exchange and combine them by gate weight.
+2. group the chosen (token, expert) pairs by destination rank. A token whose experts share a rank
+   travels there once (one row per (token, rank), as DeepSeek-V3 sends a token once per node), so
+   a token costs as many rows as the ranks it reaches: device-limited routing
+   (``Router.limit_groups``) bounds exactly that;
+3. exchange the counts (rows and pairs per destination), then the rows, the pairs' (row, local
+   expert) and their gates (``all_to_all_single`` with variable split sizes);
+4. run the local experts on what arrived (the fused grouped path of ``routelab.moe.dispatch``),
+   each row through its experts on this rank, summed by gate weight;
+5. send one row back per row received (the reverse exchange) and add it to its token.
 
 Backward mirrors it: the gradient of an exchange is the exchange with the split sizes swapped
-(``AllToAll``). Capacity, when set, is computed from each rank's own tokens (GShard's groups).
+(``AllToAll``); the gates' gradients travel back to their router. Capacity, when set, is computed
+from each rank's own tokens (GShard's groups).
 
 Gradients: an expert's gradient on its owner sums the contributions of every rank of its group; the
 replicas of the same slice in other groups (data parallelism across groups) hold the same experts,
@@ -21,8 +26,8 @@ so the expert gradients are summed over those replicas only and divided by the w
 global loss is the mean of the ranks' losses), never averaged over the expert-parallel group (whose
 ranks hold different experts). Dense and router parameters stay with ``DistributedDataParallel``.
 
-Shape legend: T tokens of this rank, K slots per token, N chosen pairs sent, M pairs received,
-E experts, L = E / P local experts, D model dim.
+Shape legend: T tokens of this rank, K slots per token, N chosen pairs sent, U rows sent (distinct
+(token, rank)), R rows and M pairs received, E experts, L = E / P local experts, D model dim.
 """
 
 from __future__ import annotations
@@ -46,32 +51,38 @@ class AllToAll(torch.autograd.Function):
     """``all_to_all_single`` of rows with variable split sizes; backward sends the gradients back
     along the same routes (the split sizes swapped). Each call, forward and backward, is counted in
     ``counters`` (rows to other ranks than ``me``, seconds); ``role`` "combine" (the exchange that
-    brings results back) marks when its backward ended, "dispatch" adds the time since then (the
-    local experts' backward) to ``expert_s``."""
+    brings results back) marks when its backward ended, and the next exchange's backward to run
+    ("dispatch" or "gates") adds the time since then (the local experts' backward) to ``expert_s``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, send: list[int], recv: list[int], group: Any, counters: CommCounters, me: int, role: str) -> Tensor:
         ctx.send, ctx.recv, ctx.group, ctx.counters, ctx.me, ctx.role = send, recv, group, counters, me, role
-        return _exchange(x, send, recv, group, counters, me)
+        return exchange(x, send, recv, group, counters, me)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         c = ctx.counters
-        if ctx.role == "dispatch" and c.backward_mark is not None:
+        if ctx.role != "combine" and c.backward_mark is not None:
             c.expert_s += now(grad.device) - c.backward_mark
-        out = _exchange(grad, ctx.recv, ctx.send, ctx.group, c, ctx.me)
+            c.backward_mark = None
+        out = exchange(grad, ctx.recv, ctx.send, ctx.group, c, ctx.me)
         if ctx.role == "combine":
             c.backward_mark = now(grad.device)
         return out, None, None, None, None, None, None
 
 
-def _exchange(x: Tensor, send: list[int], recv: list[int], group: Any, counters: CommCounters, me: int) -> Tensor:
-    """Rows x (sum(send), ...) -> (sum(recv), ...), counted."""
+def exchange(x: Tensor, send: list[int], recv: list[int], group: Any, counters: CommCounters, me: int) -> Tensor:
+    """Rows x (sum(send), ...) -> (sum(recv), ...), ``send[i]`` rows to rank i of ``group``; counted."""
     out = x.new_empty((sum(recv), *x.shape[1:]))
     t0 = now(x.device)
     dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
     counters.exchange(sum(send), send[me], math.prod(x.shape[1:]) * x.element_size(), now(x.device) - t0)
     return out
+
+
+def block_starts(counts: Tensor) -> Tensor:
+    """(P,) counts -> (P,) offset of each block in their concatenation."""
+    return torch.cumsum(counts, 0) - counts
 
 
 @dataclass
@@ -107,30 +118,40 @@ class ExpertParallel:
         """x (T, D), expert_idx / gates / active (T, K) -> y (T, D) = sum_k gates * expert(x)."""
         T, K = expert_idx.shape
         P, L, group, me, c = self.groups.size, self.local, self.groups.group, self.groups.index, self.counters
-        flat = expert_idx.reshape(-1)  # (T*K,)
-        chosen = torch.arange(T * K, device=x.device) if active is None else active.reshape(-1).nonzero().squeeze(1)
-        order = torch.argsort(flat[chosen], stable=True)  # by expert = by (destination rank, its local expert)
-        pairs = chosen[order]  # (N,) slot index of each pair, sorted
-        send_counts = torch.bincount(flat[pairs], minlength=self.num_experts)  # (E,) = (P, L) row-major
-        recv_counts = torch.empty_like(send_counts)
-        t0 = now(x.device)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)  # (P*L,): from each source, per local expert
-        c.exchange(self.num_experts, L, send_counts.element_size(), now(x.device) - t0)
-        send = send_counts.view(P, L).sum(1).tolist()
-        recv = recv_counts.view(P, L).sum(1).tolist()
+        dev = x.device
+        chosen = torch.arange(T * K, device=dev) if active is None else active.reshape(-1).nonzero().squeeze(1)  # (N,)
+        token = torch.div(chosen, K, rounding_mode="floor")  # (N,)
+        expert = expert_idx.reshape(-1)[chosen]  # (N,)
+        dest = torch.div(expert, L, rounding_mode="floor")  # (N,) the rank holding the pair's expert
+        # one row per (token, destination): sorted by destination, then token
+        rows, pair_row = torch.unique(dest * T + token, sorted=True, return_inverse=True)  # (U,), (N,)
+        row_token, row_dest = rows % T, torch.div(rows, T, rounding_mode="floor")  # (U,)
+        order = torch.argsort(pair_row * L + expert % L)  # pairs by row (so by destination), then local expert
+        send_rows = torch.bincount(row_dest, minlength=P)  # (P,)
+        send_pairs = torch.bincount(dest, minlength=P)  # (P,)
+        meta = torch.stack([pair_row[order] - block_starts(send_rows)[dest[order]], expert[order] % L], 1).to(torch.int32)  # (N, 2)
+        counts = torch.stack([send_rows, send_pairs], 1)  # (P, 2)
+        recv_counts = torch.empty_like(counts)
+        t0 = now(dev)
+        dist.all_to_all_single(recv_counts, counts, group=group)  # (P, 2): rows and pairs from each source
+        c.exchange(P, 1, 2 * counts.element_size(), now(dev) - t0)
+        sr, sp, rr, rp = (t.tolist() for t in (send_rows, send_pairs, recv_counts[:, 0], recv_counts[:, 1]))
         c.route(torch.div(expert_idx, L, rounding_mode="floor"), active)
-        c.pairs, c.local_pairs, c.sent_tokens = c.pairs + len(pairs), c.local_pairs + send[me], c.sent_tokens + len(pairs) - send[me]
-        tokens = torch.div(pairs, K, rounding_mode="floor")  # (N,)
-        x_in = AllToAll.apply(x[tokens], send, recv, group, c, me, "dispatch")  # (M, D): by source, then by local expert
-        t0 = now(x.device)
-        local = torch.arange(L, device=x.device).repeat(P)  # (P*L,) local expert of each received block
-        local = torch.repeat_interleave(local, recv_counts)  # (M,)
-        plan = plan_dispatch(local[:, None], None, L)
-        y_in = grouped_experts(experts, x_in, x_in.new_ones(x_in.shape[0], 1), plan, workspace)  # (M, D)
-        c.expert_s += now(x.device) - t0
-        y_out = AllToAll.apply(y_in, recv, send, group, c, me, "combine")  # (N, D): back in the order sent
-        g = gates.reshape(-1)[pairs].to(y_out.dtype)  # (N,)
-        return torch.zeros_like(x).index_add(0, tokens, y_out * g[:, None])  # (T, D)
+        c.pairs, c.local_pairs, c.sent_tokens = c.pairs + len(chosen), c.local_pairs + sp[me], c.sent_tokens + len(rows) - sr[me]
+        x_in = AllToAll.apply(x[row_token], sr, rr, group, c, me, "dispatch")  # (R, D): by source, then destination order
+        meta_in = exchange(meta, sp, rp, group, c, me).long()  # (M, 2): (row within its source's block, local expert)
+        g_in = AllToAll.apply(gates.reshape(-1)[chosen][order].to(x.dtype), sp, rp, group, c, me, "gates")  # (M,)
+        t0 = now(dev)
+        source = torch.repeat_interleave(torch.arange(P, device=dev), recv_counts[:, 1])  # (M,) the source of each pair
+        in_row = block_starts(recv_counts[:, 0])[source] + meta_in[:, 0]  # (M,) its row in x_in
+        R = x_in.shape[0]
+        has = torch.zeros(R, L, dtype=torch.bool, device=dev).index_put_((in_row, meta_in[:, 1]), torch.ones_like(in_row, dtype=torch.bool))
+        g_rows = x_in.new_zeros(R, L).index_put((in_row, meta_in[:, 1]), g_in)  # (R, L) each row's gate per local expert
+        local = torch.arange(L, device=dev).expand(R, L)  # (R, L) slot j = local expert j
+        y_in = grouped_experts(experts, x_in, g_rows, plan_dispatch(local, has, L), workspace)  # (R, D)
+        c.expert_s += now(dev) - t0
+        y_out = AllToAll.apply(y_in, rr, sr, group, c, me, "combine")  # (U, D): back in the order sent
+        return torch.zeros_like(x).index_add(0, row_token, y_out)  # (T, D)
 
 
 def check_expert_parallel(model: nn.Module, size: int, world_size: int) -> list[nn.Module]:

@@ -32,6 +32,10 @@ COLUMNS = [  # (header, Row attribute, format)
     ("s to ref", "seconds_to_target", "{:.0f}"),
     ("expert CV", "expert_load_cv", "{:.2f}"),
     ("dead experts", "dead_experts", "{}"),
+    ("a2a MB/step", "a2a_mb_per_step", "{:.2f}"),
+    ("local pairs", "local_fraction", "{:.0%}"),
+    ("ranks/token", "ranks_per_token", "{:.2f}"),
+    ("a2a share", "comm_share", "{:.0%}"),
 ]
 
 
@@ -46,6 +50,10 @@ LEGEND = {  # header -> what it means, for the report's readers
     "s to ref": "training seconds to that step",
     "expert CV": "coefficient of variation of tokens per expert over the last 5 logged steps, mean over MoE layers (0 = balanced)",
     "dead experts": "experts (summed over MoE layers) that received no token in the last 5 logged steps",
+    "a2a MB/step": "expert parallelism: megabytes each process sent to the others per training step, all MoE layers, forward and backward",
+    "local pairs": "(token, expert) pairs whose expert sat on the token's own process (moved no data)",
+    "ranks/token": "processes a token's chosen experts sat on, mean over tokens and MoE layers",
+    "a2a share": "share of the training step spent inside the all-to-all exchanges (including waiting for the slowest process)",
 }
 
 

@@ -40,6 +40,10 @@ class Row:
     seconds_to_target: float | None
     expert_load_cv: float | None  # coefficient of variation of tokens per expert (mean over MoE layers)
     dead_experts: int | None  # experts that got no token over the last logged steps (all layers)
+    a2a_mb_per_step: float | None = None  # expert parallelism: MB each rank sent to others per step (all MoE layers)
+    local_fraction: float | None = None  # (token, expert) pairs served on the token's own rank
+    ranks_per_token: float | None = None  # ranks a token's experts sit on, mean
+    comm_share: float | None = None  # share of the step inside all-to-all exchanges
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +107,7 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
     t_steps, t_elapsed = time_curve(records)
     to_target = steps_to_target(e_steps, e_losses, target) if target is not None else None
     cv, dead = expert_load(records)
+    comm = summary.get("communication") or {}
     return Row(
         variant=name,
         total_params=cost.total_params,
@@ -122,6 +127,10 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
         seconds_to_target=seconds_at(to_target, t_steps, t_elapsed) if to_target is not None else None,
         expert_load_cv=cv,
         dead_experts=dead,
+        a2a_mb_per_step=comm["a2a_sent_bytes_per_step"] / 1e6 if comm else None,
+        local_fraction=comm.get("local_fraction"),
+        ranks_per_token=comm.get("ranks_per_token"),
+        comm_share=comm.get("a2a_share"),
     )
 
 

@@ -114,10 +114,12 @@ COUNTER_CHECK = textwrap.dedent(
     x = torch.randn(world, T, D, generator=torch.Generator().manual_seed(1))  # every rank's tokens
     L = E // world
     C = torch.zeros(world, world, dtype=torch.long)  # pairs from rank r to rank s, from the routing itself
+    U = torch.zeros(world, world, dtype=torch.long)  # rows: tokens of rank r with an expert on rank s
     reach = []
     for r in range(world):
         dest = layer.router(x[r]).expert_idx // L  # (T, K) the rank of each chosen expert
         C[r] = torch.bincount(dest.reshape(-1), minlength=world)
+        U[r] = torch.tensor([sum(s in set(row.tolist()) for row in dest) for s in range(world)])
         reach.append(torch.tensor([len(set(row.tolist())) for row in dest]))
     if M:
         assert max(int(n.max()) for n in reach) <= M
@@ -125,11 +127,12 @@ COUNTER_CHECK = textwrap.dedent(
     out = layer(x[rank].clone().requires_grad_(True))
     out.hidden.square().sum().backward()
     c = layer.expert_parallel.counters.take()
-    away, come = int(C[rank].sum() - C[rank, rank]), int(C[:, rank].sum() - C[rank, rank])
-    assert c["a2a_sent_tokens"] == away, (c, away)
-    # counts (int64) to the other ranks; rows out and back in the forward, the same in the backward
-    assert c["a2a_sent_bytes"] == (E - L) * 8 + 2 * (away + come) * D * 4, (c, away, come)
-    assert c["local_fraction"] == float(C[rank, rank]) / float(C[rank].sum())
+    n, u = int(C[rank, rank]), int(U[rank, rank])
+    N, M_in, rows_out, rows_in = int(C[rank].sum()), int(C[:, rank].sum()), int(U[rank].sum()), int(U[:, rank].sum())
+    assert c["a2a_sent_tokens"] == rows_out - u, (c, rows_out, u)
+    expected = 16 * (world - 1) + 2 * ((rows_out - u) + (rows_in - u)) * D * 4 + (N - n) * (8 + 4) + (M_in - n) * 4
+    assert c["a2a_sent_bytes"] == expected, (c, expected)
+    assert c["local_fraction"] == n / N
     assert abs(c["ranks_per_token"] - float(reach[rank].double().mean())) < 1e-12
     assert c["max_ranks_per_token"] == float(reach[rank].max())
     assert c["a2a_s"] > 0 and c["expert_s"] > 0
