@@ -221,8 +221,6 @@ def _train(cfg: Config, out: Path, resume: bool, isolate: bool, nproc: int = 1) 
     """Train in this process, or (``isolate``) in a child ``routelab train`` (with ``--nproc`` when
     ``nproc`` > 1) so peak memory is the variant's own; the child's one-line error comes back through
     ``ROUTELAB_ERROR_FILE``."""
-    if not isolate and nproc > 1:
-        raise ConfigError(f"compare.nproc={nproc} needs each variant in its own processes; allowed in-process: 1")
     if not isolate:
         from routelab.train import train
 
@@ -298,6 +296,8 @@ def compare(
     from routelab.report.compare_report import write_report
 
     cmp, configs = load_compare_config(config_path, overrides, budget)
+    if not isolate and cmp.nproc > 1:
+        raise ConfigError(f"compare.nproc={cmp.nproc} needs each variant in its own processes; allowed in-process: 1")
     out = Path(out) if out else Path("runs") / Path(str(config_path)).stem
     check_folder_target(out)
     plans = {name: plan_variant(name, cfg, out / name, force) for name, cfg in configs.items()}

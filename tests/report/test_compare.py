@@ -219,3 +219,33 @@ def test_one_failing_variant_still_gets_a_report_and_one_error_line(base_yaml, t
     assert re.search(r"1 of 2 variants failed: 'blowup' \(the training loss is .* at step 1", errors[0])
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| dense |" in md and "`blowup` failed" in md
+
+
+def test_a_comparison_of_expert_parallel_variants_reports_their_communication(base_yaml, tmp_path):
+    """nproc: 2 trains each variant in two processes (routelab train --nproc 2); the table gains the
+    communication columns from their summaries, and device-limited routing shows in them."""
+    moe = "model.ffn={kind: moe, router: {kind: topk, top_k: 2}, num_experts: 4, hidden: 16}"
+    cmp = write_compare(
+        tmp_path,
+        base="base.yaml",
+        budget={"steps": 3},
+        nproc=2,
+        set=[moe, "train.expert_parallel=2", "train.threads=1"],
+        variants=[{"name": "ep"}, {"name": "limited", "set": ["model.ffn.max_ranks_per_token=1"]}],
+    )
+    out = compare(cmp, out=tmp_path / "out")
+    results = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}
+    for name, r in results.items():
+        comm = json.loads((out / name / "summary.json").read_text())["communication"]
+        assert r["a2a_mb_per_step"] == comm["a2a_sent_bytes_per_step"] / 1e6 > 0
+        assert r["ranks_per_token"] == comm["ranks_per_token"]
+    assert results["limited"]["ranks_per_token"] == 1.0 < results["ep"]["ranks_per_token"]
+    report = (out / "report.md").read_text()
+    assert "a2a MB/step" in report and "ranks/token" in report and "processes a token's chosen experts sat on" in report
+
+
+def test_nproc_needs_variants_in_their_own_processes(base_yaml, tmp_path):
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 1}, nproc=2, variants=[{"name": "dense"}])
+    with pytest.raises(ConfigError, match="compare.nproc=2 needs each variant in its own processes"):
+        compare(cmp, out=tmp_path / "out", isolate=False)
+    assert not (tmp_path / "out").exists()
