@@ -439,11 +439,17 @@ def _train(
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),
         "world_size": ctx.world_size,
-        **({"communication": run_summary(book["communication"])} if book.get("communication") else {}),
+        **({"communication": {**run_summary(book["communication"]), "capacity": capacity_scope(cfg)}} if book.get("communication") else {}),
         "config_sha256": config_sha256(cfg),
     }
     ctx.on_main(lambda: atomic_write_json(out / SUMMARY_FILE, summary))  # after model/: the export is complete
     return summary
+
+
+def capacity_scope(cfg: Config) -> str:
+    """How expert capacity is counted under expert parallelism (for ``summary.json``)."""
+    factor = getattr(cfg.model.ffn, "capacity_factor", None)
+    return "dropless" if factor is None else f"capacity factor {factor} over each process's own tokens (GShard's groups)"
 
 
 def export_model(model: RoutedTransformer, tokenizer: Any, folder: Path) -> None:
