@@ -236,7 +236,7 @@ class MoE(nn.Module):
         """x (T, D) real tokens, pos (T,) their positions in their sequences -> (y (T, D), aux_loss, stats)."""
         T, E = x.shape[0], self.num_experts
         r, chosen, active = self._decide(x, token_ids, pos)
-        if self.selection_bias is not None and self.training and T > 0:
+        if self.selection_bias is not None and self.training and (T > 0 or self._global_group() is not None):
             self._update_selection_bias(r.expert_idx, chosen)
         if self.impl == "reference":
             y = reference_combine(self.experts, x, r.expert_idx, r.gates, active)
@@ -264,11 +264,18 @@ class MoE(nn.Module):
         K = r.expert_idx.shape[1]
         return -(pos.unsqueeze(1) * K + torch.arange(K, device=pos.device)).float()  # (T, K)
 
+    def _global_group(self):
+        """The process group whose batches balance together (``balance_scope`` global, training), or None."""
+        return self.balance_group if self.balance_scope == "global" and self.training else None
+
     @torch.no_grad()
     def _update_selection_bias(self, expert_idx: Tensor, chosen: Tensor | None) -> None:
-        """DeepSeek-V3: b_i += u * sign(mean load - load_i), from this batch's selections."""
+        """DeepSeek-V3: b_i += u * sign(mean load - load_i), from this batch's selections (with
+        ``balance_scope`` global, the loads of every process's batch)."""
         w = None if chosen is None else chosen.reshape(-1).float()
         load = torch.bincount(expert_idx.reshape(-1), weights=w, minlength=self.num_experts).float()
+        if self._global_group() is not None:
+            torch.distributed.all_reduce(load, group=self._global_group())
         self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def _losses_and_stats(self, r: Routing, chosen: Tensor | None, active: Tensor | None) -> tuple[Tensor, dict]:
@@ -291,7 +298,7 @@ class MoE(nn.Module):
             stats["max_load"] = per_expert.max()
             stats["mean_load"] = per_expert.mean()
             stats["unused_experts"] = (per_expert == 0).sum()
-        group = self.balance_group if self.balance_scope == "global" and self.training else None
+        group = self._global_group()
         if r.balance and r.probs is not None and self.balance_loss_weight > 0 and self.router.learned and (T > 0 or group is not None):
             lb = losses.load_balancing_loss(r.probs, r.expert_idx, chosen, group)  # with a group: on every rank, even T = 0
             aux = aux + self.balance_loss_weight * lb

@@ -34,11 +34,13 @@ def _max_diff(a, b) -> float:
 
 
 def test_global_balance_scope_trains_what_one_process_trains(tiny, tmp_path):
-    """With a strong balance loss, two expert-parallel processes equal one process on the same global
-    batch only when the loss is taken over the global batch; the per-rank loss trains another model."""
-    _train(tiny, tmp_path / "one", *_ffn())
-    _train(tiny, tmp_path / "global", *_ffn(balance_scope="global"), "--nproc", "2", "--set", "train.expert_parallel=2")
-    _train(tiny, tmp_path / "local", *_ffn(), "--nproc", "2", "--set", "train.expert_parallel=2")
+    """With a strong balance loss and DeepSeek-V3's bias balancing, two expert-parallel processes
+    equal one process on the same global batch only when both balance over the global batch; per
+    rank, they train another model."""
+    bias = {"bias_balancing": True, "bias_update_rate": 0.05}
+    _train(tiny, tmp_path / "one", *_ffn(**bias))
+    _train(tiny, tmp_path / "global", *_ffn(balance_scope="global", **bias), "--nproc", "2", "--set", "train.expert_parallel=2")
+    _train(tiny, tmp_path / "local", *_ffn(**bias), "--nproc", "2", "--set", "train.expert_parallel=2")
     _assert_same_params(tmp_path / "one" / "model" / "model.safetensors", tmp_path / "global" / "model" / "model.safetensors")
     assert _max_diff(tmp_path / "one", tmp_path / "local") > 1e-4
     one = [r for r in read_metrics(tmp_path / "one") if "split" not in r]
