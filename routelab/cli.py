@@ -1,6 +1,6 @@
 """Command line: a thin map of subcommand -> function.
 
-    routelab train CONFIG [--set k=v ...] [--out DIR] [--resume]
+    routelab train CONFIG [--set k=v ...] [--out DIR] [--resume] [--nproc N [--max-restarts K]]
     routelab eval RUN_DIR [--split val|test]
     routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     routelab data listops --out DIR [--set data.listops_train=...]
@@ -22,7 +22,9 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,7 +33,14 @@ from routelab.config import Config, DataConfig, apply_overrides, from_dict
 from routelab.errors import ERROR_FILE_ENV, ConfigError
 from routelab.io import check_folder_target
 from routelab.presets import resolve_config_path
-from routelab.train.distributed import RankZeroError, launched
+from routelab.train.distributed import (
+    LOST_PEER_STATUS,
+    CollectiveFailure,
+    RankZeroError,
+    collective_failure,
+    launched,
+    restart_count,
+)
 
 log = logging.getLogger("routelab.cli")
 
@@ -44,11 +53,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = Config.load(cfg_path, args.set)
     out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
     nproc = args.nproc if args.nproc is not None and args.nproc > 1 and not launched() else None
+    if args.max_restarts and not nproc:
+        raise ConfigError(
+            f"--max-restarts {args.max_restarts} needs --nproc N with N > 1 (it restarts the processes torch's launcher"
+            " started); under torchrun, pass --max-restarts to torchrun"
+        )
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts} is invalid; allowed: 0 or more")
     preflight(cfg, nproc)  # (train() checks again) a config that cannot train fails with its error line alone
     if nproc:
-        return launch_local(args.nproc, cfg.train.batch_size, without_nproc(args.argv))
+        return launch_local(args.nproc, cfg.train.batch_size, without_launch_options(args.argv), args.max_restarts)
     log.info(describe_threads(cfg.train.threads))
-    summary = train(cfg, out, resume=args.resume)
+    resume = args.resume
+    if restart_count():  # torchrun --max-restarts started this process again after a failure: continue the run
+        from routelab.train.checkpoint import latest_checkpoint
+
+        resume = latest_checkpoint(out) is not None
+        log.info("restart %d after a failure: %s", restart_count(),
+                 f"resuming from the newest intact checkpoint in {out}" if resume else "no checkpoint yet, starting again")
+    summary = train(cfg, out, resume=resume)
     print(json.dumps(summary, indent=2))
     headline = {"val_bpb": "validation bits per byte", "val_accuracy": "validation accuracy"}
     for key, label in headline.items():
@@ -147,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (torchrun --standalone; "
                    "train.batch_size is the global batch, split between them)")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: when a process fails or is killed, stop the others and start all N again, up to K "
+                   "times; each restart resumes from the newest checkpoint in --out (as torchrun --max-restarts does)")
     t.add_argument("--prompt", default="def ", help="prompt for the sample printed after LM training")
     t.add_argument("--no-sample", action="store_true", help="do not print a generated sample after LM training")
     t.set_defaults(func=cmd_train)
@@ -226,23 +252,75 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
-def without_nproc(argv: list[str]) -> list[str]:
-    """``argv`` without ``--nproc N`` / ``--nproc=N``."""
+LAUNCH_OPTIONS = ("--nproc", "--max-restarts")  # the launcher's; its processes get the rest of the command line
+
+
+def without_launch_options(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` and ``--max-restarts K`` / ``--max-restarts=K``."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in LAUNCH_OPTIONS:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
             out.append(a)
     return out
 
 
-def launch_local(nproc: int, batch_size: int, argv: list[str]) -> int:
+def describe_exit(rank: int, nproc: int, exitcode: int) -> str:
+    """``process 1 of 2 was killed by signal SIGKILL (9), ...`` (exit codes below 0 are signals, as in
+    ``subprocess``) or ``process 1 of 2 exited with status 2; its error is above``."""
+    if exitcode >= 0:
+        return f"process {rank} of {nproc} exited with status {exitcode}; its error is above"
+    try:
+        name = f"{signal.Signals(-exitcode).name} ({-exitcode})"
+    except ValueError:
+        name = str(-exitcode)
+    why = ", e.g. by the out-of-memory killer" if -exitcode == signal.SIGKILL else ""
+    return f"process {rank} of {nproc} was killed by signal {name}{why}"
+
+
+def first_failure(exitcodes: Mapping[int, int]) -> int:
+    """The rank whose failure ended a run, given each failed rank's exit code: not one that stopped
+    because another ended (``LOST_PEER_STATUS``) or that the launcher stopped (SIGTERM) unless no other
+    failed; the lowest such rank (rank 0 reports a step it does alone, the others follow it)."""
+    def consequence(code: int) -> int:
+        return {LOST_PEER_STATUS: 2, -signal.SIGTERM: 1}.get(code, 0)
+
+    return min(exitcodes, key=lambda rank: (consequence(exitcodes[rank]), rank))
+
+
+class _LauncherLog(logging.Filter):
+    """Sits on two of torch's launcher loggers while ``launch_local`` runs: drops the line it logs for
+    each failed attempt (the final report names the failed process in routelab's words) and turns a
+    restart (``--max-restarts``) into one warning naming what failed."""
+
+    def __init__(self, nproc: int) -> None:
+        super().__init__()
+        self.nproc, self.failure = nproc, None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if msg.startswith("failed (exitcode") and len(record.args or ()) >= 2:
+            self.failure = describe_exit(record.args[1], self.nproc, record.args[0])  # local rank = rank on one machine
+            return False
+        if "will restart worker group" in msg and len(record.args or ()) >= 4:
+            remaining, total = record.args[2], record.args[3]
+            what = (self.failure or "a process failed").removesuffix("; its error is above")
+            print(f"routelab: warning: {what}; restarting the {self.nproc} processes (restart {total - remaining + 1} of"
+                  f" {total}), from the newest checkpoint", file=sys.stderr)
+            return False
+        return record.levelno >= logging.ERROR
+
+
+def launch_local(nproc: int, batch_size: int, argv: list[str], max_restarts: int = 0) -> int:
     """``routelab train ... --nproc N``: the same command in N processes on this machine, started by
     torch's launcher (``torch.distributed.run``, i.e. torchrun --standalone); returns the exit status.
-    A failed process is reported in one line after its own error line."""
+    A failed process is reported in one line (after its own error line, if it printed one); the
+    others, whose collectives fail when it ends, stop without a line of their own (``lost_peer``). With
+    ``max_restarts`` K > 0 the launcher starts all N again after a failure, up to K times (each
+    resumes from the newest checkpoint: see ``cmd_train``)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
@@ -250,15 +328,32 @@ def launch_local(nproc: int, batch_size: int, argv: list[str]) -> int:
     if batch_size % nproc:
         raise ConfigError(f"train.batch_size={batch_size} is invalid with --nproc {nproc}; allowed: a multiple of {nproc}")
     logging.getLogger("torch.distributed").setLevel(logging.ERROR)  # we report failures ourselves; no launcher banners
-    launcher = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "routelab", *argv])
+    launcher = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "-m", "routelab", *argv]
+    )
     log.info("starting %d processes with torch.distributed.run (torchrun --standalone)", nproc)
+    report = _LauncherLog(nproc)
+    watched = [logging.getLogger(f"torch.distributed.elastic.{m}.api") for m in ("multiprocessing", "agent.server")]
+    levels = [logger.level for logger in watched]
+    watched[1].setLevel(logging.INFO)  # its restart line is INFO
+    for logger in watched:
+        logger.addFilter(report)
     try:
         torchrun(launcher)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
-        print(f"routelab: error: process {rank} of {nproc} exited with status {failure.exitcode}; its error is above",
-              file=sys.stderr)
-        return 2 if failure.exitcode == 2 else 1
+        exitcodes = {rank: failure.exitcode for rank, failure in e.failures.items()}
+        rank = first_failure(exitcodes)
+        line = describe_exit(rank, nproc, exitcodes[rank])
+        if exitcodes[rank] < 0:
+            line += "; the other processes were stopped"
+        if max_restarts:
+            line += f"; no restarts left (--max-restarts {max_restarts})"
+        print(f"routelab: error: {line}", file=sys.stderr)
+        return 2 if exitcodes[rank] == 2 else 1
+    finally:
+        for logger, level in zip(watched, levels):
+            logger.removeFilter(report)
+            logger.setLevel(level)
     return 0
 
 
@@ -275,10 +370,27 @@ def user_error(message: str) -> int:
     return 2
 
 
+LOST_PEER_WAIT_S = 10.0  # the launcher polls its processes every 0.1 s (torchrun --monitor-interval) and stops the rest
+
+
+def lost_peer(failure: CollectiveFailure) -> int:
+    """This rank's collective failed because of another process. Timed out (it hangs): say so and exit 1.
+    Connection closed (it ended: killed, or with its own error line): say nothing, and wait for the
+    launcher, which stops this process once it sees the other one's exit, so that its report (torchrun's,
+    or ``launch_local``'s one line) names the process that failed first, not this one; then, if no
+    launcher came, exit ``LOST_PEER_STATUS``."""
+    if failure.timed_out:
+        user_error(f"another process did not answer within train.dist_timeout ({failure.detail}); it hung or fell behind")
+        return 1
+    time.sleep(LOST_PEER_WAIT_S)
+    return LOST_PEER_STATUS
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. Errors a user can cause end as one line on stderr and exit status 2: bad
     config or data (``ValueError``: ``ConfigError``, ``DataError``, ``RunError``, ``DamagedFileError``),
-    missing or unwritable files (``OSError``). Ctrl-C exits 130. Anything else is a bug: traceback."""
+    missing or unwritable files (``OSError``). Ctrl-C exits 130. In a distributed run, a collective that
+    failed because another process ended or hung: see ``lost_peer``. Anything else is a bug: traceback."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     rank = process_rank()
@@ -290,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2  # rank 0 failed first and reports it
     except (ValueError, OSError) as e:
         return user_error(str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.strerror}: {e.filename!r}")
+    except Exception as e:
+        failure = collective_failure(e) if launched() else None
+        if failure is None:
+            raise
+        return lost_peer(failure)
     except KeyboardInterrupt:
         print("routelab: interrupted; a training run continues from its last checkpoint with --resume", file=sys.stderr)
         return 130

@@ -9,14 +9,19 @@ number of processes. Dense parameters are replicated with ``DistributedDataParal
 averages gradients: the mean of the ranks' mean losses over equal shares is the global mean loss.
 
 The backend follows the device (gloo on CPU, NCCL on CUDA) unless ``train.dist_backend`` says
-otherwise; ``train.dist_timeout`` bounds every collective, so a rank that dies ends the run
-instead of hanging it.
+otherwise; ``train.dist_timeout`` bounds every collective, so a rank that hangs ends the run
+instead of hanging it too. A rank that dies (an exception, or a signal such as the out-of-memory
+killer's SIGKILL) is seen by the launcher, which stops the others; their collectives fail first, with
+the backend's "connection closed" error, which ``collective_failure`` recognises so that they wait
+quietly for the launcher to stop them, and its report names the process that failed first.
+Relaunched by ``torchrun --max-restarts``, the processes see ``restart_count() > 0``.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,6 +33,8 @@ from routelab.errors import ConfigError
 
 T = TypeVar("T")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set by torchrun
+RESTART_VAR = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun: how often it has restarted the processes
+LOST_PEER_STATUS = 3  # exit status of a process that stopped because another one ended (not the cause)
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,36 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def restart_count() -> int:
+    """How often ``torchrun --max-restarts`` (or ``routelab train --max-restarts``) has started this
+    run's processes again after a failure: 0 on the first attempt and without a launcher."""
+    return int(os.environ.get(RESTART_VAR) or 0)
+
+
+@dataclass(frozen=True)
+class CollectiveFailure:
+    """A collective that failed because of another process, not of this one."""
+
+    detail: str  # the backend's words, e.g. 'Connection closed by peer [127.0.0.1]:15576'
+    timed_out: bool  # no answer within train.dist_timeout (a process hung) rather than a closed connection (it ended)
+
+
+# gloo raises a plain RuntimeError '[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer ...';
+# NCCL and the c10d store raise torch.distributed.DistError subclasses
+_BACKEND_ERROR = re.compile(r"gloo|nccl|connection (closed|reset) by peer|broken pipe", re.IGNORECASE)
+_TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def collective_failure(error: BaseException) -> CollectiveFailure | None:
+    """What went wrong if ``error`` is a collective (all-reduce, broadcast...) that another process
+    broke by ending (killed, or failed with its own error) or by hanging; None for any other error."""
+    message = str(error)
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and _BACKEND_ERROR.search(message))):
+        return None
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", message.strip()).split(". ")[0].splitlines()[0]  # no source location, first sentence
+    return CollectiveFailure(detail[:200], bool(_TIMEOUT.search(message)))
+
+
 def init_distributed(backend: str, timeout_s: float, device: torch.device) -> DistContext:
     """Join the process group ``torchrun`` described in the environment; ``DistContext()`` without one.
 
@@ -123,8 +160,31 @@ def init_distributed(backend: str, timeout_s: float, device: torch.device) -> Di
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError(f"train.dist_backend='nccl' needs a CUDA device, but train.device is {str(device)!r}; use gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _store_of_this_attempt(ctx, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
     return ctx
+
+
+def _store_of_this_attempt(ctx: DistContext, timeout: datetime.timedelta) -> dist.Store | None:
+    """After a restart on one machine, the launcher's key-value store with this attempt's keys apart.
+
+    torchrun's agent keeps one store across restarts (``TORCHELASTIC_USE_AGENT_STORE``) and the
+    default process group writes the same keys in it each attempt, so a restarted process may read a
+    dead one's address and fail to connect (torch 2.13; pytorch issue 135712). On one machine, one
+    agent counts the restarts for every process, so the count scopes the keys; across machines the
+    counts may differ: there ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` gives each attempt its own store.
+    None: let ``init_process_group`` build the store from the environment as usual.
+    """
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("GROUP_WORLD_SIZE") == "1"
+    if not restart_count() or not shared:
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"routelab/restart_{restart_count()}", agent)
 
 
 def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
