@@ -146,7 +146,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     budget = {k: getattr(args, k) for k in ("steps", "tokens", "seconds") if getattr(args, k) is not None}
     if len(budget) > 1:
         raise ConfigError(f"give at most one of --steps, --tokens, --seconds (got {', '.join('--' + k for k in budget)})")
-    compare(args.config, out=args.out, overrides=args.set, budget=budget or None, force=args.force)
+    compare(args.config, out=args.out, overrides=args.set, budget=budget or None, force=args.force, nproc=args.nproc)
     return 0
 
 
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, help="budget: optimizer steps per variant (replaces the config's budget)")
     c.add_argument("--tokens", type=int, help="budget: training tokens per variant")
     c.add_argument("--seconds", type=float, help="budget: wall-clock training seconds per variant")
+    c.add_argument("--nproc", type=int, metavar="N", help="train each variant with N processes (replaces the config's nproc)")
     c.add_argument("--force", action="store_true", help="retrain variants whose folder holds a run of another config "
                    "(each old run is replaced only once its new one finishes)")
     c.set_defaults(func=cmd_compare)

@@ -120,18 +120,20 @@ def _budget_overrides(sets: list[str], where: str) -> None:
 
 
 def load_compare_config(
-    path: str | Path, overrides: list[str] | None = None, budget: dict[str, Any] | None = None
+    path: str | Path, overrides: list[str] | None = None, budget: dict[str, Any] | None = None, nproc: int | None = None
 ) -> tuple[CompareConfig, dict[str, Config]]:
     """Read a comparison config and build and check every variant's run config (``preflight``: the
     model is built on the meta device, the data source must exist, optional packages be present),
     so any error surfaces before anything trains. ``budget`` (e.g. ``{"steps": 600}``, from the
-    command line) replaces the config's budget."""
+    command line) replaces the config's budget, and ``nproc`` its processes per variant."""
     from routelab.train.run import preflight
 
     path = resolve_config_path(str(path))
     data = read_yaml_mapping(path, "comparison config")
     if budget:
         data = {**data, "budget": budget}
+    if nproc is not None:
+        data = {**data, "nproc": nproc}
     cmp = from_dict(CompareConfig, data, "")
     _budget_overrides(cmp.set, f"{str(path)!r} (set:)")
     _budget_overrides(overrides or [], "--set")
@@ -287,6 +289,7 @@ def compare(
     isolate: bool = True,
     budget: dict[str, Any] | None = None,
     force: bool = False,
+    nproc: int | None = None,
 ) -> Path:
     """Run every variant of a comparison, then write the report. Returns the report folder.
 
@@ -295,7 +298,7 @@ def compare(
     those that finished, then ``VariantError`` names the ones that failed and why."""
     from routelab.report.compare_report import write_report
 
-    cmp, configs = load_compare_config(config_path, overrides, budget)
+    cmp, configs = load_compare_config(config_path, overrides, budget, nproc)
     if not isolate and cmp.nproc > 1:
         raise ConfigError(f"compare.nproc={cmp.nproc} needs each variant in its own processes; allowed in-process: 1")
     out = Path(out) if out else Path("runs") / Path(str(config_path)).stem

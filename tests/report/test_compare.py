@@ -249,3 +249,6 @@ def test_nproc_needs_variants_in_their_own_processes(base_yaml, tmp_path):
     with pytest.raises(ConfigError, match="compare.nproc=2 needs each variant in its own processes"):
         compare(cmp, out=tmp_path / "out", isolate=False)
     assert not (tmp_path / "out").exists()
+    plain = write_compare(tmp_path, base="base.yaml", budget={"steps": 1}, variants=[{"name": "dense"}])
+    with pytest.raises(ConfigError, match="compare.nproc=3 needs each variant"):  # --nproc replaces the config's
+        compare(plain, out=tmp_path / "out", isolate=False, nproc=3)
