@@ -10,9 +10,11 @@
    every process) and whether they agree, tokens per process reaching other processes, the share of
    the step inside the exchanges.
 2. **Exchange cost on loopback**: ``all_to_all_single`` of B bytes to each peer, 2 and 4 processes;
-   the fit ``time = alpha + gamma * (peers) + bytes_sent / beta`` by least squares.
+   the fit ``time = alpha + bytes_sent / beta`` per exchange, by least squares, for each number of
+   processes (with 4 processes on 2 cores the exchange is CPU-bound: the 2-process fit is the one
+   projected).
 3. **Projection** (computed, not measured): one MoE layer of a stated large model on clusters of
-   8-GPU nodes, 8 to 64 nodes, 100 to 400 Gb/s per GPU: the fitted alpha and gamma, the link's beta.
+   8-GPU nodes, 8 to 64 nodes, 100 to 400 Gb/s per GPU: the fitted alpha, the link's beta.
 
     python benchmarks/expert_parallel.py [--steps 12] [--warmup 3] [--out benchmarks/results/expert_parallel.json]
 
@@ -171,18 +173,17 @@ def exchange_worker(sizes: list[int], reps: int, out: str) -> None:
 
 
 def fit(points: list[dict]) -> dict:
-    """Least squares of seconds = alpha + gamma * peers + bytes_sent / beta (all coefficients >= 0)."""
+    """Least squares of seconds = alpha + bytes_sent / beta (relative errors, coefficients >= 0)."""
     import torch
 
-    A = torch.tensor([[1.0, p["world"] - 1, p["bytes_sent"]] for p in points], dtype=torch.float64)
+    A = torch.tensor([[1.0, p["bytes_sent"]] for p in points], dtype=torch.float64)
     t = torch.tensor([p["seconds"] for p in points], dtype=torch.float64)
     w = 1.0 / t  # relative error: small exchanges count as much as large ones
     coef = torch.linalg.lstsq(A * w[:, None], t * w).solution
-    alpha, gamma, inv_beta = (max(float(c), 0.0) for c in coef)
-    pred = (A @ torch.tensor([alpha, gamma, inv_beta], dtype=torch.float64)).tolist()
+    alpha, inv_beta = (max(float(c), 0.0) for c in coef)
+    pred = (A @ torch.tensor([alpha, inv_beta], dtype=torch.float64)).tolist()
     worst = max(abs(p - q) / q for p, q in zip(pred, t.tolist()))
-    return {"alpha_s": alpha, "gamma_s_per_peer": gamma, "beta_bytes_per_s": 1.0 / inv_beta if inv_beta else math.inf,
-            "worst_relative_error": worst}
+    return {"alpha_s": alpha, "beta_bytes_per_s": 1.0 / inv_beta if inv_beta else math.inf, "worst_relative_error": worst}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,10 +219,9 @@ def project(model: dict, fitted: dict, nodes: list[int], gbps: list[float], max_
         bytes_out = T * remote * D * b  # per exchange
         for link in gbps:
             beta = link * 1e9 / 8
-            wire_s = 4 * bytes_out / beta  # the bandwidth term alone: a lower bound
-            a2a_s = wire_s + 4 * (fitted["alpha_s"] + fitted["gamma_s_per_peer"] * (G - 1))
+            a2a_s = 4 * (fitted["alpha_s"] + bytes_out / beta)
             rows.append({"nodes": n, "gpus": n * g, "ep": G, "link_gbps": link, "max_ranks_per_token": max_ranks,
-                         "rows_per_token": ranks, "mb_off_node_per_exchange": bytes_out / 1e6, "wire_ms": wire_s * 1e3, "a2a_ms": a2a_s * 1e3,
+                         "rows_per_token": ranks, "mb_off_node_per_exchange": bytes_out / 1e6, "a2a_ms": a2a_s * 1e3,
                          "expert_ms": compute_s * 1e3, "a2a_over_compute": a2a_s / compute_s})
     return rows
 
@@ -279,17 +279,19 @@ def main() -> None:
             points += json.loads(Path(out).read_text())
     for pt in points:
         print(f"  {pt['world']} processes, {pt['bytes_per_peer']:>9,} B per peer: {pt['seconds'] * 1e6:>9.0f} us")
-    fitted = fit(points)
-    results["exchange"], results["fit"] = points, fitted
-    print(f"  fit: alpha {fitted['alpha_s'] * 1e6:.0f} us + gamma {fitted['gamma_s_per_peer'] * 1e6:.0f} us/peer"
-          f" + bytes / {fitted['beta_bytes_per_s'] / 1e9:.2f} GB/s (worst relative error {fitted['worst_relative_error']:.0%})")
+    fits = {w: fit([p for p in points if p["world"] == w]) for w in (2, 4)}
+    results["exchange"], results["fit"] = points, fits
+    for w, f in fits.items():
+        print(f"  fit, {w} processes: {f['alpha_s'] * 1e6:.0f} us + bytes sent / {f['beta_bytes_per_s'] / 1e9:.2f} GB/s"
+              f" (worst relative error {f['worst_relative_error']:.0%})")
+    fitted = fits[2]
     print(f"\n3. projected (not measured): one MoE layer of {LARGE}")
     proj = project(LARGE, fitted, [8, 16, 32, 64], [100.0, 200.0, 400.0], None) + project(LARGE, fitted, [8, 16, 32, 64], [100.0, 200.0, 400.0], 4)
     results["projection"] = {"model": LARGE, "rows": proj}
     print(f"{'nodes':>5} {'EP':>4} {'Gb/s':>5} {'limit':>5} {'rows/tok':>8} {'MB off node':>11} {'a2a ms':>7} {'expert ms':>9} {'a2a/compute':>11}")
     for r in proj:
         print(f"{r['nodes']:>5} {r['ep']:>4} {r['link_gbps']:>5.0f} {str(r['max_ranks_per_token'] or '-'):>5} {r['rows_per_token']:>8.2f}"
-              f" {r['mb_off_node_per_exchange']:>11.1f} {r['a2a_ms']:>7.1f} {r['expert_ms']:>9.1f} {r['a2a_over_compute']:>11.2f} {r['wire_ms']:>7.1f} {r['wire_ms'] / r['expert_ms']:>12.2f}")
+              f" {r['mb_off_node_per_exchange']:>11.1f} {r['a2a_ms']:>7.1f} {r['expert_ms']:>9.1f} {r['a2a_over_compute']:>11.2f}")
     write_json(args.out, results)
 
 
