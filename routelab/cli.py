@@ -321,7 +321,8 @@ def launch_local(nproc: int, batch_size: int, argv: list[str], max_restarts: int
     A failed process is reported in one line (after its own error line, if it printed one); the
     others, whose collectives fail when it ends, stop without a line of their own (``lost_peer``). With
     ``max_restarts`` K > 0 the launcher starts all N again after a failure, up to K times (each
-    resumes from the newest checkpoint: see ``cmd_train``)."""
+    resumes from the newest checkpoint: see ``cmd_train``). Unless ``OMP_NUM_THREADS`` is set, each
+    process gets an equal share of this machine's cores (``train.threads`` still overrides it)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
@@ -329,6 +330,9 @@ def launch_local(nproc: int, batch_size: int, argv: list[str], max_restarts: int
     if batch_size % nproc:
         raise ConfigError(f"train.batch_size={batch_size} is invalid with --nproc {nproc}; allowed: a multiple of {nproc}")
     logging.getLogger("torch.distributed").setLevel(logging.ERROR)  # we report failures ourselves; no launcher banners
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 (with a banner); share the cores instead
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     launcher = get_args_parser().parse_args(
         ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "-m", "routelab", *argv]
     )

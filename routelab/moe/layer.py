@@ -67,7 +67,8 @@ class MoE(nn.Module):
         causal: the layer sits in a causal model; routers that rank the whole batch are refused.
         balance_scope: "local" (the balance loss over this process's batch) or "global" (over the
             batches of all processes training together, when ``balance_group`` is set by the trainer;
-            Qiu et al. 2025). The same in one process.
+            Qiu et al. 2025); DeepSeek-V3's selection-bias updates then use the global loads too.
+            The same in one process.
         expert_groups, max_ranks_per_token: device-limited routing (DeepSeek-V2, sec. 2.1.3): each
             token chooses among the experts of its ``max_ranks_per_token`` best of ``expert_groups``
             groups of consecutive experts (``Router.limit_groups``); None = unlimited.
