@@ -7,14 +7,22 @@ A comparison config (YAML)::
     set: [train.eval_every=100]      # overrides applied to every variant
     reference: dense                 # the variant whose final validation loss is the target
     nproc: 1                         # processes per variant (>1: each trains with routelab train --nproc)
+    prepare:                         # runs the variants start from or learn from, trained first
+      - {name: teacher, config: lm-moe-topk-tiny, steps: 400}
     variants:
       - {name: dense}
       - {name: switch, set: [model.ffn.kind=moe, model.ffn.router=switch]}
+      - {name: distilled, set: [train.distill.teacher=@teacher]}
 
 Variants train one after another into ``OUT/<name>/`` (each in its own process, so peak memory
 is the variant's own); a finished variant is not rerun, an interrupted one resumes, and one trained
 with a different config is refused unless ``force`` (``--force``) retrains it. The budget belongs to
 the comparison: ``--set train.steps=...`` is refused in favour of ``--steps/--tokens/--seconds``.
+
+``prepare`` runs (a trained model to continue or upcycle, a teacher to distil from) train first, each
+with its own config and steps, into ``OUT/prepare/<name>/``, under the same done/resume/refuse rules;
+a value ``@name`` in any ``set`` (of a variant, or of a later prepared run) stands for that folder.
+They are not contenders: the report lists them apart.
 """
 
 from __future__ import annotations
@@ -52,6 +60,21 @@ class Variant:
 
 
 @dataclass
+class Prepared:
+    """A run trained before the variants, which they refer to as ``@name`` (e.g. ``train.init_from=@base``)."""
+
+    _section = "prepare[]"
+    name: str = ""
+    config: str | None = None  # a preset name or a run config path (relative to the comparison); None = base
+    steps: int = 100  # its own budget, not the comparison's
+    set: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(bool(NAME_RE.match(self.name)), "prepare.name", self.name, "letters, digits, and _ . + - (a folder name)")
+        check(self.steps >= 1, "prepare.steps", self.steps, "an integer >= 1")
+
+
+@dataclass
 class Budget:
     """The same budget for every variant; exactly one field is set."""
 
@@ -83,6 +106,7 @@ class CompareConfig:
     budget: Budget = field(default_factory=lambda: Budget(steps=100))
     variants: list[Variant] = field(default_factory=list)
     set: list[str] = field(default_factory=list)
+    prepare: list[Prepared] = field(default_factory=list)  # runs trained first, referred to as @name
     reference: str | None = None  # None = the first variant
     eval_example: int = 0  # validation example whose attention routes the report shows
     nproc: int = 1  # processes each variant trains with (torch.distributed.run on this machine)
@@ -96,6 +120,9 @@ class CompareConfig:
         check(not dupes, "compare.variants", dupes, "unique variant names")
         if self.reference is not None:
             check(self.reference in names, "compare.reference", self.reference, f"one of the variant names {names}")
+        prepared = [p.name for p in self.prepare]
+        dupes = sorted({n for n in prepared if prepared.count(n) > 1})
+        check(not dupes, "compare.prepare", dupes, "unique names")
 
     @property
     def reference_name(self) -> str:
@@ -109,26 +136,65 @@ class VariantError(ValueError):
     """One variant of a comparison failed to train; the message is its one-line error."""
 
 
-def _budget_overrides(sets: list[str], where: str) -> None:
+def _budget_overrides(sets: list[str], where: str, prepared: bool = False) -> None:
     for item in sets:
         key = item.split("=", 1)[0].strip()
         if key in BUDGET_KEYS:
             raise ConfigError(
+                f"{where} sets {key!r}, but a prepared run's budget is its steps: field" if prepared else
                 f"{where} sets {key!r}, but a comparison gives every variant the same budget; set it with"
                 " budget: in the comparison config or --steps/--tokens/--seconds on the command line"
             )
 
 
+PREPARE_DIR = "prepare"  # OUT/prepare/<name>/: the prepared runs
+
+
+def default_out(config_path: str | Path) -> Path:
+    return Path("runs") / Path(str(config_path)).stem
+
+
+def resolve_refs(sets: list[str], known: list[str], out: Path, where: str) -> tuple[list[str], list[str]]:
+    """Replace every value ``@name`` in ``sets`` by the folder of prepared run ``name``; returns (the
+    resolved sets, the items that held a reference). A name not in ``known`` is an error."""
+    resolved, refs = [], []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if sep and value.strip().startswith("@"):
+            name = value.strip()[1:]
+            if name not in known:
+                allowed = ", ".join(f"@{n}" for n in known) or "none: the comparison has no prepare: runs (before this one)"
+                raise ConfigError(f"{where}: {item!r} refers to no prepared run; allowed: {allowed}")
+            item = f"{key}={out / PREPARE_DIR / name}"
+            refs.append(item)
+        resolved.append(item)
+    return resolved, refs
+
+
+def _checked(base_path: Path, sets: list[str], refs: list[str], nproc: int) -> Config:
+    """The config of ``sets``, after ``preflight`` of the same config without the items in ``refs``
+    (their folders are trained by the comparison itself, so they need not exist yet)."""
+    from routelab.train.run import preflight
+
+    preflight(Config.load(base_path, [s for s in sets if s not in refs]), nproc)
+    return Config.load(base_path, sets)
+
+
 def load_compare_config(
-    path: str | Path, overrides: list[str] | None = None, budget: dict[str, Any] | None = None, nproc: int | None = None
+    path: str | Path,
+    overrides: list[str] | None = None,
+    budget: dict[str, Any] | None = None,
+    nproc: int | None = None,
+    out: str | Path | None = None,
 ) -> tuple[CompareConfig, dict[str, Config]]:
     """Read a comparison config and build and check every variant's run config (``preflight``: the
     model is built on the meta device, the data source must exist, optional packages be present),
     so any error surfaces before anything trains. ``budget`` (e.g. ``{"steps": 600}``, from the
-    command line) replaces the config's budget, and ``nproc`` its processes per variant."""
-    from routelab.train.run import preflight
-
+    command line) replaces the config's budget, and ``nproc`` its processes per variant. The
+    prepared runs' configs come back too, under ``prepare/<name>``; ``@name`` references resolve to
+    folders under ``out`` (default ``runs/<config stem>``)."""
     path = resolve_config_path(str(path))
+    out = Path(out) if out is not None else default_out(path)
     data = read_yaml_mapping(path, "comparison config")
     if budget:
         data = {**data, "budget": budget}
@@ -141,16 +207,28 @@ def load_compare_config(
     base_path = base if base.is_file() else (path.parent / base if (path.parent / base).is_file() else None)
     base_path = base_path or resolve_config_path(cmp.base)
     resolve_base(read_yaml_mapping(base_path), base_path)  # a broken base file: one error, not one per variant
-    configs = {}
-    for v in cmp.variants:
-        _budget_overrides(v.set, f"variant {v.name!r}")
-        sets = [*cmp.set, *(overrides or []), *v.set]
+    configs, prepared = {}, [p.name for p in cmp.prepare]
+    for i, p in enumerate(cmp.prepare):
+        where = f"prepared run {p.name!r}"
+        _budget_overrides(p.set, where, prepared=True)
+        p_path = base_path
+        if p.config is not None:
+            local = path.parent / p.config
+            p_path = local if local.is_file() else resolve_config_path(p.config)
+        sets, refs = resolve_refs([*p.set, f"train.steps={p.steps}"], prepared[:i], out, where)
         try:
-            cfg = Config.load(base_path, sets)
-            configs[v.name] = Config.load(base_path, [*sets, *cmp.budget.overrides(cfg)])
-            preflight(configs[v.name], cmp.nproc)
+            configs[f"{PREPARE_DIR}/{p.name}"] = _checked(p_path, sets, refs, cmp.nproc)
         except (ConfigError, DataError) as e:
-            raise ConfigError(f"variant {v.name!r}: {e}") from None
+            raise ConfigError(f"{where}: {e}") from None
+    for v in cmp.variants:
+        where = f"variant {v.name!r}"
+        _budget_overrides(v.set, where)
+        sets, refs = resolve_refs([*cmp.set, *(overrides or []), *v.set], prepared, out, where)
+        try:
+            steps = cmp.budget.overrides(Config.load(base_path, [s for s in sets if s not in refs]))
+            configs[v.name] = _checked(base_path, [*sets, *steps], refs, cmp.nproc)
+        except (ConfigError, DataError) as e:
+            raise ConfigError(f"{where}: {e}") from None
     return cmp, configs
 
 
@@ -298,10 +376,10 @@ def compare(
     those that finished, then ``VariantError`` names the ones that failed and why."""
     from routelab.report.compare_report import write_report
 
-    cmp, configs = load_compare_config(config_path, overrides, budget, nproc)
+    out = Path(out) if out else default_out(config_path)
+    cmp, configs = load_compare_config(config_path, overrides, budget, nproc, out)
     if not isolate and cmp.nproc > 1:
         raise ConfigError(f"compare.nproc={cmp.nproc} needs each variant in its own processes; allowed in-process: 1")
-    out = Path(out) if out else Path("runs") / Path(str(config_path)).stem
     check_folder_target(out)
     plans = {name: plan_variant(name, cfg, out / name, force) for name, cfg in configs.items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -312,13 +390,17 @@ def compare(
         try:
             run_variant(configs[name], out / name, plans[name], isolate=isolate, nproc=cmp.nproc)  # a child shows its own step bar
         except VariantError as e:
+            if name.startswith(f"{PREPARE_DIR}/"):  # the variants need it: nothing to compare without it
+                progress.finish(name, ok=False)
+                raise VariantError(f"prepared run {name.removeprefix(PREPARE_DIR + '/')!r} failed, so no variant trained: {e}") from None
             failed[name] = str(e)
             print(f"routelab: variant {name!r} failed: {e}", file=sys.stderr, flush=True)
         progress.finish(name, ok=name not in failed)
-    if len(failed) == len(configs):
+    variants = [v.name for v in cmp.variants]
+    if all(n in failed for n in variants):
         raise VariantError(f"every variant failed, so there is no report; {name!r}: {failed[name]}")
     report = write_report(cmp, out, failed=failed)
     if failed:
         names = ", ".join(f"{n!r} ({why})" for n, why in failed.items())
-        raise VariantError(f"{len(failed)} of {len(configs)} variants failed: {names}; the report in {str(out)!r} covers the others")
+        raise VariantError(f"{len(failed)} of {len(variants)} variants failed: {names}; the report in {str(out)!r} covers the others")
     return report

@@ -161,6 +161,18 @@ def attention_route_maps(names: list[str], out: Path, example: int) -> tuple[dic
     return (maps, tokens) if maps else None
 
 
+def prepared_lines(cmp: Any, out: Path) -> list[str]:
+    """One sentence per prepared run (``prepare:`` in the comparison): its steps and final validation."""
+    from routelab.train.run import finished_summary
+
+    lines = []
+    for p in getattr(cmp, "prepare", []):
+        summary = finished_summary(out / "prepare" / p.name) or {}
+        scores = ", ".join(f"{k} {summary[k]:.4f}" for k in ("val_loss", "val_bpb", "val_accuracy") if k in summary)
+        lines.append(f"Prepared run `{p.name}` (`{p.config or cmp.base}`, {p.steps} steps): {scores or 'not finished'}.")
+    return lines
+
+
 def write_report(cmp: Any, out: Path, failed: dict[str, str] | None = None) -> Path:
     """Collect rows, draw plots, write ``report.md``, ``report.html`` and ``results.json`` in ``out``.
 
@@ -178,7 +190,9 @@ def write_report(cmp: Any, out: Path, failed: dict[str, str] | None = None) -> P
         "FLOPs are forward FLOPs per token counting only the work each kind does."
     )
     failures = [f"Variant `{n}` failed and is not in the table: {why}" for n, why in failed.items()]
-    md = ["# routelab comparison", "", intro, "", markdown_table(rows), ""]
+    prepared = prepared_lines(cmp, out)
+    md = ["# routelab comparison", "", intro, "", *[f"- {line}" for line in prepared], *([""] if prepared else [])]
+    md += [markdown_table(rows), ""]
     md += [f"- **{h}**: {m}" for h, m in legend(rows)] + [""]
     md += [f"**{f}**" for f in failures] + ([""] if failures else [])
     for caption, path in figs:
@@ -192,7 +206,9 @@ def write_report(cmp: Any, out: Path, failed: dict[str, str] | None = None) -> P
         "<!doctype html><html><head><meta charset='utf-8'><title>routelab comparison</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}img{max-width:100%}"
-        f"</style></head><body><h1>routelab comparison</h1><p>{html.escape(intro)}</p>{html_table(rows)}{notes}"
+        f"</style></head><body><h1>routelab comparison</h1><p>{html.escape(intro)}</p>"
+        + "".join(f"<p>{html.escape(line)}</p>" for line in prepared)
+        + f"{html_table(rows)}{notes}"
         + "".join(f"<p><b>{html.escape(f)}</b></p>" for f in failures)
         + f"{body}</body></html>"
     )

@@ -252,3 +252,34 @@ def test_nproc_needs_variants_in_their_own_processes(base_yaml, tmp_path):
     plain = write_compare(tmp_path, base="base.yaml", budget={"steps": 1}, variants=[{"name": "dense"}])
     with pytest.raises(ConfigError, match="compare.nproc=3 needs each variant"):  # --nproc replaces the config's
         compare(plain, out=tmp_path / "out", isolate=False, nproc=3)
+
+
+def test_prepared_runs_have_their_own_steps_and_at_names_resolve_to_their_folders(base_yaml, tmp_path):
+    cmp = write_compare(
+        tmp_path, base="base.yaml", budget={"steps": 3},
+        prepare=[{"name": "first", "steps": 7, "set": ["model.d_model=16"]},
+                 {"name": "second", "steps": 5, "set": ["model.embeddings_path=@first"]}],
+        variants=[{"name": "a", "set": ["model.embeddings_path=@second"]}, {"name": "b"}],
+    )
+    _, cfgs = load_compare_config(cmp, out=tmp_path / "out")
+    assert list(cfgs) == ["prepare/first", "prepare/second", "a", "b"]
+    assert cfgs["prepare/first"].train.steps == 7 and cfgs["prepare/first"].model.d_model == 16
+    assert cfgs["prepare/second"].model.embeddings_path == str(tmp_path / "out" / "prepare" / "first")
+    assert cfgs["a"].model.embeddings_path == str(tmp_path / "out" / "prepare" / "second")
+    assert cfgs["a"].train.steps == cfgs["b"].train.steps == 3 and cfgs["a"].model.d_model == 32
+
+
+@pytest.mark.parametrize(
+    "prepare, variant_set, message",
+    [
+        ([], ["model.embeddings_path=@teacher"], r"variant 'a'.*'model.embeddings_path=@teacher' refers to no prepared run; allowed: none"),
+        ([{"name": "t"}], ["model.embeddings_path=@teacher"], r"refers to no prepared run; allowed: @t$"),
+        ([{"name": "t", "set": ["model.embeddings_path=@u"]}, {"name": "u"}], [], r"prepared run 't'.*refers to no prepared run"),
+        ([{"name": "t"}, {"name": "t"}], [], r"compare.prepare.*unique names"),
+        ([{"name": "t", "set": ["train.steps=4"]}], [], r"prepared run 't' sets 'train.steps', but a prepared run.s budget is its steps: field"),
+    ],
+)
+def test_bad_prepared_runs_and_references_fail_before_training(base_yaml, tmp_path, prepare, variant_set, message):
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, prepare=prepare, variants=[{"name": "a", "set": variant_set}])
+    with pytest.raises(ConfigError, match=message):
+        load_compare_config(cmp, out=tmp_path / "out")
