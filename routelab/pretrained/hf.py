@@ -326,33 +326,38 @@ def hf_model_config(path: str | Path) -> ModelConfig:
     return FAMILIES[family_of(c)].config(c)
 
 
-def load_hf(path: str | Path) -> Any:
-    """Import the Hugging Face model folder ``path`` as a ``RoutedTransformer`` (fp32, eval mode).
+def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
+    """Read the Hugging Face model folder ``path``: the ``ModelConfig`` it becomes, its tensors under
+    routelab's names (fp32), and the folder read. ``RoutedTransformer.from_hf`` builds the model
+    (this module never imports ``routelab.model``, which imports it).
 
     Raises ``ConfigError`` (an architecture or feature not imported), ``FileNotFoundError`` (no
-    config.json or safetensors weights) or ``DamagedFileError`` (a tensor missing or misshapen),
-    each one line naming what was found and what is supported."""
-    from routelab.model import RoutedTransformer
-
+    config.json or safetensors weights) or ``DamagedFileError`` (a tensor missing), each one line
+    naming what was found and what is supported."""
     folder = resolve_folder(path)
     c = read_config(folder)
     family = FAMILIES[family_of(c)]
     cfg = family.config(c)
     tensors = Tensors.open(folder)
     state = family.weights(c, cfg, tensors)
-    model = RoutedTransformer(cfg)
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise DamagedFileError(folder, f"tensor for {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
-    new = sorted(set(expected) - set(state))
-    if new:  # tensors the checkpoint has no counterpart for keep routelab's initialisation (BERT's head)
-        log.info("not in the checkpoint, initialised fresh: %s", ", ".join(new))
-    model.load_state_dict({**expected, **state})
     skipped = [n for n in tensors.unused() if not n.endswith(("position_ids", "rotary_emb.inv_freq"))]
     if skipped:
         log.info("checkpoint tensors not imported: %s", ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
-    return model.eval()
+    return cfg, state, folder
+
+
+def complete_state(expected: dict[str, Tensor], state: dict[str, Tensor], folder: Path) -> dict[str, Tensor]:
+    """``state`` checked against a built model's ``expected`` state dict (same shapes), completed by
+    the model's own initialisation where the checkpoint has no counterpart (BERT's new head)."""
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ConfigError(f"import of {str(folder)!r} produced {name!r}, which the model lacks (a bug in the family's mapping)")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise DamagedFileError(folder, f"its tensor for {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
+    new = sorted(set(expected) - set(state))
+    if new:
+        log.info("not in the checkpoint, initialised fresh: %s", ", ".join(new))
+    return {**expected, **state}
 
 
 def load_hf_tokenizer(path: str | Path) -> Any:
