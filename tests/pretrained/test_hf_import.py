@@ -226,3 +226,40 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert main(["import", "hf", str(tmp_path / "absent"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_hub_cache_entry_resolves_to_its_snapshot(tmp_path):
+    entry = tmp_path / "models--org--tiny"
+    save_decoder("qwen2", entry / "snapshots" / "abc123")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    assert RoutedTransformer.from_hf(entry).cfg.attn_bias == "qkv"
+
+
+def test_imported_run_evaluates_on_text_files(tmp_path, capsys):
+    """``routelab eval`` reads an imported run like any other: data.tokenizer=hf uses its tokenizer.json."""
+    from routelab.cli import main
+
+    save_decoder("llama", tmp_path / "hf")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(20):
+        (corpus / f"doc{i}.txt").write_text(" ".join(f"w{j}" for j in torch.randint(0, 60, (80,), generator=g).tolist()))
+    out = tmp_path / "run"
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(out)]) == 0
+    text = (out / "config.yaml").read_text().replace("source: stdlib", f"source: {corpus}").replace("seq_len: 64", "seq_len: 32")
+    (out / "config.yaml").write_text(text)
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] > 0
+
+
+def test_hf_tokenizer_kind_needs_the_run_folders_file():
+    from routelab.config import DataConfig
+    from routelab.data import DataError
+    from routelab.data.corpus import text_tokenizer
+
+    with pytest.raises(DataError, match="data.tokenizer=hf reads the tokenizer.json of a run folder made by `routelab import hf`"):
+        text_tokenizer(DataConfig(tokenizer="hf"), ["text"], None)
