@@ -263,3 +263,18 @@ def test_hf_tokenizer_kind_needs_the_run_folders_file():
 
     with pytest.raises(DataError, match="data.tokenizer=hf reads the tokenizer.json of a run folder made by `routelab import hf`"):
         text_tokenizer(DataConfig(tokenizer="hf"), ["text"], None)
+
+
+def test_bert_run_folder_is_a_classification_run(tmp_path):
+    from routelab.pretrained.run_folder import import_hf_run
+    from routelab.train import load_run
+
+    save_bert(tmp_path / "hf")
+    cfg = import_hf_run(tmp_path / "hf", tmp_path / "run")
+    assert (cfg.model.head, cfg.data.task, cfg.data.tokenizer) == ("classification", "classification", "hf")
+    run = load_run(tmp_path / "run")
+    ref = RoutedTransformer.from_hf(tmp_path / "hf")
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(run.model(x).hidden, ref(x).hidden)
+    assert run.tokenizer.cls_id == 2 and not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left
