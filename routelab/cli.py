@@ -6,6 +6,7 @@
     routelab data listops --out DIR [--set data.listops_train=...]
     routelab compare CONFIG [--out DIR] [--set k=v ...] [--steps N | --tokens N | --seconds S] [--force]
     routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR]
+    routelab import hf PATH --out DIR [--force]
 
 Errors a user can cause (bad config, missing file, bad data) print one clear line and exit 2.
 
@@ -99,7 +100,8 @@ def sample_text(run_dir, prompt: str, **sampling) -> str:
 
     run = load_run(run_dir)
     model, tokenizer = run.model, run.tokenizer
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    encode = getattr(tokenizer, "encode_with_specials", tokenizer.encode)  # an imported model's own template (<s> ...)
+    ids = encode(prompt) if prompt else [tokenizer.eos_id]
     device = next(model.parameters()).device
     cfg = SamplingConfig(stop_tokens=(tokenizer.eos_id,), **sampling)
     out = generate(model, torch.tensor([ids], device=device), cfg)
@@ -155,6 +157,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     out = inspect_run(args.run_dir, text=args.text, example=args.example, out=args.out)
     print(f"wrote {out / 'experts.html'} and the heatmaps beside it")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from routelab.pretrained.run_folder import import_hf_run
+
+    cfg = import_hf_run(args.path, args.out, force=args.force)
+    m = cfg.model
+    print(f"imported {args.path} into {args.out}: {m.n_layers} layers, d_model {m.d_model}, ffn {m.ffn.kind}, head {m.head}")
     return 0
 
 
@@ -221,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--example", type=int, help="index of a validation example (default 0)")
     i.add_argument("--out", help="output folder (default: RUN_DIR/inspect)")
     i.set_defaults(func=cmd_inspect)
+
+    im = sub.add_parser("import", help="import pretrained weights as a run folder", description="Convert pretrained checkpoints into routelab run folders.")
+    isub = im.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
+    hf = isub.add_parser("hf", help="a local Hugging Face model folder (safetensors)",
+                         description="Import a Hugging Face model folder (config.json + model.safetensors; BERT, Llama, Mistral, "
+                         "Qwen2, Mixtral) with its tokenizer into a run folder that generate, eval and train read.")
+    hf.add_argument("path", help="model folder (save_pretrained output or a hub cache snapshot)")
+    hf.add_argument("--out", required=True, help="run folder to write")
+    hf.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the new folder is complete)")
+    hf.set_defaults(func=cmd_import_hf)
     return p
 
 

@@ -53,13 +53,18 @@ class ModelConfig:
     _section = "model"
     vocab_size: int | None = None  # None = taken from the tokenizer when training
     d_model: int = 128  # residual width
-    n_layers: int = 2  # number of pre-norm blocks
+    n_layers: int = 2  # number of blocks
     n_heads: int = 4  # attention heads; d_model must divide by it
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention, Ainslie et al. 2023); None = n_heads
+    attn_bias: Literal["all", "qkv", "none"] = "all"  # biases of the attention projections (Qwen2: qkv; Llama: none)
     max_seq_len: int = 256  # longest sequence (learned positions and inputs are bounded by it)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # pre-norm flavour (RMSNorm: Zhang & Sennrich 2019)
     norm_eps: float = 1e-5  # epsilon inside the norm
+    norm_position: Literal["pre", "post"] = "pre"  # pre: x + f(norm(x)), final norm; post (BERT): norm(x + f(x)), none
+    embed_norm: bool = False  # a norm right after the embeddings (BERT's embedding LayerNorm)
     positions: Literal["rope", "learned", "none"] = "rope"  # RoPE (Su et al. 2021) or a learned table
     rope_base: float = 10000.0  # RoPE frequency base theta
+    type_vocab_size: int = 0  # token-type (segment) embeddings added to the input (BERT: 2); 0 = none
     dropout: float = 0.0  # residual and embedding dropout
     head: Literal["lm", "classification", "token_classification"] = "lm"  # task head
     num_labels: int | None = None  # classes for classification heads; None = from the data
@@ -75,6 +80,14 @@ class ModelConfig:
         if self.vocab_size is not None:
             check_positive(self, "vocab_size")
         check_positive(self, "d_model", "n_layers", "n_heads", "max_seq_len", "norm_eps", "rope_base")
+        if self.n_kv_heads is not None:
+            check(
+                self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+                "model.n_kv_heads",
+                self.n_kv_heads,
+                f"null (= n_heads) or a divisor of model.n_heads={self.n_heads}",
+            )
+        check(self.type_vocab_size >= 0, "model.type_vocab_size", self.type_vocab_size, "an integer >= 0 (0 = no token types)")
         check(
             self.d_model % self.n_heads == 0,
             "model.d_model",
@@ -109,6 +122,11 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` when unset (multi-head attention)."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
     def ffn_hidden(self) -> int:
         if self.ffn.hidden is not None:
             return self.ffn.hidden
@@ -124,7 +142,7 @@ class DataConfig:
     _section = "data"
     source: str = "stdlib"  # 'stdlib' (Python's own source), 'listops', a file/folder path, or 'hf:NAME'
     task: Literal["lm", "classification", "token_classification"] = "lm"
-    tokenizer: Literal["byte", "bpe"] = "byte"  # bytes need no training; BPE is trained on the train split
+    tokenizer: Literal["byte", "bpe", "hf"] = "byte"  # bytes need no training; BPE is trained on the train split; hf = the run folder's imported tokenizer.json
     bpe_vocab_size: int = 4096  # BPE vocabulary size (tokenizer: bpe)
     seq_len: int = 256  # LM window length; classification inputs longer than this error or truncate
     truncate: bool = False  # classification: cut inputs longer than seq_len instead of raising

@@ -1,6 +1,8 @@
 """RoutedTransformer: embeddings, pre-norm blocks with pluggable attention and FFN, task heads.
 
-Pre-norm residual blocks (Xiong et al. 2020): x = x + attn(norm(x)); x = x + ffn(norm(x)).
+Pre-norm residual blocks (Xiong et al. 2020): x = x + attn(norm(x)); x = x + ffn(norm(x)), then a
+final norm. ``norm_position: post`` gives the original post-norm block (Vaswani et al. 2017, BERT):
+x = norm(x + attn(x)); x = norm(x + ffn(x)), with no final norm.
 The attention and FFN modules come from registries keyed by ``cfg.attention.kind`` and
 ``cfg.ffn.kind``, so routing families plug in without touching this file.
 
@@ -44,6 +46,7 @@ class ModelOutput:
         aux_loss: sum of the layers' weighted auxiliary losses (scalar; 0 for dense layers).
         routing: per-layer routing statistics, e.g. ``{"layers.0.ffn": {...}}``; empty for dense.
         task_loss: the task loss alone (for evaluation and bits-per-byte), or None.
+        hidden: (B, T, D) the final representations the head reads (after the final norm, if any).
     """
 
     logits: Tensor
@@ -51,6 +54,7 @@ class ModelOutput:
     aux_loss: Tensor | None = None
     routing: dict = field(default_factory=dict)
     task_loss: Tensor | None = None
+    hidden: Tensor | None = None
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:
@@ -60,10 +64,11 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """One pre-norm Transformer block."""
+    """One Transformer block, pre-norm or post-norm (``cfg.norm_position``)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
         self.attn_norm = build_norm(cfg)
         self.attn = build_attention(cfg, layer_idx)
         self.combine = Combine(cfg.d_model, cfg.attention.combine)  # x + a, or a linear map of [x; a]
@@ -73,12 +78,17 @@ class Block(nn.Module):
 
     def forward(self, x, padding_mask=None, cache=None, token_ids=None, return_routes=False):
         """x: (B, T, D) -> (x (B, T, D), FFNOutput), plus the attention routes with ``return_routes``."""
-        a = self.attn(self.attn_norm(x), padding_mask=padding_mask, cache=cache, return_routes=return_routes)
+        post = self.post_norm
+        a = self.attn(x if post else self.attn_norm(x), padding_mask=padding_mask, cache=cache, return_routes=return_routes)
         a, routes = a if return_routes else (a, None)
         x = self.combine(x, self.dropout(a))
+        if post:
+            x = self.attn_norm(x)
         ffn_pad = padding_mask[:, -x.shape[1] :] if padding_mask is not None else None
-        out = self.ffn(self.ffn_norm(x), token_ids=token_ids, padding_mask=ffn_pad)
+        out = self.ffn(x if post else self.ffn_norm(x), token_ids=token_ids, padding_mask=ffn_pad)
         x = x + self.dropout(out.hidden)
+        if post:
+            x = self.ffn_norm(x)
         return (x, out, routes) if return_routes else (x, out)
 
 
@@ -94,9 +104,11 @@ class RoutedTransformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.embed_norm = build_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = build_norm(cfg)
+        self.norm = build_norm(cfg) if cfg.norm_position == "pre" else None  # post-norm blocks end normalised
         out_dim = cfg.vocab_size if cfg.head == "lm" else cfg.num_labels
         self.head = nn.Linear(cfg.d_model, out_dim, bias=cfg.head != "lm")
         self.apply(self._init_weights)
@@ -125,6 +137,7 @@ class RoutedTransformer(nn.Module):
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
         cache: list[KVCache] | None = None,
+        token_type_ids: Tensor | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -136,6 +149,8 @@ class RoutedTransformer(nn.Module):
                 (B,); token classification: (B, T). ``-100`` is ignored.
             attention_mask: (B, T) or, with a cache, (B, cached + T); 1/True = real token, 0 = padding.
             cache: per-layer ``KVCache`` list from ``new_cache()`` for incremental decoding.
+            token_type_ids: (B, T) segment ids < ``type_vocab_size`` (models with token types;
+                None = all zeros).
         """
         cfg = self.cfg
         if input_ids.dim() != 2:
@@ -157,6 +172,14 @@ class RoutedTransformer(nn.Module):
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(offset, offset + T, device=input_ids.device))
+        if self.type_emb is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.type_emb(token_type_ids)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given, but the model has no token types (model.type_vocab_size=0)")
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.drop(x)
         aux_losses, routing = [], {}
         for i, layer in enumerate(self.layers):
@@ -165,7 +188,8 @@ class RoutedTransformer(nn.Module):
                 aux_losses.append(out.aux_loss)
             if out.stats:
                 routing[f"layers.{i}.ffn"] = out.stats
-        x = self.norm(x)
+        if self.norm is not None:
+            x = self.norm(x)
         if cfg.head == "classification":
             logits = self.head(x[:, 0])  # (B, L): the CLS token's representation
         else:
@@ -173,7 +197,7 @@ class RoutedTransformer(nn.Module):
         aux = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros(())
         task_loss = self.task_loss(logits, labels) if labels is not None else None
         loss = task_loss + aux if task_loss is not None else None
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, routing=routing, task_loss=task_loss)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, routing=routing, task_loss=task_loss, hidden=x)
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         cfg = self.cfg
@@ -242,6 +266,17 @@ class RoutedTransformer(nn.Module):
         model = cls(cfg)
         model.load_state_dict(load_state_dict(weights, map_location))
         return model.to(map_location).eval()
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> RoutedTransformer:
+        """Import a Hugging Face model folder (BERT, Llama, Mistral, Qwen2, Mixtral; safetensors),
+        converted into a ``RoutedTransformer`` in eval mode: see ``routelab.pretrained.hf``."""
+        from routelab.pretrained.hf import complete_state, convert_hf
+
+        cfg, state, folder = convert_hf(path)
+        model = cls(cfg)
+        model.load_state_dict(complete_state(model.state_dict(), state, folder))
+        return model.eval()
 
     def load_word_vectors(self, path: str | Path, vocab: list[str]) -> int:
         """Initialise token embeddings from a word2vec/GloVe text file; returns rows filled.

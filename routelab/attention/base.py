@@ -84,25 +84,42 @@ class QKVAttention(nn.Module):
     """Projections, RoPE and the cache shared by attention kinds; subclasses implement ``attend``.
 
     Parameter names follow common checkpoints: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
+    Grouped-query attention (``model.n_kv_heads`` < ``n_heads``; Ainslie et al. 2023): ``k_proj`` and
+    ``v_proj`` map to ``n_kv_heads * head_dim`` and each key/value head serves ``n_heads / n_kv_heads``
+    query heads. The heads are repeated right after RoPE (``_kv_heads``), so every kind, and the
+    cache, see ``n_heads`` heads and need no change (the cache holds the repeated heads: simple, not
+    the memory saving GQA allows at decoding).
     """
 
     def __init__(self, cfg, layer_idx: int = 0) -> None:
         super().__init__()
         self.cfg = cfg.attention
         self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
         self.causal = cfg.causal
         self.layer_idx = layer_idx
-        d = cfg.d_model
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.o_proj = nn.Linear(d, d)
+        d, d_kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        qkv_bias, o_bias = cfg.attn_bias != "none", cfg.attn_bias == "all"
+        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, d_kv, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, d_kv, bias=qkv_bias)
+        self.o_proj = nn.Linear(d, d, bias=o_bias)
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.positions == "rope" else None
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def _kv_heads(self, x: Tensor) -> Tensor:
+        """(B, T, Hkv * hd) -> (B, Hkv, T, hd), without repeating (see ``repeat_kv``)."""
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+
+    def repeat_kv(self, x: Tensor) -> Tensor:
+        """(B, Hkv, T, hd) -> (B, H, T, hd): key/value head g serves query heads g*r .. g*r+r-1."""
+        r = self.n_heads // self.n_kv_heads
+        return x if r == 1 else x.repeat_interleave(r, dim=1)
 
     def forward(
         self,
@@ -123,10 +140,11 @@ class QKVAttention(nn.Module):
             (B, T, D), or ((B, T, D), routes) with ``return_routes``.
         """
         B, T, D = x.shape
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        q, k, v = self._heads(self.q_proj(x)), self._kv_heads(self.k_proj(x)), self._kv_heads(self.v_proj(x))
         offset = cache.offset if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope.rotate(q, offset), self.rope.rotate(k, offset)
+        k, v = self.repeat_kv(k), self.repeat_kv(v)  # (B, H, T, hd)
         out, routes = self.attend_routes(q, k, v, padding_mask, cache)  # (B, H, T, hd)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, D))
         return (out, routes) if return_routes else out

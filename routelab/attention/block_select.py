@@ -134,7 +134,7 @@ class BlockSelectAttention(QKVAttention):
     def attention_weights(self, x: Tensor) -> Tensor:
         """softmax(q k^T / sqrt(d)) under the routes chosen for x (B, T, D): (B, H, T, T)."""
         T = x.shape[1]
-        q, k = self._heads(self.q_proj(x)), self._heads(self.k_proj(x))
+        q, k = self._heads(self.q_proj(x)), self.repeat_kv(self._kv_heads(self.k_proj(x)))
         if self.rope is not None:
             q, k = self.rope.rotate(q), self.rope.rotate(k)
         mask = BlockRoutes(self._route_all(q, k, None), self.block_size, self.causal).mask(T)

@@ -186,7 +186,7 @@ class KMeansAttention(QKVAttention):
         """x: (B, T, D) -> (B, T, D) [, ClusterRoutes]. Shapes: H heads, hd head dim, c clusters."""
         B, T, D = x.shape
         r = F.layer_norm(self._heads(self.q_proj(x)), (self.head_dim,))  # (B, H, T, hd), shared Q = K
-        v = self._heads(self.v_proj(x))
+        v = self.repeat_kv(self._kv_heads(self.v_proj(x)))  # (B, H, T, hd)
         offset = cache.offset if cache is not None else 0
         q = self.rope.rotate(r, offset) if self.rope is not None else r
         if cache is None:
@@ -290,7 +290,7 @@ class KMeansAttention(QKVAttention):
         q = self.rope.rotate(r) if self.rope is not None else r
         training, self.training = self.training, False  # inspecting never moves the centroids
         try:
-            _, routes = self._full(r, q, self._heads(self.v_proj(x)), None)
+            _, routes = self._full(r, q, self.repeat_kv(self._kv_heads(self.v_proj(x))), None)
         finally:
             self.training = training
         scores = (q @ q.transpose(-1, -2)) / self.head_dim**0.5

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from routelab.attention.base import KVCache, RotaryEmbedding
 from routelab.attention.routes import WeightRoutes
-from routelab.errors import check_positive
+from routelab.errors import check, check_positive
 from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
@@ -56,6 +56,10 @@ class SynthesizerAttention(nn.Module):
     def __init__(self, cfg, layer_idx: int = 0) -> None:
         super().__init__()
         a = cfg.attention
+        check(cfg.kv_heads == cfg.n_heads, "model.n_kv_heads", cfg.n_kv_heads,
+              "null (= n_heads) with attention kind 'synthesizer', whose projections are its own")
+        check(cfg.attn_bias == "all", "model.attn_bias", cfg.attn_bias,
+              "'all' with attention kind 'synthesizer', whose projections are its own")
         self.cfg, self.causal, self.layer_idx = a, cfg.causal, layer_idx
         self.n_heads, self.head_dim, D = cfg.n_heads, cfg.head_dim, cfg.d_model
         self.max_len = a.max_seq_len or cfg.max_seq_len

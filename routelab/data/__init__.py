@@ -29,13 +29,21 @@ from routelab.data.listops import (
     read_lra_tsv,
     write_lra_tsv,
 )
-from routelab.data.tokenizers import BPETokenizer, ByteTokenizer, ListOpsTokenizer, Tokenizer, load_tokenizer
+from routelab.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    HFTokenizer,
+    ListOpsTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
     "ClassificationData",
     "DataError",
+    "HFTokenizer",
     "LMData",
     "ListOpsTokenizer",
     "Tokenizer",

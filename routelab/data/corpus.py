@@ -306,10 +306,19 @@ def run_tokenizer(kind: str, run_dir: Path | None, make: Callable[[], Tokenizer]
     return tok
 
 
+def _no_hf_tokenizer() -> Tokenizer:
+    raise DataError(
+        "data.tokenizer=hf reads the tokenizer.json of a run folder made by `routelab import hf`;"
+        " this run folder has none (use the imported folder, or data.tokenizer=byte|bpe)"
+    )
+
+
 def text_tokenizer(cfg: DataConfig, train_texts: Sequence[str], run_dir: Path | None) -> Tokenizer:
     """``cfg.tokenizer`` for text: bytes, or a BPE trained on ``train_texts`` (see ``run_tokenizer``)."""
     if cfg.tokenizer == "byte":
         return run_tokenizer("byte", run_dir, ByteTokenizer)
+    if cfg.tokenizer == "hf":
+        return run_tokenizer("hf", run_dir, _no_hf_tokenizer)
     return run_tokenizer("bpe", run_dir, lambda: BPETokenizer.train(train_texts, cfg.bpe_vocab_size))
 
 

@@ -4,7 +4,8 @@ byte-level variant, Radford et al. 2019) through the optional Hugging Face ``tok
 Every tokenizer has the same small interface (``Tokenizer`` below): four special ids
 (``pad_id``, ``bos_id``, ``eos_id``, ``cls_id``), ``vocab_size``, ``encode``/``decode``,
 ``id_to_token`` and ``save(directory)``, which writes ``tokenizer.json``; ``load_tokenizer``
-reads back any kind (byte, BPE, or the ListOps vocabulary of the expressions in ``routelab.data.listops``).
+reads back any kind (byte, BPE, the ListOps vocabulary of the expressions in ``routelab.data.listops``,
+or ``hf``: the tokenizer that came with an imported Hugging Face model, see ``HFTokenizer``).
 ``encode`` never adds special tokens; callers add BOS/EOS/CLS where their task needs them.
 """
 
@@ -26,7 +27,7 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<cls>")  # pad, bos, eos, cls: in thi
 class Tokenizer(Protocol):
     """What the rest of routelab needs from a tokenizer."""
 
-    kind: str  # 'byte', 'bpe' or 'listops'
+    kind: str  # 'byte', 'bpe', 'listops' or 'hf'
     pad_id: int
     bos_id: int
     eos_id: int
@@ -203,6 +204,113 @@ class BPETokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
+# a pretrained model's own tokenizer (optional dependency)
+
+SPECIAL_ROLES = ("pad", "bos", "eos", "cls")
+
+
+class HFTokenizer:
+    """The ``tokenizer.json`` of a Hugging Face model folder, through ``tokenizers``, with the four
+    special ids routelab needs chosen from the folder's files (``from_folder``).
+
+    ``encode`` adds nothing, as every routelab tokenizer; ``encode_with_specials`` applies the model's
+    own template (BERT: ``[CLS] ... [SEP]``; Llama: ``<s> ...``). Saved as ``tokenizer.json`` holding
+    ``{"routelab_tokenizer": "hf", "special_ids": {...}, "tokenizer": <the Hugging Face file>}``.
+    """
+
+    kind = "hf"
+
+    def __init__(self, hf_tokenizer: Any, special_ids: dict[str, int]) -> None:
+        self._tok = hf_tokenizer
+        self._tok.no_padding()  # a file may pad/truncate to the model's length; routelab's collators do that
+        self._tok.no_truncation()
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        missing = [r for r in SPECIAL_ROLES if not isinstance(special_ids.get(r), int)]
+        if missing:
+            raise DataError(f"hf tokenizer: special ids {missing} are not set; it needs ids for all of {list(SPECIAL_ROLES)}")
+        self.special_ids = {r: int(special_ids[r]) for r in SPECIAL_ROLES}
+        self.pad_id, self.bos_id, self.eos_id, self.cls_id = (self.special_ids[r] for r in SPECIAL_ROLES)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, model_config: dict | None = None) -> HFTokenizer:
+        """Read ``folder/tokenizer.json`` and choose the specials from ``special_tokens_map.json``,
+        ``tokenizer_config.json`` and the model's ``config.json`` ids, in that order:
+
+        - BERT-style (a ``cls_token``): cls = bos = ``[CLS]``, eos = ``[SEP]``, pad = ``[PAD]``.
+        - Llama-style: bos = ``<s>`` (cls = bos: decoders have no CLS), eos = ``</s>``; without a
+          pad token, pad = eos (padded positions are masked out, so only its being a valid id matters).
+        """
+        tk = _import_tokenizers()
+        folder = Path(folder)
+        file = folder / TOKENIZER_FILE
+        if not file.is_file():
+            raise DataError(f"{str(folder)!r} has no {TOKENIZER_FILE}; the import needs the model's tokenizer as a tokenizers file")
+        try:
+            tok = tk.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust side raises a bare Exception on a malformed file
+            raise DataError(f"{str(file)!r} is not a readable tokenizers file: {e}") from None
+        names: dict[str, str] = {}
+        for extra in ("tokenizer_config.json", "special_tokens_map.json"):  # the later one wins
+            path = folder / extra
+            if path.is_file():
+                data = json.loads(path.read_text(encoding="utf-8"))
+                for role in ("pad", "bos", "eos", "cls", "sep", "unk"):
+                    value = data.get(f"{role}_token")
+                    value = value.get("content") if isinstance(value, dict) else value
+                    if isinstance(value, str):
+                        names[role] = value
+        ids = {role: tok.token_to_id(name) for role, name in names.items()}
+        ids = {role: i for role, i in ids.items() if i is not None}
+        for role in ("pad", "bos", "eos"):  # the model config's ids where the tokenizer files are silent
+            value = (model_config or {}).get(f"{role}_token_id")
+            value = value[0] if isinstance(value, list) and value else value
+            if role not in ids and isinstance(value, int):
+                ids[role] = value
+        eos = ids.get("sep", ids.get("eos")) if "cls" in ids else ids.get("eos", ids.get("sep"))
+        bos = ids.get("cls", ids.get("bos")) if "cls" in ids else ids.get("bos", eos)
+        special = {"eos": eos, "bos": bos, "cls": ids.get("cls", bos), "pad": ids.get("pad", eos)}
+        if eos is None:
+            raise DataError(f"{str(folder)!r}: no end-of-sequence token found (eos_token or sep_token in special_tokens_map.json / tokenizer_config.json, or eos_token_id in config.json)")
+        return cls(tok, special)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path) -> HFTokenizer:
+        tk = _import_tokenizers()
+        try:
+            tok = tk.Tokenizer.from_str(json.dumps(data["tokenizer"]))
+        except Exception as e:
+            raise DataError(f"{str(path)!r} does not hold a readable hf tokenizer: {e}") from None
+        return cls(tok, data.get("special_ids") or {})
+
+    def encode(self, text: str) -> list[int]:
+        """Return the ids of ``text``, shape ``(n_tokens,)``; no specials added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """The ids the original model saw: its own template of special tokens around ``text``."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = as_id_list(ids)
+        check_ids(ids, self.vocab_size, self.kind)
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def id_to_token(self, i: int) -> str:
+        check_ids([int(i)], self.vocab_size, self.kind)
+        return self._tok.id_to_token(int(i))
+
+    def save(self, directory: str | Path) -> Path:
+        data = {"routelab_tokenizer": "hf", "special_ids": self.special_ids, "tokenizer": json.loads(self._tok.to_str())}
+        return write_json(directory, data)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size}, special_ids={self.special_ids})"
+
+
+# ----------------------------------------------------------------------------------------------
 # ListOps: whitespace tokens of the expressions in routelab.data.listops
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")  # ListOps operators (Nangia & Bowman 2018), each opening a bracket
@@ -282,6 +390,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return ByteTokenizer()
     if kind == "listops":
         return ListOpsTokenizer.from_dict(data)
+    if kind == "hf":
+        return HFTokenizer.from_dict(data, file)
     if kind is None and "model" in data:  # a Hugging Face tokenizers file
         return BPETokenizer.from_file(file)
-    raise DataError(f"{str(file)!r} has unknown tokenizer kind {kind!r}; allowed: 'byte', 'listops', or a BPE file")
+    raise DataError(f"{str(file)!r} has unknown tokenizer kind {kind!r}; allowed: 'byte', 'listops', 'hf', or a BPE file")

@@ -91,7 +91,8 @@ def model_cost(model: nn.Module, seq_len: int) -> Cost:
             pairs = attended_pairs(attn, seq_len, cfg.causal)
         else:
             pairs = attended_pairs(attn, seq_len, cfg.causal)
-            attn_flops += 8.0 * d * d + 4.0 * d * pairs / seq_len
+            d_kv = cfg.kv_heads * cfg.head_dim  # k/v projections are narrower under grouped-query attention
+            attn_flops += 4.0 * d * (d + d_kv) + 4.0 * d * pairs / seq_len
         pairs_sum += pairs
         dense_sum += dense_pairs(seq_len, cfg.causal)
         f, t, a = ffn_cost(layer.ffn, cfg, seq_len)

@@ -118,7 +118,7 @@ def allowed_pairs(model: Any, seq_len: int) -> list[np.ndarray | None]:
 def _explicit_weights(attn: Any, x: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd)) under the module's allowed pairs. x: (1, T, D) -> (1, H, T, T)."""
     T = x.shape[1]
-    q, k = attn._heads(attn.q_proj(x)), attn._heads(attn.k_proj(x))  # (1, H, T, hd)
+    q, k = attn._heads(attn.q_proj(x)), attn.repeat_kv(attn._kv_heads(attn.k_proj(x)))  # (1, H, T, hd)
     if attn.rope is not None:
         q, k = attn.rope.rotate(q), attn.rope.rotate(k)
     scores = q @ k.transpose(-1, -2) / attn.head_dim**0.5  # (1, H, T, T)

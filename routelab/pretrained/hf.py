@@ -1,0 +1,368 @@
+"""Import Hugging Face checkpoints as ordinary ``RoutedTransformer`` models (converted, not wrapped).
+
+A local folder only (a ``save_pretrained`` folder or a hub cache snapshot): ``config.json`` plus
+``model.safetensors`` or a sharded ``model.safetensors.index.json``, read with ``safetensors``;
+``transformers`` is never imported. One function per family builds the ``ModelConfig`` and one maps
+the tensor names; ``FAMILIES`` is keyed by the config's ``model_type``:
+
+- BERT-style encoders (``bert``; MiniLM is a BERT): post-norm, learned positions, token types,
+  embedding LayerNorm, exact GELU (Devlin et al. 2019).
+- Llama-style decoders (``llama``, ``mistral``, ``qwen2``): RMSNorm, RoPE, SwiGLU, grouped-query
+  attention; Qwen2's q/k/v biases; Mistral's sliding window as routelab's ``local`` attention.
+- Mixtral (``mixtral``; Jiang et al. 2024): the Llama block with a top-2 MoE, imported into
+  routelab's MoE layer (``topk`` router, renormalised, dropless).
+
+RoPE layouts: Hugging Face rotates channel i with channel i + hd/2 ("halves", ``rotate_half``);
+routelab rotates pairs (2i, 2i+1) (RoFormer eq. 34). Both rotate by the same angle m * theta_i, so
+reordering the rows of each head of ``q_proj``/``k_proj`` (``halves_to_pairs``) makes routelab's
+rotation compute Hugging Face's, and q.k is unchanged by the same reordering of q and k.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from routelab.config import ModelConfig, model_config_from_dict
+from routelab.errors import ConfigError
+from routelab.io import DamagedFileError
+
+log = logging.getLogger("routelab.pretrained")
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a folder
+
+
+class Tensors:
+    """The tensors of a checkpoint, by name, read lazily from one or more safetensors files."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files  # tensor name -> the file holding it
+        self.used: set[str] = set()
+
+    @classmethod
+    def open(cls, folder: Path) -> Tensors:
+        from safetensors import safe_open
+
+        index = folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DamagedFileError(index, f"it is not a safetensors index with a weight_map ({e})") from None
+            files = {name: folder / file for name, file in weight_map.items()}
+            for f in sorted(set(files.values())):
+                if not f.is_file():
+                    raise FileNotFoundError(f"{str(f)!r} is listed in {INDEX_FILE} but missing")
+            return cls(files)
+        single = folder / WEIGHTS_FILE
+        if not single.is_file():
+            pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+            hint = (
+                f"; found {', '.join(sorted(pickled))}, a pickle: routelab reads safetensors only "
+                "(convert it with transformers: model.save_pretrained(dir, safe_serialization=True))"
+                if pickled else ""
+            )
+            raise FileNotFoundError(f"{str(folder)!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}")
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                names = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types on a damaged header
+            raise DamagedFileError(single, f"it is not a readable safetensors file ({e})") from None
+        return cls({name: single for name in names})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> Tensor:
+        """The tensor ``name`` as float32; a missing one raises ``DamagedFileError`` naming it."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            where = sorted(set(self.files.values()))
+            raise DamagedFileError(where[0] if len(where) == 1 else where[0].parent, f"tensor {name!r} is missing from the checkpoint")
+        self.used.add(name)
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name).to(torch.float32)
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.files) - self.used)
+
+
+def resolve_folder(path: str | Path) -> Path:
+    """A model folder: ``path`` itself, or for a hub cache entry (``models--org--name``) the snapshot
+    that ``refs/main`` names (or the only snapshot)."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{str(folder)!r} does not exist; give a local model folder (config.json + model.safetensors)")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{str(folder)!r} is a file; give the model folder that holds config.json")
+    snapshots = folder / "snapshots"
+    if not (folder / CONFIG_FILE).is_file() and snapshots.is_dir():
+        ref = folder / "refs" / "main"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        found = [p for p in snapshots.iterdir() if p.is_dir()]
+        if len(found) == 1:
+            return found[0]
+    return folder
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found: {str(folder)!r} is not a Hugging Face model folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedFileError(path, f"it is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DamagedFileError(path, "it does not hold a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the families
+
+
+def require(ok: bool, key: str, found: Any, supported: str) -> None:
+    """Refuse a checkpoint feature routelab does not import: one line naming it and what is supported."""
+    if not ok:
+        raise ConfigError(f"config.json {key}={found!r} is not supported by the import; supported: {supported}")
+
+
+def halves_to_pairs(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
+    """Reorder the rows of each head of a q/k projection weight (H*hd, D) or bias (H*hd,) from the
+    halves RoPE layout to routelab's pairs: routelab channel 2i = HF channel i, 2i+1 = HF i + hd/2."""
+    perm = torch.arange(head_dim).view(2, head_dim // 2).t().reshape(-1)  # [0, hd/2, 1, hd/2 + 1, ...]
+    return w.reshape(n_heads, head_dim, *w.shape[1:])[:, perm].reshape(w.shape)
+
+
+def rope_theta(c: dict) -> float:
+    """RoPE base from ``rope_theta`` / ``rope_parameters`` (transformers >= 5); scaling is refused."""
+    params = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
+    require(kind == "default", "rope_scaling", kind, "plain RoPE (rope_type 'default'); scaled RoPE (linear, dynamic, yarn, llama3, ...) is not imported")
+    return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+
+
+def head_dim_of(c: dict, d: int, n_heads: int) -> int:
+    hd = c.get("head_dim") or d // n_heads
+    require(hd * n_heads == d, "head_dim", hd, f"hidden_size / num_attention_heads = {d // n_heads}")
+    return hd
+
+
+# ----------------------------------------------------------------------------------------------
+# BERT-style encoders
+
+
+def bert_config(c: dict) -> ModelConfig:
+    require(c.get("hidden_act", "gelu") == "gelu", "hidden_act", c.get("hidden_act"), "'gelu' (exact, erf)")
+    pos = c.get("position_embedding_type", "absolute")
+    require(pos == "absolute", "position_embedding_type", pos, "'absolute'")
+    require(not c.get("is_decoder", False), "is_decoder", True, "false (an encoder)")
+    d, H = c["hidden_size"], c["num_attention_heads"]
+    head_dim_of(c, d, H)
+    labels = len(c["id2label"]) if isinstance(c.get("id2label"), dict) else c.get("num_labels", 2)
+    return model_config_from_dict({
+        "vocab_size": c["vocab_size"], "d_model": d, "n_layers": c["num_hidden_layers"], "n_heads": H,
+        "max_seq_len": c["max_position_embeddings"], "norm": "layernorm", "norm_eps": c.get("layer_norm_eps", 1e-12),
+        "norm_position": "post", "embed_norm": True, "positions": "learned", "type_vocab_size": c.get("type_vocab_size", 2),
+        "head": "classification", "num_labels": max(2, int(labels)), "causal": False, "tie_embeddings": False,
+        "init_std": c.get("initializer_range", 0.02), "attn_bias": "all",
+        "ffn": {"kind": "dense", "hidden": c["intermediate_size"], "activation": "gelu", "bias": True},
+    })
+
+
+def bert_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Tensor]:
+    p = "bert." if "bert.embeddings.word_embeddings.weight" in t else ""  # BertFor* checkpoints nest the encoder
+
+    def norm(name: str) -> tuple[Tensor, Tensor]:  # old checkpoints call the LayerNorm parameters gamma/beta
+        if f"{name}.weight" not in t and f"{name}.gamma" in t:
+            return t.get(f"{name}.gamma"), t.get(f"{name}.beta")
+        return t.get(f"{name}.weight"), t.get(f"{name}.bias")
+
+    e = f"{p}embeddings"
+    s = {
+        "tok_emb.weight": t.get(f"{e}.word_embeddings.weight"),
+        "pos_emb.weight": t.get(f"{e}.position_embeddings.weight"),
+        "type_emb.weight": t.get(f"{e}.token_type_embeddings.weight"),
+    }
+    s["embed_norm.weight"], s["embed_norm.bias"] = norm(f"{e}.LayerNorm")
+    for i in range(cfg.n_layers):
+        h, o = f"{p}encoder.layer.{i}", f"layers.{i}"
+        for ours, theirs in (("q_proj", "attention.self.query"), ("k_proj", "attention.self.key"),
+                             ("v_proj", "attention.self.value"), ("o_proj", "attention.output.dense")):
+            s[f"{o}.attn.{ours}.weight"] = t.get(f"{h}.{theirs}.weight")
+            s[f"{o}.attn.{ours}.bias"] = t.get(f"{h}.{theirs}.bias")
+        s[f"{o}.attn_norm.weight"], s[f"{o}.attn_norm.bias"] = norm(f"{h}.attention.output.LayerNorm")
+        for ours, theirs in (("w_in", "intermediate.dense"), ("w_out", "output.dense")):
+            s[f"{o}.ffn.{ours}.weight"] = t.get(f"{h}.{theirs}.weight")
+            s[f"{o}.ffn.{ours}.bias"] = t.get(f"{h}.{theirs}.bias")
+        s[f"{o}.ffn_norm.weight"], s[f"{o}.ffn_norm.bias"] = norm(f"{h}.output.LayerNorm")
+    return s  # the classification head is new (the pooler and task heads are not imported)
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama-style decoders and Mixtral
+
+
+def sliding_window(c: dict, family: str) -> int | None:
+    """The attention window a decoder uses, or None for full causal attention."""
+    if family == "qwen2":
+        use = c.get("use_sliding_window", False)
+        require(not use, "use_sliding_window", use, "false (Qwen2's per-layer windows are not imported)")
+        return None
+    w = c.get("sliding_window")
+    return w if w is not None and w < c["max_position_embeddings"] else None
+
+
+def decoder_config(c: dict, family: str) -> ModelConfig:
+    require(c.get("hidden_act", "silu") == "silu", "hidden_act", c.get("hidden_act"), "'silu' (SwiGLU)")
+    d, H = c["hidden_size"], c["num_attention_heads"]
+    head_dim_of(c, d, H)
+    n_kv = c.get("num_key_value_heads") or H
+    if family == "qwen2":
+        attn_bias = "qkv"  # Qwen2: biases on q, k, v; none on o
+    else:
+        attn_bias = "all" if c.get("attention_bias", False) else "none"
+    ffn: dict[str, Any] = {"kind": "dense", "hidden": c["intermediate_size"], "activation": "swiglu", "bias": bool(c.get("mlp_bias", False))}
+    if family == "mixtral":
+        ffn = {
+            "kind": "moe", "num_experts": c["num_local_experts"], "hidden": c["intermediate_size"],
+            "activation": "swiglu", "bias": False, "capacity_factor": None,
+            "router": {"kind": "topk", "top_k": c.get("num_experts_per_tok", 2), "renormalize": True},
+            "balance_loss_weight": float(c.get("router_aux_loss_coef", 0.001)), "z_loss_weight": 0.0,
+        }
+    window = sliding_window(c, family)
+    # HF's window W lets query i see keys i-W+1 .. i (W keys); routelab's local window w sees i-w .. i
+    attention = {"kind": "local", "window": window - 1} if window is not None else {"kind": "dense"}
+    if window is not None:
+        require(window >= 2, "sliding_window", window, "an integer >= 2 (or null)")
+    tied = c.get("tie_word_embeddings")
+    return model_config_from_dict({
+        "vocab_size": c["vocab_size"], "d_model": d, "n_layers": c["num_hidden_layers"], "n_heads": H,
+        "n_kv_heads": n_kv if n_kv != H else None, "attn_bias": attn_bias, "max_seq_len": c["max_position_embeddings"],
+        "norm": "rmsnorm", "norm_eps": c.get("rms_norm_eps", 1e-6), "norm_position": "pre", "positions": "rope",
+        "rope_base": rope_theta(c), "head": "lm", "causal": True, "tie_embeddings": bool(tied) if tied is not None else False,
+        "init_std": c.get("initializer_range", 0.02), "attention": attention, "ffn": ffn,
+    })
+
+
+def decoder_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Tensor]:
+    H, Hkv, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    s = {"tok_emb.weight": t.get("model.embed_tokens.weight"), "norm.weight": t.get("model.norm.weight")}
+    if not cfg.tie_embeddings:
+        s["head.weight"] = t.get("lm_head.weight")
+    for i in range(cfg.n_layers):
+        h, o = f"model.layers.{i}", f"layers.{i}"
+        s[f"{o}.attn_norm.weight"] = t.get(f"{h}.input_layernorm.weight")
+        s[f"{o}.ffn_norm.weight"] = t.get(f"{h}.post_attention_layernorm.weight")
+        for name, heads in (("q_proj", H), ("k_proj", Hkv), ("v_proj", None), ("o_proj", None)):
+            for kind in ("weight", "bias"):
+                if kind == "bias" and (cfg.attn_bias == "none" or (name == "o_proj" and cfg.attn_bias == "qkv")):
+                    continue
+                w = t.get(f"{h}.self_attn.{name}.{kind}")
+                s[f"{o}.attn.{name}.{kind}"] = halves_to_pairs(w, heads, hd) if heads else w
+        if cfg.ffn.kind == "moe":
+            m = f"{h}.block_sparse_moe"
+            s[f"{o}.ffn.router.weight"] = t.get(f"{m}.gate.weight")  # (E, D)
+            E = cfg.ffn.num_experts
+            for ours, theirs in (("w_gate", "w1"), ("w_in", "w3"), ("w_out", "w2")):  # Linear (out, in) -> (in, out)
+                s[f"{o}.ffn.experts.{ours}"] = torch.stack([t.get(f"{m}.experts.{e}.{theirs}.weight").t() for e in range(E)])
+        else:
+            for ours, theirs in (("w_gate", "gate_proj"), ("w_in", "up_proj"), ("w_out", "down_proj")):
+                s[f"{o}.ffn.{ours}.weight"] = t.get(f"{h}.mlp.{theirs}.weight")
+                if cfg.ffn.bias:
+                    s[f"{o}.ffn.{ours}.bias"] = t.get(f"{h}.mlp.{theirs}.bias")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry and the entry point
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one ``model_type`` is imported: its ``ModelConfig`` and its tensors under routelab's names."""
+
+    config: Callable[[dict], ModelConfig]
+    weights: Callable[[dict, ModelConfig, Tensors], dict[str, Tensor]]
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family(bert_config, bert_weights),
+    "llama": Family(lambda c: decoder_config(c, "llama"), decoder_weights),
+    "mistral": Family(lambda c: decoder_config(c, "mistral"), decoder_weights),
+    "qwen2": Family(lambda c: decoder_config(c, "qwen2"), decoder_weights),
+    "mixtral": Family(lambda c: decoder_config(c, "mixtral"), decoder_weights),
+}
+
+
+def family_of(c: dict) -> str:
+    model_type = c.get("model_type")
+    if model_type in FAMILIES:
+        return model_type
+    found = f"model_type={model_type!r}" + (f", architectures={c['architectures']}" if c.get("architectures") else "")
+    raise ConfigError(f"unsupported architecture ({found}); the import supports model_type {', '.join(sorted(FAMILIES))}")
+
+
+def hf_model_config(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` an import of ``path`` builds (nothing else is read)."""
+    c = read_config(resolve_folder(path))
+    return FAMILIES[family_of(c)].config(c)
+
+
+def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
+    """Read the Hugging Face model folder ``path``: the ``ModelConfig`` it becomes, its tensors under
+    routelab's names (fp32), and the folder read. ``RoutedTransformer.from_hf`` builds the model
+    (this module never imports ``routelab.model``, which imports it).
+
+    Raises ``ConfigError`` (an architecture or feature not imported), ``FileNotFoundError`` (no
+    config.json or safetensors weights) or ``DamagedFileError`` (a tensor missing), each one line
+    naming what was found and what is supported."""
+    folder = resolve_folder(path)
+    c = read_config(folder)
+    family = FAMILIES[family_of(c)]
+    cfg = family.config(c)
+    tensors = Tensors.open(folder)
+    state = family.weights(c, cfg, tensors)
+    skipped = [n for n in tensors.unused() if not n.endswith(("position_ids", "rotary_emb.inv_freq"))]
+    if skipped:
+        log.info("checkpoint tensors not imported: %s", ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+    return cfg, state, folder
+
+
+def complete_state(expected: dict[str, Tensor], state: dict[str, Tensor], folder: Path) -> dict[str, Tensor]:
+    """``state`` checked against a built model's ``expected`` state dict (same shapes), completed by
+    the model's own initialisation where the checkpoint has no counterpart (BERT's new head)."""
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ConfigError(f"import of {str(folder)!r} produced {name!r}, which the model lacks (a bug in the family's mapping)")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise DamagedFileError(folder, f"its tensor for {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
+    new = sorted(set(expected) - set(state))
+    if new:
+        log.info("not in the checkpoint, initialised fresh: %s", ", ".join(new))
+    return {**expected, **state}
+
+
+def load_hf_tokenizer(path: str | Path) -> Any:
+    """The folder's tokenizer as a routelab ``HFTokenizer`` (needs the ``tokenizers`` package)."""
+    from routelab.data.tokenizers import HFTokenizer
+
+    folder = resolve_folder(path)
+    return HFTokenizer.from_folder(folder, read_config(folder))

@@ -1,0 +1,54 @@
+"""``routelab import hf PATH --out DIR``: an imported model written as an ordinary run folder.
+
+DIR holds what ``routelab train`` leaves behind (``config.yaml``, ``tokenizer.json``, ``model/``), so
+``routelab generate DIR``, ``routelab eval DIR`` (with data that fits the model) and training
+initialised from DIR read it like any run. The folder is staged beside DIR and moved into place
+whole, so DIR is never half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from routelab.config import Config, DataConfig, TrainConfig
+from routelab.io import check_folder_target, make_temp_dir, replace_dir
+from routelab.model import RoutedTransformer
+from routelab.pretrained.hf import load_hf_tokenizer
+from routelab.train.run import CONFIG_FILE, MODEL_DIR, RunError, save_config
+
+IMPORT_SEQ_LEN = 256  # data.seq_len written for the imported run (at most the model's max_seq_len)
+FINETUNE_LR = 1e-4  # train.lr written: a fine-tuning rate, not the from-scratch default
+
+
+def import_hf_run(path: str | Path, out: str | Path, force: bool = False) -> Config:
+    """Import the Hugging Face folder ``path`` into the run folder ``out``; return its config.
+
+    A non-empty ``out`` is refused unless ``force``; with ``force`` it is replaced only once the new
+    folder is complete."""
+    out = Path(out)
+    check_folder_target(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "a run" if (out / CONFIG_FILE).is_file() else "files"
+        raise RunError(f"output folder {str(out)!r} already holds {what}; pass --force to replace it, or choose another --out")
+    model = RoutedTransformer.from_hf(path)
+    tokenizer = load_hf_tokenizer(path)
+    mc = model.cfg
+    if tokenizer.vocab_size > mc.vocab_size:
+        raise RunError(f"the tokenizer of {str(path)!r} has {tokenizer.vocab_size} tokens but the model only {mc.vocab_size} embeddings")
+    task = "lm" if mc.head == "lm" else mc.head
+    cfg = Config(
+        model=mc,
+        data=DataConfig(task=task, tokenizer="hf", seq_len=min(IMPORT_SEQ_LEN, mc.max_seq_len)),
+        train=TrainConfig(lr=FINETUNE_LR),
+    )
+    staging = make_temp_dir(out.parent, out.name)
+    try:
+        save_config(cfg, staging / CONFIG_FILE)
+        tokenizer.save(staging)
+        model.save_pretrained(staging / MODEL_DIR)
+        replace_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return cfg
