@@ -36,7 +36,7 @@ from routelab.config import ModelConfig, to_dict
 from routelab.errors import ConfigError
 from routelab.model import RoutedTransformer
 
-__all__ = ["Conversion", "check_convertible", "upcycle", "upcycle_into"]
+__all__ = ["Conversion", "check_convertible", "upcycle", "upcycle_into", "upcycle_with_conversion"]
 
 # model fields that may differ between the source and the target: the routed sections (checked
 # apart), the length, and what only training or initialisation reads. Any other field (and any field
@@ -117,9 +117,11 @@ def _flat(d: dict, prefix: str) -> dict:
 
 
 def config_changes(source: ModelConfig, target: ModelConfig) -> list[str]:
-    """``model.ffn.kind ('dense' -> 'moe')`` for every model config value that differs."""
+    """``model.ffn.kind ('dense' -> 'moe')`` for every kind that changes and every other value both
+    configs have that differs (the options a new kind brings are not listed)."""
     a, b = _flat(to_dict(source), "model."), _flat(to_dict(target), "model.")
-    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and (k.endswith(".kind") or (k in a and k in b)))
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(keys, key=lambda k: not k.endswith(".kind"))]
 
 
 def fill_from_source(target: ModelConfig, source: ModelConfig) -> ModelConfig:
@@ -270,11 +272,18 @@ def upcycle(source: RoutedTransformer, target_cfg: ModelConfig, noise: float = 0
         moe_cfg = dataclasses.replace(dense.cfg, ffn={"kind": "moe", "num_experts": 8, "router": "topk"})
         moe = upcycle(dense, moe_cfg)   # with renormalised top-k: moe(x).logits == dense(x).logits
     """
+    return upcycle_with_conversion(source, target_cfg, noise, seed)[0]
+
+
+def upcycle_with_conversion(
+    source: RoutedTransformer, target_cfg: ModelConfig, noise: float = 0.0, seed: int = 0
+) -> tuple[RoutedTransformer, Conversion]:
+    """``upcycle``, also returning what was done with each tensor."""
     target_cfg = fill_from_source(target_cfg, source.cfg)
     check_convertible(source.cfg, target_cfg)  # before building: a refused size allocates nothing
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = RoutedTransformer(target_cfg)
     device = next(source.parameters()).device
-    upcycle_into(model, source.cfg, source.state_dict(), noise, torch.Generator().manual_seed(seed))
-    return model.to(device).train(source.training)
+    done = upcycle_into(model, source.cfg, source.state_dict(), noise, torch.Generator().manual_seed(seed))
+    return model.to(device).train(source.training), done
