@@ -110,11 +110,13 @@ def resumed_sizes(cfg: Config, out: Path) -> Config:
     return dataclasses.replace(cfg, model=fill_from_source(cfg.model, saved.model))
 
 
-def copy_tokenizer(source: InitSource, out: Path) -> None:
-    """The source's ``tokenizer.json`` into the run folder, where the data loader reads it."""
+def copy_tokenizer(cfg: Config, source: InitSource, out: Path) -> tuple[Config, InitSource]:
+    """The source's ``tokenizer.json`` into the run folder, where the data loader reads it; returns
+    its arguments (``copy_tokenizer(*start_from(cfg), out)``)."""
     if source.tokenizer_file is not None:
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.tokenizer_file, out / TOKENIZER_FILE)
+    return cfg, source
 
 
 def init_model(model: RoutedTransformer, source: InitSource, cfg: Config) -> Conversion:

@@ -241,9 +241,6 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
     if cfg.train.tensorboard:
         tensorboard_writer_class()
-    init = cfg.train.init_from
-    if init is not None and not any((Path(init) / name).is_file() for name in (CONFIG_FILE, "config.json")):
-        raise RunError(f"train.init_from={init!r} is not a run folder (config.yaml) nor a saved model folder (config.json)")
     if cfg.data.task not in SUPPORTED_TASKS:
         load_task_data(cfg, None)  # raises the "not supported by the built-in data yet" error
     source = cfg.data.source

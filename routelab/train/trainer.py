@@ -274,8 +274,8 @@ def _train(
         ckpt = latest_checkpoint(out)  # rank 0 verified it and set damaged ones aside
     source = None  # train.init_from: every rank reads the same weights; a resumed run reads its checkpoint
     if cfg.train.init_from and ckpt is None:
-        cfg, source = start_from(cfg)
-        ctx.on_main(lambda: copy_tokenizer(source, out))
+        started = ctx.on_main(lambda: copy_tokenizer(*start_from(cfg), out))  # rank 0 checks first: one error line
+        cfg, source = started if ctx.is_main else start_from(cfg)
     elif ckpt is not None:
         cfg = resumed_sizes(cfg, out)
     if cfg.train.threads:
