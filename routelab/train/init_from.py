@@ -90,8 +90,11 @@ def start_from(cfg: Config) -> tuple[Config, InitSource]:
     """For a fresh run with ``train.init_from``: read the source, take its vocabulary / label sizes
     where the config leaves them null, and check that its weights map onto the config's model and
     its tokenizer fits, before any data is read. Returns the config to train and the source."""
-    with torch.random.fork_rng(devices=[]):  # reading builds a model: leave the run's RNG stream alone
-        source = read_init_source(cfg.train.init_from)
+    try:
+        with torch.random.fork_rng(devices=[]):  # reading builds a model: leave the run's RNG stream alone
+            source = read_init_source(cfg.train.init_from)
+    except RunError as e:
+        raise RunError(f"train.init_from: {e}") from None
     model = fill_from_source(cfg.model, source.model.cfg)
     try:
         check_convertible(source.model.cfg, model)
