@@ -108,3 +108,21 @@ def test_a_folder_that_is_no_source_is_refused(lm_cfg, tmp_path):
         train(lm_cfg(f"train.init_from={tmp_path}"), tmp_path / "run")
     with pytest.raises(RunError, match="does not exist"):
         read_init_source(tmp_path / "missing")
+
+
+def test_processes_start_from_the_same_weights_as_one_process(tmp_path):
+    """``--nproc 2`` with an upcycling ``init_from``: every rank loads the source, rank 0 alone writes,
+    and the two processes train what one process trains."""
+    from routelab.config import Config
+    from tests.train.test_distributed import _assert_same_params, _routelab, write_tiny
+
+    config = write_tiny(tmp_path)
+    dense = tmp_path / "dense"
+    train(Config.load(config, ["train.steps=2"]), dense)
+    change = [f"train.init_from={dense}", "train.steps=2", *TOPK, "model.ffn.balance_loss_weight=0"]  # (a per-rank loss)
+    train(Config.load(config, change), tmp_path / "one")
+    args = [a for c in change for a in ("--set", c)]
+    done = _routelab("train", str(config), "--out", str(tmp_path / "two"), "--nproc", "2", "--no-sample", *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("initialised from") == 1  # rank 0 logs; both ranks loaded
+    _assert_same_params(tmp_path / "one" / "model" / "model.safetensors", tmp_path / "two" / "model" / "model.safetensors")
