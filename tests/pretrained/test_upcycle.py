@@ -7,6 +7,7 @@ upcycled model *is* the dense one) and where they do not (switch: the gate scale
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from routelab.config import ModelConfig
 from routelab.errors import ConfigError
 from routelab.model import RoutedTransformer
 from routelab.moe.layer import MoE
-from routelab.pretrained import upcycle, upcycle_with_conversion
-from routelab.registry import ROUTERS
+from routelab.pretrained import upcycle, upcycle_into, upcycle_with_conversion
+from routelab.registry import ATTENTION, ROUTERS
 
 V, T = 64, 16
 
@@ -201,3 +202,26 @@ def test_an_moe_cannot_become_dense_again():
     more = dataclasses.replace(moe.cfg, ffn={**dataclasses.asdict(moe.cfg.ffn), "num_experts": 8})
     with pytest.raises(ConfigError, match=r"layers\.0\.ffn\.\S+ is \(4, 32.*\) in the source but \(8, 32.*\) in the target"):
         upcycle(moe, more)
+
+
+@pytest.mark.parametrize("kind", ATTENTION.names())
+def test_every_attention_kind_keeps_the_projections_it_has_and_trains(kind):
+    dense = dense_model()
+    model, done = upcycle_with_conversion(dense, dataclasses.replace(dense.cfg, attention={"kind": kind}))
+    assert not [n for n in done.fresh if re.search(r"\.(q|k|v|o)_proj\.", n)]  # no projection starts afresh
+    assert set(done.dropped) <= {n for n in dense.state_dict() if ".attn." in n}  # kinds without k (kmeans) or q/k (synthesizer)
+    model.train()
+    x = ids()
+    model(x, labels=x).loss.backward()
+
+
+def test_noise_comes_from_the_given_generator():
+    """``upcycle_into`` draws its noise from the generator it is given (the trainer seeds it by train.seed)."""
+    dense = dense_model()
+    cfg = moe_cfg(dense, "topk")
+    a, b = RoutedTransformer(cfg), RoutedTransformer(cfg)
+    upcycle_into(a, dense.cfg, dense.state_dict(), 0.01, torch.Generator().manual_seed(1))
+    upcycle_into(b, dense.cfg, dense.state_dict(), 0.01, torch.Generator().manual_seed(2))
+    assert not torch.equal(a.layers[0].ffn.experts.w_in, b.layers[0].ffn.experts.w_in)
+    with pytest.raises(ConfigError, match="noise=-1"):
+        upcycle_into(a, dense.cfg, dense.state_dict(), -1)

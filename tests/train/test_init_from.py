@@ -126,3 +126,14 @@ def test_processes_start_from_the_same_weights_as_one_process(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("initialised from") == 1  # rank 0 logs; both ranks loaded
     _assert_same_params(tmp_path / "one" / "model" / "model.safetensors", tmp_path / "two" / "model" / "model.safetensors")
+
+
+def test_init_noise_perturbs_the_expert_copies(dense_run, lm_cfg):
+    models = []
+    for noise in (0.0, 0.01):
+        cfg, source = start_from(lm_cfg(*SWIGLU, *TOPK, f"train.init_from={dense_run}", f"train.init_noise={noise}"))
+        models.append(RoutedTransformer(cfg.model))
+        init_model(models[-1], source, cfg)
+    (exact, noisy) = (m.layers[0].ffn.experts.w_in for m in models)
+    assert torch.equal(exact[0], exact[1]) and not torch.equal(noisy[0], noisy[1])
+    assert (noisy - exact).std().item() == pytest.approx(0.01, rel=0.1)
