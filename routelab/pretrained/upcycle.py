@@ -4,8 +4,17 @@
   Dense Checkpoints", sec. 3): each dense FFN becomes an MoE layer whose E experts start as copies
   of it, E_i = FFN for all i, with a freshly initialised router. The layer computes
   y = sum_k g_k(x) FFN(x) = (sum_k g_k(x)) FFN(x), which is the dense FFN wherever the gates of a
-  token sum to 1 (top-k with ``renormalize``, hash, random, GShard in eval, top-p with
-  ``renormalize``). Optional Gaussian noise on the copies breaks their symmetry.
+  token sum to 1. Optional Gaussian noise on the copies breaks their symmetry. At step 0, per router:
+
+    exactly the dense FFN   topk (renormalize: true), hash, random (train; eval_mode mean or seeded),
+                            gshard in eval, topp (renormalize: true)
+    g(x) * FFN(x), g < 1    switch (g = the top-1 probability, about 1/E from a fresh router),
+                            topk / topp with raw probabilities (g = the chosen experts' probability
+                            mass), gshard in training (g = g1 when the second expert is skipped),
+                            base (g = sigmoid of the chosen logit, about 1/2), expert_choice (g = the
+                            probabilities of the experts that chose the token; 0 if none did)
+    another function        soft (each expert sees a mix of tokens: FFN(sum_t D_t x_t) != sum FFN)
+    and with a capacity factor, a dropped token gets 0 from the routed experts.
 - Attention conversion (Beltagy et al. 2020, "Longformer", sec. 5): a dense attention layer becomes
   a sparse kind keeping its q/k/v/o projections, and a learned position table is extended to a longer
   ``max_seq_len`` by copying it repeatedly. RoPE needs nothing: it is a function of the position.
@@ -75,8 +84,8 @@ class Conversion:
 
     @property
     def plain_load(self) -> bool:
-        """Whether every tensor was copied as it was (the target is the source's model)."""
-        return not (self.from_dense or self.extended or self.fresh or self.dropped)
+        """Whether the target is the source's model: the same config, every tensor copied as it was."""
+        return not (self.from_dense or self.extended or self.fresh or self.dropped or self.changes)
 
     @property
     def moe_layers(self) -> int:

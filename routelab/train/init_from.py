@@ -167,7 +167,7 @@ def write_upcycled(
         tokenizer = ByteTokenizer()
     model, done = upcycle_with_conversion(source.model, cfg.model, noise, seed)
     cfg = dataclasses.replace(cfg, model=model.cfg)
-    tmp = make_temp_dir(out.parent if out.parent != Path("") else Path("."), out.name)
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         save_config(cfg, tmp / CONFIG_FILE)
         tokenizer.save(tmp)

@@ -159,7 +159,8 @@ def test_learned_positions_are_tiled_to_a_longer_max_seq_len():
 def test_rope_models_extend_freely():
     dense = dense_model()
     long, done = upcycle_with_conversion(dense, dataclasses.replace(dense.cfg, max_seq_len=64))
-    assert done.plain_load  # nothing in the state dict depends on the length
+    assert not (done.fresh or done.extended or done.dropped)  # nothing in the state dict depends on the length
+    assert not done.plain_load and done.changes == ["model.max_seq_len (16 -> 64)"]
     torch.testing.assert_close(long(ids()).logits, dense(ids()).logits, atol=0, rtol=0)
 
 

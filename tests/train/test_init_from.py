@@ -137,3 +137,13 @@ def test_init_noise_perturbs_the_expert_copies(dense_run, lm_cfg):
     (exact, noisy) = (m.layers[0].ffn.experts.w_in for m in models)
     assert torch.equal(exact[0], exact[1]) and not torch.equal(noisy[0], noisy[1])
     assert (noisy - exact).std().item() == pytest.approx(0.01, rel=0.1)
+
+
+def test_an_unfinished_run_starts_from_its_newest_checkpoint(dense_run, lm_cfg, tmp_path):
+    source = tmp_path / "unfinished"
+    shutil.copytree(dense_run, source)
+    shutil.rmtree(source / "model")
+    (source / "summary.json").unlink()
+    cfg = lm_cfg(*SWIGLU, "train.steps=1", f"train.init_from={source}")
+    train(cfg, tmp_path / "run")
+    assert first_task_loss(tmp_path / "run") == pytest.approx(source_loss_on_first_batch(dense_run, cfg), abs=1e-5)
