@@ -1,7 +1,7 @@
 """Upcycling: a trained model's weights mapped onto a model of another routing config.
 
 - Sparse upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-of-Experts from
-  Dense Checkpoints", sec. 3): each dense FFN becomes an MoE layer whose E experts start as copies
+  Dense Checkpoints", ICLR 2023): each dense FFN becomes an MoE layer whose E experts start as copies
   of it, E_i = FFN for all i, with a freshly initialised router. The layer computes
   y = sum_k g_k(x) FFN(x) = (sum_k g_k(x)) FFN(x), which is the dense FFN wherever the gates of a
   token sum to 1. Optional Gaussian noise on the copies breaks their symmetry. At step 0, per router:
