@@ -1,6 +1,7 @@
 """Command line: a thin map of subcommand -> function.
 
-    routelab train CONFIG [--set k=v ...] [--out DIR] [--resume] [--nproc N [--max-restarts K]]
+    routelab train CONFIG [--set k=v ...] [--out DIR] [--resume] [--init-from DIR] [--nproc N [--max-restarts K]]
+    routelab upcycle RUN_OR_MODEL_DIR --out DIR [--set model.ffn.kind=moe ...] [--noise STD] [--seed N]
     routelab eval RUN_DIR [--split val|test]
     routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     routelab data listops --out DIR [--set data.listops_train=...]
@@ -52,6 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg_path = resolve_config_path(args.config)
     cfg = Config.load(cfg_path, args.set)
+    if args.init_from is not None:
+        cfg.train.init_from = args.init_from
     out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
     nproc = args.nproc if args.nproc is not None and args.nproc > 1 and not launched() else None
     if args.max_restarts and not nproc:
@@ -169,6 +172,14 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from routelab.train.init_from import write_upcycled
+
+    out, done = write_upcycled(args.source, args.out, args.set, noise=args.noise, seed=args.seed)
+    print(f"upcycled {args.source} -> {out}: {done.describe()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="routelab", description="Routing in Transformer language models.")
     p.add_argument("--version", action="version", version=f"routelab {__version__}")
@@ -184,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="with --nproc: when a process fails or is killed, stop the others and start all N again, up to K "
                    "times; each restart resumes from the newest checkpoint in --out (as torchrun --max-restarts does)")
+    t.add_argument("--init-from", metavar="DIR", help="start from the weights of a run or saved model folder (upcycled "
+                   "when the config's FFN or attention kind differs); fresh optimizer, step 0 (= --set train.init_from=DIR)")
     t.add_argument("--prompt", default="def ", help="prompt for the sample printed after LM training")
     t.add_argument("--no-sample", action="store_true", help="do not print a generated sample after LM training")
     t.set_defaults(func=cmd_train)
@@ -223,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="retrain variants whose folder holds a run of another config "
                    "(each old run is replaced only once its new one finishes)")
     c.set_defaults(func=cmd_compare)
+
+    u = sub.add_parser("upcycle", help="turn a trained model into another routing config (dense FFN -> MoE, sparse attention)",
+                       description="Map a run's (or saved model's) weights onto the model the --set options describe: "
+                       "dense FFNs become MoE layers whose experts start as copies (Komatsuzaki et al. 2023), dense "
+                       "attention a sparse kind keeping q/k/v/o, learned positions tiled to a longer max_seq_len "
+                       "(Beltagy et al. 2020). Writes a run folder that generate, eval and train --init-from read.")
+    u.add_argument("source", help="run folder (config.yaml) or saved model folder (config.json)")
+    u.add_argument("--out", required=True, help="new run folder to write")
+    u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="what changes, e.g. --set model.ffn.kind=moe --set model.ffn.router=topk (repeatable)")
+    u.add_argument("--noise", type=float, default=0.0, metavar="STD", help="std of Gaussian noise added to each expert copy")
+    u.add_argument("--seed", type=int, default=0, help="seeds the fresh parameters (routers) and the noise")
+    u.set_defaults(func=cmd_upcycle)
 
     i = sub.add_parser("inspect", help="show where tokens attend and which experts they go to",
                        description="Write HTML and PNG heatmaps of one input's routing decisions.")

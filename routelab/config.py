@@ -215,6 +215,8 @@ class TrainConfig:
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # torchrun runs: auto = NCCL on CUDA, gloo on CPU
     dist_timeout: float = 300.0  # seconds a collective may wait (a dead rank ends the run after this)
     expert_parallel: int = 1  # P: spread each MoE layer's experts over groups of P processes (divides both)
+    init_from: str | None = None  # a run or save_pretrained folder whose weights start the run (upcycled if the model differs)
+    init_noise: float = 0.0  # with init_from: std of Gaussian noise on experts copied from a dense FFN (Komatsuzaki et al. 2023)
 
     def __post_init__(self) -> None:
         check_positive(self, "steps", "batch_size", "grad_accum", "lr")
@@ -229,6 +231,7 @@ class TrainConfig:
         if self.threads is not None:
             check_positive(self, "threads")
         check_positive(self, "dist_timeout", "expert_parallel")
+        check(self.init_noise >= 0, "train.init_noise", self.init_noise, "a number >= 0")
 
 
 @dataclass

@@ -44,6 +44,29 @@ def test_train_eval_generate_and_resume(tiny_yaml, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["steps"] == 8
 
 
+def test_upcycle_writes_a_run_folder_that_generate_eval_and_train_read(tiny_yaml, tmp_path, capsys):
+    dense, up, moe = tmp_path / "dense", tmp_path / "up", tmp_path / "moe"
+    assert main(["train", str(tiny_yaml), "--out", str(dense), "--no-sample"]) == 0
+    change = ["--set", "model.ffn.kind=moe", "--set", "model.ffn.num_experts=4", "--set", "model.ffn.router=topk",
+              "--set", "model.attention.kind=local", "--set", "model.attention.window=32", "--set", "model.max_seq_len=64"]
+    capsys.readouterr()
+    assert main(["upcycle", str(dense), "--out", str(up), *change]) == 0
+    said = capsys.readouterr().out
+    assert "model.ffn.kind ('dense' -> 'moe')" in said and "1 dense FFN(s) -> MoE experts" in said
+    assert sorted(p.name for p in up.iterdir()) == ["config.yaml", "model", "tokenizer.json"]
+    assert main(["eval", str(dense)]) == 0
+    dense_eval = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(up)]) == 0  # renormalised top-2 over copies, a window covering the sequence: the same model
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(dense_eval["loss"], abs=1e-4)
+    assert main(["generate", str(up), "--prompt", "def ", "--max-new-tokens", "40", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def ")  # 4 + 40 tokens: past the source's max_seq_len of 32
+    args = ["train", str(tiny_yaml), "--out", str(moe), "--init-from", str(up), "--set", "train.steps=2", "--no-sample", *change]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"routelab: initialised from .*/up: all \d+ tensors loaded", err), err  # the same model: a plain load
+    assert json.loads((moe / "summary.json").read_text())["steps"] == 2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

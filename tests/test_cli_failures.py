@@ -121,6 +121,26 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
         None, ["data", "listops", "--out", "TMP/lo", "--set", "listops_min_len=5000", "--set", "listops_max_len=6000"],
         r"listops lengths 5000\.\.6000 are out of reach.*lower listops_min_len to <= \d+",
     ),
+    "upcycle-not-a-run-folder": (
+        None, ["upcycle", "TMP", "--out", "TMP/up"], r"is not a run folder \(config.yaml\) nor a saved model folder",
+    ),
+    "upcycle-incompatible-size": (
+        None, ["upcycle", "RUN", "--out", "TMP/up", "--set", "model.d_model=64"],
+        r"model\.d_model is 32 in the source but 64 in the target; what may change: model\.ffn",
+    ),
+    "upcycle-moe-experts-narrower": (
+        None, ["upcycle", "RUN", "--out", "TMP/up", "--set", "model.ffn.kind=moe", "--set", "model.ffn.hidden=16"],
+        r"FFN width is 128 in the source but 16 in the target.*model\.ffn\.hidden=128",
+    ),
+    "upcycle-out-is-the-run": (None, ["upcycle", "RUN", "--out", "RUN"], r"is not empty; choose a new --out"),
+    "train-init-from-not-a-run": (
+        None, ["train", "CFG", "--out", "TMP/new", "--init-from", "TMP/file", "--no-sample"],
+        r"train\.init_from: '.*/file' is not a run folder",
+    ),
+    "train-init-from-other-size": (
+        None, ["train", "CFG", "--out", "TMP/new", "--init-from", "RUN", "--set", "model.n_layers=2", "--no-sample"],
+        r"train\.init_from=.*model\.n_layers is 1 in the source but 2 in the target",
+    ),
     "tensorboard-missing": (
         None, ["train", "CFG", "--out", "TMP/tb", "--set", "train.tensorboard=true"], r"pip install tensorboard",
     ),

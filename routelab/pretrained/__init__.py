@@ -1,8 +1,14 @@
-"""Pretrained weights from elsewhere, converted into ordinary ``RoutedTransformer`` models.
+"""Pretrained weights from elsewhere, converted into ordinary ``RoutedTransformer`` models, never wrapped.
 
 ``hf``: Hugging Face checkpoints from a local folder (``RoutedTransformer.from_hf``; ``routelab import hf``).
+``upcycle``: a trained model mapped onto another routing config (dense FFN -> MoE experts, dense ->
+sparse attention, longer positions; ``routelab upcycle``, ``train.init_from``).
 """
 
 from routelab.pretrained.hf import FAMILIES, convert_hf, hf_model_config, load_hf_tokenizer
+from routelab.pretrained.upcycle import Conversion, check_convertible, upcycle, upcycle_into, upcycle_with_conversion
 
-__all__ = ["FAMILIES", "convert_hf", "hf_model_config", "load_hf_tokenizer"]
+__all__ = [
+    "FAMILIES", "convert_hf", "hf_model_config", "load_hf_tokenizer",
+    "Conversion", "check_convertible", "upcycle", "upcycle_into", "upcycle_with_conversion",
+]

@@ -62,6 +62,8 @@ RESUMABLE_CHANGES = (
     "train.dist_backend",
     "train.dist_timeout",
     "train.expert_parallel",
+    "train.init_from",  # read at step 0 only
+    "train.init_noise",
 )
 # how a run is laid out, not what it computes (up to float summation order)
 DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.dist_backend", "train.dist_timeout",

@@ -40,6 +40,7 @@ from routelab.moe.routers import Router
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
 from routelab.train.evaluation import evaluate
+from routelab.train.init_from import copy_tokenizer, init_model, resumed_sizes, start_from
 from routelab.train.metrics import (
     METRICS_FILE,
     MetricsLog,
@@ -271,6 +272,12 @@ def _train(
     ckpt = ctx.on_main(lambda: prepare_run_dir(out, cfg, resume))
     if not ctx.is_main and resume:
         ckpt = latest_checkpoint(out)  # rank 0 verified it and set damaged ones aside
+    source = None  # train.init_from: every rank reads the same weights; a resumed run reads its checkpoint
+    if cfg.train.init_from and ckpt is None:
+        started = ctx.on_main(lambda: copy_tokenizer(*start_from(cfg), out))  # rank 0 checks first: one error line
+        cfg, source = started if ctx.is_main else start_from(cfg)
+    elif ckpt is not None:
+        cfg = resumed_sizes(cfg, out)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -287,6 +294,9 @@ def _train(
         data = load_task_data(cfg, out)
     cfg = resolve_config(cfg, data)
     model = RoutedTransformer(cfg.model).to(device)
+    if source is not None:
+        init_model(model, source, cfg)
+        source = None
     if ckpt is None:  # data-dependent router state (a frequency-balanced hash table); a resume loads it
         counts = functools.cache(lambda: token_counts(data, cfg.model.vocab_size))
         prepared = [m.kind for m in model.modules() if isinstance(m, Router) and m.prepare(counts)]
