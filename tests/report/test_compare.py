@@ -283,3 +283,27 @@ def test_bad_prepared_runs_and_references_fail_before_training(base_yaml, tmp_pa
     cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, prepare=prepare, variants=[{"name": "a", "set": variant_set}])
     with pytest.raises(ConfigError, match=message):
         load_compare_config(cmp, out=tmp_path / "out")
+
+
+def test_a_comparison_continues_a_prepared_run_and_upcycles_it(base_yaml, tmp_path):
+    """``prepare:`` trains first; ``train.init_from=@base`` starts both variants from it (the MoE one
+    upcycled: top-1 of copies with renormalised gates, so it starts as the dense model)."""
+    cmp = write_compare(
+        tmp_path, base="base.yaml", budget={"steps": 2},
+        prepare=[{"name": "base", "steps": 3}],
+        set=["train.init_from=@base"],
+        variants=[{"name": "dense"},
+                  {"name": "moe", "set": ["model.ffn.kind=moe", "model.ffn.router=topk", "model.ffn.router.top_k=1",
+                                          "model.ffn.num_experts=2", "model.ffn.balance_loss_weight=0", "model.ffn.z_loss_weight=0"]}],
+    )
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    base = json.loads((out / "prepare" / "base" / "summary.json").read_text())
+    assert base["steps"] == 3
+    first = {}
+    for name in ("dense", "moe"):
+        lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        first[name] = next(x["loss"] for x in lines if "loss" in x)
+    assert first["moe"] == pytest.approx(first["dense"], abs=1e-5)  # both start from the prepared run's function
+    report = (out / "report.md").read_text()
+    assert "Prepared run `base` (`base.yaml`, 3 steps): val_loss" in report
+    assert [r["variant"] for r in json.loads((out / "results.json").read_text())] == ["dense", "moe"]
