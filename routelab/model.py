@@ -44,6 +44,8 @@ class ModelOutput:
         aux_loss: sum of the layers' weighted auxiliary losses (scalar; 0 for dense layers).
         routing: per-layer routing statistics, e.g. ``{"layers.0.ffn": {...}}``; empty for dense.
         task_loss: the task loss alone (for evaluation and bits-per-byte), or None.
+        hidden: (B, T, D) final hidden states, after the final norm (what the head reads); a
+            reference, not a copy (knowledge distillation matches them to a teacher's).
     """
 
     logits: Tensor
@@ -51,6 +53,7 @@ class ModelOutput:
     aux_loss: Tensor | None = None
     routing: dict = field(default_factory=dict)
     task_loss: Tensor | None = None
+    hidden: Tensor | None = None
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:
@@ -173,7 +176,7 @@ class RoutedTransformer(nn.Module):
         aux = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros(())
         task_loss = self.task_loss(logits, labels) if labels is not None else None
         loss = task_loss + aux if task_loss is not None else None
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, routing=routing, task_loss=task_loss)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, routing=routing, task_loss=task_loss, hidden=x)
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         cfg = self.cfg
