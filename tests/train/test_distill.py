@@ -281,3 +281,21 @@ def test_the_cli_reports_a_bad_teacher_in_one_line(cls_cfg, teacher_run, tmp_pat
         f"routelab: error: the teacher {str(teacher_run)!r} has a 'lm' head but the student model.head is 'classification';"
         " distillation needs the same head"
     ]
+
+
+def test_two_processes_distil_what_one_process_distils(tmp_path):
+    """Under DDP each rank holds its own teacher (outside the wrapper); the student and the projection
+    (whose gradients DDP averages with the student's) end as in one process, to float summation order."""
+    from tests.train.test_distributed import _assert_same_params, _routelab, write_tiny
+
+    tiny = write_tiny(tmp_path)
+    assert _routelab("train", str(tiny), "--out", str(tmp_path / "teacher"), "--no-sample", "--set", "model.d_model=64").returncode == 0
+    distil = ("--no-sample", "--set", f"train.distill.teacher={tmp_path / 'teacher'}", "--set", "train.distill.hidden_weight=0.1")
+    one = _routelab("train", str(tiny), "--out", str(tmp_path / "one"), *distil)
+    two = _routelab("train", str(tiny), "--nproc", "2", "--out", str(tmp_path / "two"), *distil)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    _assert_same_params(tmp_path / "one" / "model" / "model.safetensors", tmp_path / "two" / "model" / "model.safetensors")
+    pa, pb = (read_extra_tensors(latest_checkpoint(tmp_path / d), "distill.") for d in ("one", "two"))
+    torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distill"]["teacher_share"] > 0
