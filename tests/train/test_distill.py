@@ -259,6 +259,15 @@ def test_a_changed_teacher_or_switching_distillation_on_resume_is_refused(lm_cfg
         train(distill_cfg(lm_cfg, teacher_run, "train.steps=4", "train.distill.hidden_weight=0"), tmp_path / "plain", resume=True)
 
 
+def test_a_classifier_distils_from_a_classifier(cls_cfg, tmp_path):
+    train(cls_cfg("train.steps=10", "model.d_model=48"), tmp_path / "teacher")
+    summary = train(cls_cfg("train.steps=4", f"train.distill.teacher={tmp_path / 'teacher'}", "train.distill.alpha=0.7",
+                            "train.distill.hidden_weight=1.0"), tmp_path / "student")
+    lines = [r for r in read_metrics(tmp_path / "student") if "split" not in r]
+    assert all(r["kd_loss"] > 0 and r["hidden_loss"] > 0 and r["teacher_s"] > 0 for r in lines)
+    assert "val_accuracy" in summary and summary["distill"]["teacher_share"] > 0
+
+
 def test_bad_teachers_fail_before_training(lm_cfg, cls_cfg, teacher_run, tmp_path):
     with pytest.raises(ConfigError, match="has a 'lm' head but the student model.head is 'classification'"):
         train(cls_cfg(f"train.distill.teacher={teacher_run}"), tmp_path / "a")
@@ -299,3 +308,17 @@ def test_two_processes_distil_what_one_process_distils(tmp_path):
     torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["distill"]["teacher_share"] > 0
+
+
+def test_expert_parallel_distillation_equals_one_process(tmp_path):
+    """With expert parallelism the DDP wrapper is the distiller's: its ignore list names the experts
+    under ``student.``, so expert gradients stay with their replicas."""
+    from tests.train.test_distributed import MOE, _assert_same_params, _routelab, write_tiny
+
+    tiny = write_tiny(tmp_path)
+    assert _routelab("train", str(tiny), "--out", str(tmp_path / "teacher"), "--no-sample").returncode == 0
+    distil = ("--no-sample", *MOE, "--set", f"train.distill.teacher={tmp_path / 'teacher'}", "--set", "train.distill.alpha=0.8")
+    one = _routelab("train", str(tiny), "--out", str(tmp_path / "one"), *distil)
+    two = _routelab("train", str(tiny), "--nproc", "2", "--set", "train.expert_parallel=2", "--out", str(tmp_path / "two"), *distil)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    _assert_same_params(tmp_path / "one" / "model" / "model.safetensors", tmp_path / "two" / "model" / "model.safetensors")
