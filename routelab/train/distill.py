@@ -30,7 +30,7 @@ from routelab.config import Config, DistillConfig, ModelConfig, model_config_fro
 from routelab.errors import ConfigError
 from routelab.io import DamagedFileError, read_json
 from routelab.model import CONFIG_JSON, IGNORE_INDEX, ModelOutput, RoutedTransformer
-from routelab.train.checkpoint import MODEL_FILE, latest_checkpoint, read_checkpoint_state
+from routelab.train.checkpoint import MODEL_FILE, latest_checkpoint, read_checkpoint_state, read_extra_tensors
 from routelab.train.run import CONFIG_FILE, MODEL_DIR, TOKENIZER_FILE, RunError, load_run, load_run_config
 
 PREFIX = "distill."  # names of the distiller's own tensors in a checkpoint's optimizer file
@@ -227,11 +227,12 @@ class Distiller(nn.Module):
     in a plain tuple, so it is not a submodule: not in ``state_dict()``, ``parameters()``, the
     optimizer or a DDP wrapper, and ``Distiller.train()`` leaves it in eval mode."""
 
-    def __init__(self, student: RoutedTransformer, teacher: RoutedTransformer, cfg: DistillConfig) -> None:
+    def __init__(self, student: RoutedTransformer, teacher: RoutedTransformer, cfg: DistillConfig, source: Teacher | None = None) -> None:
         super().__init__()
         self.student = student
         self._teacher = (teacher,)
         self.cfg = cfg
+        self.source = source  # where the teacher came from (recorded in the run)
         d_s, d_t = student.cfg.d_model, teacher.cfg.d_model
         # student width -> teacher width; only when the hidden term is on and the widths differ
         self.projection = nn.Linear(d_s, d_t, bias=False) if cfg.hidden_weight > 0 and d_s != d_t else None
@@ -239,6 +240,11 @@ class Distiller(nn.Module):
     @property
     def teacher(self) -> RoutedTransformer:
         return self._teacher[0]
+
+    def record(self) -> dict[str, Any]:
+        """What a run records about its teacher (checkpoint bookkeeping, ``summary.json``)."""
+        folder = self.source.folder.resolve() if self.source else None
+        return {"teacher": str(folder) if folder else None, "weights_sha256": self.source.weights_sha256 if self.source else None}
 
     def extra_tensors(self) -> dict[str, Tensor]:
         """The distiller's trained tensors (the projection) by checkpoint name (``distill.*``)."""
@@ -281,16 +287,18 @@ class Distiller(nn.Module):
         )
 
 
-def build_distiller(cfg: Config, student: RoutedTransformer, student_tokenizer: Path, device: torch.device) -> tuple[Distiller, Teacher]:
+def build_distiller(cfg: Config, student: RoutedTransformer, student_tokenizer: Path, device: torch.device) -> Distiller:
     """Check the teacher against the (resolved) student config and tokenizer, load it, wrap both."""
     teacher = preflight_teacher(cfg)
     check_tokenizers(teacher, student_tokenizer)
-    return Distiller(student, load_teacher_model(teacher, device), cfg.train.distill).to(device), teacher
+    return Distiller(student, load_teacher_model(teacher, device), cfg.train.distill, teacher).to(device)
 
 
-def teacher_record(teacher: Teacher) -> dict[str, Any]:
-    """What a run records about its teacher (bookkeeping of its checkpoints, ``summary.json``)."""
-    return {"teacher": str(teacher.folder.resolve()), "weights_sha256": teacher.weights_sha256}
+def resume_distillation(distiller: Distiller | None, recorded: dict | None, checkpoint: Path) -> None:
+    """On resume: refuse a different teacher (``check_resumed_teacher``), then load the projection."""
+    check_resumed_teacher(recorded, distiller.source if distiller is not None else None, checkpoint)
+    if distiller is not None:
+        distiller.load_extra_tensors(read_extra_tensors(checkpoint, PREFIX))
 
 
 def check_resumed_teacher(recorded: dict | None, teacher: Teacher | None, checkpoint: Path) -> None:

@@ -37,20 +37,8 @@ from routelab.moe.comm import STATS, add_step, over_layers, run_summary
 from routelab.moe.layer import MoE
 from routelab.moe.parallel import check_expert_parallel, expert_groups
 from routelab.moe.routers import Router
-from routelab.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_optimizer_state,
-    read_extra_tensors,
-    save_checkpoint,
-)
-from routelab.train.distill import (
-    DistillOutput,
-    build_distiller,
-    check_resumed_teacher,
-    preflight_teacher,
-    teacher_record,
-)
+from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
+from routelab.train.distill import DistillOutput, build_distiller, preflight_teacher, resume_distillation
 from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
 from routelab.train.evaluation import evaluate
 from routelab.train.metrics import (
@@ -320,9 +308,9 @@ def _train(
         vocab = [data.tokenizer.id_to_token(i) for i in range(data.tokenizer.vocab_size)]
         filled = model.load_word_vectors(cfg.model.embeddings_path, vocab)
         log.info("word vectors from %s filled %d of %d embedding rows", cfg.model.embeddings_path, filled, len(vocab))
-    distiller = teacher = None  # knowledge distillation: the student with a frozen teacher (routelab.train.distill)
+    distiller = None  # knowledge distillation: the student with a frozen teacher (routelab.train.distill)
     if cfg.train.distill.teacher:
-        distiller, teacher = build_distiller(cfg, model, out / TOKENIZER_FILE, device)
+        distiller = build_distiller(cfg, model, out / TOKENIZER_FILE, device)
     experts = None  # expert parallelism: this rank keeps its slice of every MoE layer's experts
     state = None
     if cfg.train.expert_parallel > 1:
@@ -337,8 +325,8 @@ def _train(
     metrics = MetricsLog(out / METRICS_FILE, tensorboard, enabled=ctx.is_main)
 
     book: dict[str, Any] = {"tokens_seen": 0, "elapsed_s": 0.0, "train_loss": None, "skipped_steps": 0}
-    if teacher is not None:
-        book["distill"] = teacher_record(teacher)
+    if distiller is not None:
+        book["distill"] = distiller.record()  # the teacher's folder and weights checksum
     step = 0
     if ckpt is not None:
         if experts is None:
@@ -346,12 +334,11 @@ def _train(
         else:
             load_optimizer_state(ckpt, optimizer, state, tensor_map=experts.slicer(optimizer))
         step = state["step"]
-        check_resumed_teacher(state["bookkeeping"].get("distill"), teacher, ckpt)
-        if distiller is not None:
-            distiller.load_extra_tensors(read_extra_tensors(ckpt, "distill."))
+        resume_distillation(distiller, state["bookkeeping"].get("distill"), ckpt)  # same teacher? the projection
         book.update({k: v for k, v in state["bookkeeping"].items() if k != "distill"})  # the teacher as found now
         dropped = metrics.truncate_after(step)
         log.info("resuming from %s (step %d); dropped %d metrics lines past it", ckpt, step, dropped)
+    trained = distiller if distiller is not None else model  # the teacher is in neither: each rank holds its own copy
     if ctx.enabled:
         for m in model.modules():  # balance_scope "global": the balance loss over the batches of every rank
             if isinstance(m, MoE):
@@ -361,9 +348,7 @@ def _train(
                  f"; experts spread over groups of {experts.groups.size}" if experts else "")
         if experts is not None:  # expert gradients are reduced over their replicas only (ExpertGradients)
             prefix = "student." if distiller is not None else ""
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller or model, [prefix + n for n in experts.names])
-    trained = distiller if distiller is not None else model  # the teacher is outside both: each rank holds its own copy
-    if ctx.enabled:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trained, [prefix + n for n in experts.names])
         trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     start_step, elapsed_before = step, book["elapsed_s"]
@@ -483,7 +468,7 @@ def _train(
         "world_size": ctx.world_size,
         **({"communication": {**run_summary(book["communication"]), "capacity": capacity_scope(cfg)}} if book.get("communication") else {}),
         **({"distill": {**book["distill"], "teacher_s_per_step": run_teacher / (step - start_step) if step > start_step else None,
-                        "teacher_share": run_teacher / train_time if train_time > 0 else None}} if teacher is not None else {}),
+                        "teacher_share": run_teacher / train_time if train_time > 0 else None}} if distiller is not None else {}),
         "config_sha256": config_sha256(cfg),
     }
     ctx.on_main(lambda: atomic_write_json(out / SUMMARY_FILE, summary))  # after model/: the export is complete
