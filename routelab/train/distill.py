@@ -30,7 +30,13 @@ from routelab.config import Config, DistillConfig, ModelConfig, model_config_fro
 from routelab.errors import ConfigError
 from routelab.io import DamagedFileError, read_json
 from routelab.model import CONFIG_JSON, IGNORE_INDEX, ModelOutput, RoutedTransformer
-from routelab.train.checkpoint import MODEL_FILE, latest_checkpoint, read_checkpoint_state, read_extra_tensors
+from routelab.train.checkpoint import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    latest_checkpoint,
+    read_checkpoint_state,
+    read_extra_tensors,
+)
 from routelab.train.run import CONFIG_FILE, MODEL_DIR, TOKENIZER_FILE, RunError, load_run, load_run_config
 
 PREFIX = "distill."  # names of the distiller's own tensors in a checkpoint's optimizer file
@@ -250,10 +256,12 @@ class Distiller(nn.Module):
         """The distiller's trained tensors (the projection) by checkpoint name (``distill.*``)."""
         return {PREFIX + k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
 
-    def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
+    def load_extra_tensors(self, tensors: dict[str, Tensor], path: Path | str = "checkpoint") -> None:
+        """Inverse of ``extra_tensors``; ``path`` (the file they came from) names a mismatch."""
         own = self.extra_tensors()
-        if set(tensors) != set(own):
-            raise DamagedFileError("checkpoint", f"distillation tensors {sorted(tensors)} found, {sorted(own)} expected")
+        if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
+            found = {k: tuple(t.shape) for k, t in tensors.items()}
+            raise DamagedFileError(path, f"distillation tensors {found} found, {({k: tuple(t.shape) for k, t in own.items()})} expected")
         for k, v in own.items():
             with torch.no_grad():
                 v.copy_(tensors[k])
@@ -298,7 +306,7 @@ def resume_distillation(distiller: Distiller | None, recorded: dict | None, chec
     """On resume: refuse a different teacher (``check_resumed_teacher``), then load the projection."""
     check_resumed_teacher(recorded, distiller.source if distiller is not None else None, checkpoint)
     if distiller is not None:
-        distiller.load_extra_tensors(read_extra_tensors(checkpoint, PREFIX))
+        distiller.load_extra_tensors(read_extra_tensors(checkpoint, PREFIX), checkpoint / OPTIMIZER_FILE)
 
 
 def check_resumed_teacher(recorded: dict | None, teacher: Teacher | None, checkpoint: Path) -> None:
