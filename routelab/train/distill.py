@@ -203,9 +203,14 @@ def load_teacher_model(teacher: Teacher, device: torch.device) -> RoutedTransfor
 
 
 def preflight_teacher(cfg: Config) -> Teacher:
-    """Everything checkable before the data is read: the folder and the heads."""
+    """Everything checkable before the data is read: the folder, the heads and the sequence length."""
     teacher = inspect_teacher(cfg.train.distill.teacher)
     check_teacher(teacher, cfg.model)
+    if teacher.model_cfg.max_seq_len < cfg.data.seq_len:
+        raise ConfigError(
+            f"the teacher {str(teacher.folder)!r} reads at most {teacher.model_cfg.max_seq_len} tokens (its model.max_seq_len)"
+            f" but data.seq_len is {cfg.data.seq_len}; lower data.seq_len"
+        )
     return teacher
 
 

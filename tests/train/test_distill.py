@@ -276,6 +276,11 @@ def test_bad_teachers_fail_before_training(lm_cfg, cls_cfg, teacher_run, tmp_pat
         train(lm_cfg(f"train.distill.teacher={teacher_run}", "data.tokenizer=bpe", "data.bpe_vocab_size=300"), tmp_path / "b")
     with pytest.raises(ConfigError, match="is not a routelab run"):
         train(lm_cfg(f"train.distill.teacher={tmp_path}"), tmp_path / "c")
+    short = tmp_path / "short"
+    tiny_model(0, vocab_size=260).save_pretrained(short)  # max_seq_len 16 < data.seq_len 32
+    shutil.copy(teacher_run / "tokenizer.json", short)
+    with pytest.raises(ConfigError, match="reads at most 16 tokens .its model.max_seq_len. but data.seq_len is 32"):
+        train(lm_cfg(f"train.distill.teacher={short}"), tmp_path / "d")
 
 
 def test_the_cli_reports_a_bad_teacher_in_one_line(cls_cfg, teacher_run, tmp_path):
