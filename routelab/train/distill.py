@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routelab.config import Config, DistillConfig, ModelConfig, model_config_from_dict
+from routelab.data import DataError, load_tokenizer
 from routelab.errors import ConfigError
 from routelab.io import DamagedFileError, read_json
 from routelab.model import CONFIG_JSON, IGNORE_INDEX, ModelOutput, RoutedTransformer
@@ -169,17 +170,11 @@ def check_teacher(teacher: Teacher, student: ModelConfig) -> None:
 def check_tokenizers(teacher: Teacher, student_file: Path) -> None:
     """The teacher's ``tokenizer.json`` must equal the student's (kind, vocabulary size, then content)."""
     t, s = read_json(teacher.tokenizer_file), read_json(student_file)
-
-    def describe(d: Any) -> tuple[str, Any]:
-        if not isinstance(d, dict):
-            return "unknown", None
-        if "routelab_tokenizer" in d:
-            kind = d["routelab_tokenizer"]
-            return kind, d.get("vocab_size", len(d.get("vocab", [])) or None)
-        vocab = (d.get("model") or {}).get("vocab") or {}
-        return "bpe", len(vocab) + len(d.get("added_tokens") or [])
-
-    (tk, tn), (sk, sn) = describe(t), describe(s)
+    try:
+        tok_t, tok_s = load_tokenizer(teacher.tokenizer_file), load_tokenizer(student_file)
+    except DataError as e:
+        raise ConfigError(f"distillation cannot compare the teacher's and the student's tokenizers: {e}") from None
+    (tk, tn), (sk, sn) = (tok_t.kind, tok_t.vocab_size), (tok_s.kind, tok_s.vocab_size)
     names = f"teacher {str(teacher.tokenizer_file)!r}, student {str(student_file)!r}"
     if tk != sk:
         raise ConfigError(f"the teacher's tokenizer is {tk!r} but the student's is {sk!r} ({names}); distillation needs the same tokenizer")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from routelab.config import DistillConfig, ModelConfig
+from routelab.data import BPETokenizer, ByteTokenizer, ListOpsTokenizer
 from routelab.errors import ConfigError
 from routelab.io import load_state_dict
 from routelab.model import RoutedTransformer
@@ -155,23 +156,25 @@ def test_check_tokenizers_names_both_files(tmp_path):
     def folder(name, tok):
         d = tmp_path / name
         d.mkdir()
-        tiny_model(0, vocab_size=260).save_pretrained(d)
-        (d / "tokenizer.json").write_text(json.dumps(tok))
-        return d
+        tok.save(d)
+        return d / "tokenizer.json"
 
-    byte = {"routelab_tokenizer": "byte", "vocab_size": 260}
-    teacher = inspect_teacher(folder("t", byte))
+    teacher_dir = tmp_path / "t"
+    tiny_model(0, vocab_size=260).save_pretrained(teacher_dir)
+    text = ["the quick brown fox jumps over the lazy dog " * 20]
+    BPETokenizer.train(text, 270).save(teacher_dir)
+    teacher = inspect_teacher(teacher_dir)
     for other, msg in [
-        ({"routelab_tokenizer": "listops", "vocab": list("abc")}, "the teacher's tokenizer is 'byte' but the student's is 'listops'"),
-        ({"routelab_tokenizer": "byte", "vocab_size": 300}, "has 260 tokens but the student's 300"),
-        ({**byte, "extra": 1}, "differ in content"),
+        (ByteTokenizer(), "the teacher's tokenizer is 'bpe' but the student's is 'byte'"),
+        (ListOpsTokenizer(), "the teacher's tokenizer is 'bpe' but the student's is 'listops'"),
+        (BPETokenizer.train(text, 275), "the teacher's bpe tokenizer has 270 tokens but the student's 275"),
+        (BPETokenizer.train(["pack my box with five dozen liquor jugs " * 20], 270), "differ in content"),
     ]:
-        student = tmp_path / f"s{len(msg)}.json"
-        student.write_text(json.dumps(other))
+        student = folder(f"s{len(msg)}", other)
         with pytest.raises(ConfigError, match=msg) as e:
             check_tokenizers(teacher, student)
         assert str(teacher.tokenizer_file) in str(e.value) and str(student) in str(e.value) and "\n" not in str(e.value)
-    check_tokenizers(teacher, teacher.tokenizer_file)  # the same: fine
+    check_tokenizers(teacher, folder("same", BPETokenizer.train(text, 270)))  # the same merges: fine
 
 
 def test_a_folder_that_is_no_teacher(tmp_path):
