@@ -8,6 +8,7 @@ Validation lives in each dataclass's ``__post_init__``. A config is a tree of da
         ffn:       <the dataclass registered for ffn.kind>         (e.g. DenseFFNConfig)
       data:  DataConfig
       train: TrainConfig
+        distill: DistillConfig
 
 Building from a dict (``from_dict``) rejects unknown keys with a "did you mean" hint and wrong
 types with a message naming the field, the value and what is allowed; each dataclass's
@@ -32,7 +33,7 @@ from routelab.errors import ConfigError, check, check_fraction, check_positive
 from routelab.options import SECTIONS, AttentionConfig, FFNConfig
 from routelab.registry import UnknownKindError
 
-__all__ = ["AttentionConfig", "Config", "ConfigError", "DataConfig", "FFNConfig", "ModelConfig", "TrainConfig"]
+__all__ = ["AttentionConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "FFNConfig", "ModelConfig", "TrainConfig"]
 
 
 def _default_attention() -> AttentionConfig:
@@ -186,6 +187,24 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained teacher (``routelab.train.distill``); off by default."""
+
+    _section = "train.distill"
+    teacher: str | None = None  # a routelab run folder or save_pretrained folder; None = no distillation
+    temperature: float = 2.0  # T: both softmaxes are taken at z / T; the KL term is scaled by T^2
+    alpha: float = 0.5  # loss = (1 - alpha) * task + alpha * T^2 * KL(teacher || student)
+    hidden_weight: float = 0.0  # > 0 adds this times the MSE between final hidden states
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None:
+            check(bool(self.teacher), "train.distill.teacher", self.teacher, "a folder path, or null (no distillation)")
+        check_positive(self, "temperature")
+        check_fraction(self, "alpha", closed_right=True)
+        check(self.hidden_weight >= 0, "train.distill.hidden_weight", self.hidden_weight, "a number >= 0")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, evaluation, logging and checkpointing."""
 
@@ -217,6 +236,7 @@ class TrainConfig:
     expert_parallel: int = 1  # P: spread each MoE layer's experts over groups of P processes (divides both)
     init_from: str | None = None  # a run or save_pretrained folder whose weights start the run (upcycled if the model differs)
     init_noise: float = 0.0  # with init_from: std of Gaussian noise on experts copied from a dense FFN (Komatsuzaki et al. 2023)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a teacher's soft targets (off by default)
 
     def __post_init__(self) -> None:
         check_positive(self, "steps", "batch_size", "grad_accum", "lr")

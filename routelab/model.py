@@ -46,7 +46,8 @@ class ModelOutput:
         aux_loss: sum of the layers' weighted auxiliary losses (scalar; 0 for dense layers).
         routing: per-layer routing statistics, e.g. ``{"layers.0.ffn": {...}}``; empty for dense.
         task_loss: the task loss alone (for evaluation and bits-per-byte), or None.
-        hidden: (B, T, D) the final representations the head reads (after the final norm, if any).
+        hidden: (B, T, D) final hidden states, after the final norm (what the head reads); a
+            reference, not a copy (knowledge distillation matches them to a teacher's).
     """
 
     logits: Tensor

@@ -2,7 +2,8 @@
 
 - ``model.safetensors``: the model's state dict (tied weights stored once, see ``routelab.io``).
 - ``optimizer.safetensors``: every optimizer state tensor as ``state.{param_idx}.{name}`` plus the
-  random-number generator states as uint8 tensors (``rng.torch``, ``rng.cuda``).
+  random-number generator states as uint8 tensors (``rng.torch``, ``rng.cuda``), plus trained
+  tensors that are not the model's (e.g. ``distill.projection.weight``, see ``routelab.train.distill``).
 - ``state.json``: the step, the optimizer's param groups and non-tensor state, the Python and NumPy
   RNG states, and the trainer's bookkeeping. Written last.
 
@@ -143,13 +144,16 @@ def save_checkpoint(
     keep: int,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_tensors: dict[str, torch.Tensor] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then keep only the ``keep`` newest; return its folder.
 
     ``bookkeeping`` (JSON-able trainer counters) is stored in ``state.json``, with the SHA-256 of
     both tensor files, checked on load. ``model_state`` / ``optimizer_tensors`` replace the model's
     state dict and the optimizer's tensors (expert parallelism passes the experts gathered from all
-    ranks, so a checkpoint is the same whatever the number of processes).
+    ranks, so a checkpoint is the same whatever the number of processes). ``extra_tensors``: trained
+    tensors outside the model (names not starting with ``state.`` or ``rng.``), stored in the optimizer
+    file and read back with ``read_extra_tensors``.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
@@ -160,7 +164,10 @@ def save_checkpoint(
         if optimizer_tensors is not None:
             opt_tensors = optimizer_tensors
         rng_tensors, rng_meta = capture_rng(_device_of(model))
-        files[OPTIMIZER_FILE] = save_state_dict({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
+        extra = extra_tensors or {}
+        if any(k.startswith(("state.", "rng.")) for k in extra):
+            raise ValueError(f"extra checkpoint tensor names must not start with 'state.' or 'rng.': {sorted(extra)}")
+        files[OPTIMIZER_FILE] = save_state_dict({**opt_tensors, **rng_tensors, **extra}, tmp / OPTIMIZER_FILE)
         state = {
             "format": FORMAT_VERSION, "step": step, **bookkeeping,
             "optimizer": opt_meta, "rng": rng_meta, "sha256": files,
@@ -270,6 +277,12 @@ def load_checkpoint(
     if optimizer is not None or rng:
         load_optimizer_state(path, optimizer, state, device=_device_of(model) if rng else None)
     return state
+
+
+def read_extra_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The ``extra_tensors`` saved in checkpoint folder ``path`` whose names start with ``prefix``
+    (after ``verify_checkpoint``, which checks the file's checksum)."""
+    return {k: t for k, t in load_state_dict(Path(path) / OPTIMIZER_FILE).items() if k.startswith(prefix)}
 
 
 def load_optimizer_state(

@@ -44,7 +44,8 @@ TOKENIZER_FILE = "tokenizer.json"
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
 # keys that may change between a run and its resumption: its length and budget, display, logging,
-# evaluation and checkpoint cadence, whether non-finite steps are skipped, and where it runs. The CPU
+# evaluation and checkpoint cadence, whether non-finite steps are skipped, where it runs, and where its
+# distillation teacher lies (its weights' checksum must match: routelab.train.distill). The CPU
 # thread count and the device may change float summation order, so such a resume is not bitwise exact.
 RESUMABLE_CHANGES = (
     "train.steps",
@@ -64,6 +65,7 @@ RESUMABLE_CHANGES = (
     "train.expert_parallel",
     "train.init_from",  # read at step 0 only
     "train.init_noise",
+    "train.distill.teacher",
 )
 # how a run is laid out, not what it computes (up to float summation order)
 DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.dist_backend", "train.dist_timeout",

@@ -38,6 +38,7 @@ from routelab.moe.layer import MoE
 from routelab.moe.parallel import check_expert_parallel, expert_groups
 from routelab.moe.routers import Router
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
+from routelab.train.distill import DistillOutput, build_distiller, preflight_teacher, resume_distillation
 from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
 from routelab.train.evaluation import evaluate
 from routelab.train.init_from import copy_tokenizer, init_model, resumed_sizes, start_from
@@ -152,6 +153,8 @@ def train_step(
     Returns:
         ``skipped``, ``loss``, ``task_loss``, ``aux_loss`` (means over micro-batches), ``lr``,
         ``grad_norm`` (before clipping), ``tokens`` (non-padding input tokens) and flattened routing stats;
+        with distillation (``model`` a ``Distiller``) also ``kd_loss``, ``hidden_loss`` (means) and
+        ``teacher_s`` (seconds in the teacher this update, mean over ranks);
         under expert parallelism the routing stats include each MoE layer's communication
         (``routelab.moe.comm.STATS``) and ``communication`` holds them over all layers.
     """
@@ -162,6 +165,7 @@ def train_step(
         group["lr"] = lr
     totals = torch.zeros(3, device=device)  # loss, task_loss, aux_loss summed over micro-batches
     routing, tokens = [], 0
+    distill: dict[str, Any] = {}  # kd_loss, hidden_loss, teacher_s summed over micro-batches
     if experts is not None:
         experts.communication()  # count this update only (not an evaluation since the last one)
     for micro in range(t.grad_accum):
@@ -171,6 +175,8 @@ def train_step(
             out = model(**batch)
             (out.loss / t.grad_accum).backward()
         totals += torch.stack([out.loss.detach(), out.task_loss.detach(), out.aux_loss.detach().float()])
+        if isinstance(out, DistillOutput):
+            distill = {k: distill.get(k, 0.0) + v for k, v in out.terms().items()}
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         if out.routing:
@@ -185,6 +191,9 @@ def train_step(
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     loss, task_loss, aux_loss = ctx.mean((totals / t.grad_accum).tolist(), device)
     tokens = int(ctx.sum([tokens], device)[0])
+    if distill:
+        kd, hidden, teacher_s = ctx.mean([float(distill["kd_loss"]) / t.grad_accum, float(distill["hidden_loss"]) / t.grad_accum, distill["teacher_s"]], device)
+        distill = {"kd_loss": kd, "hidden_loss": hidden, "teacher_s": teacher_s}
     skipped = not (math.isfinite(loss) and math.isfinite(float(grad_norm)))  # grads are all-reduced: same on all ranks
     if skipped and not t.skip_nonfinite:
         optimizer.zero_grad(set_to_none=True)
@@ -209,6 +218,7 @@ def train_step(
         "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens": tokens,
+        **distill,
         **stats,
     }
 
@@ -256,6 +266,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after={stop_after} is invalid; allowed: None or a step >= 1")
     preflight(cfg)
+    if cfg.train.distill.teacher:
+        preflight_teacher(cfg)  # the folder and the heads, before any data is read
     out = Path(out_dir)
     device = resolve_device(cfg.train.device)
     ctx = init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout, device)
@@ -306,6 +318,9 @@ def _train(
         vocab = [data.tokenizer.id_to_token(i) for i in range(data.tokenizer.vocab_size)]
         filled = model.load_word_vectors(cfg.model.embeddings_path, vocab)
         log.info("word vectors from %s filled %d of %d embedding rows", cfg.model.embeddings_path, filled, len(vocab))
+    distiller = None  # knowledge distillation: the student with a frozen teacher (routelab.train.distill)
+    if cfg.train.distill.teacher:
+        distiller = build_distiller(cfg, model, out / TOKENIZER_FILE, device)
     experts = None  # expert parallelism: this rank keeps its slice of every MoE layer's experts
     state = None
     if cfg.train.expert_parallel > 1:
@@ -314,10 +329,14 @@ def _train(
             state = load_checkpoint(ckpt, model, None, rng=True)
         experts = ShardedExperts(model, expert_groups(cfg.train.expert_parallel, ctx.rank, ctx.world_size))
     optimizer = build_optimizer(model, cfg.train)
+    if distiller is not None and distiller.projection is not None:  # the hidden-state projection trains too
+        optimizer.add_param_group(distiller.optimizer_group(cfg.train.weight_decay))
     tensorboard = open_tensorboard(out / "tensorboard") if cfg.train.tensorboard and ctx.is_main else None
     metrics = MetricsLog(out / METRICS_FILE, tensorboard, enabled=ctx.is_main)
 
     book: dict[str, Any] = {"tokens_seen": 0, "elapsed_s": 0.0, "train_loss": None, "skipped_steps": 0}
+    if distiller is not None:
+        book["distill"] = distiller.record()  # the teacher's folder and weights checksum
     step = 0
     if ckpt is not None:
         if experts is None:
@@ -325,9 +344,11 @@ def _train(
         else:
             load_optimizer_state(ckpt, optimizer, state, tensor_map=experts.slicer(optimizer))
         step = state["step"]
-        book.update(state["bookkeeping"])
+        resume_distillation(distiller, state["bookkeeping"].get("distill"), ckpt)  # same teacher? the projection
+        book.update({k: v for k, v in state["bookkeeping"].items() if k != "distill"})  # the teacher as found now
         dropped = metrics.truncate_after(step)
         log.info("resuming from %s (step %d); dropped %d metrics lines past it", ckpt, step, dropped)
+    trained = distiller if distiller is not None else model  # the teacher is in neither: each rank holds its own copy
     if ctx.enabled:
         for m in model.modules():  # balance_scope "global": the balance loss over the batches of every rank
             if isinstance(m, MoE):
@@ -336,8 +357,9 @@ def _train(
                  cfg.train.batch_size, cfg.train.batch_size // ctx.world_size,
                  f"; experts spread over groups of {experts.groups.size}" if experts else "")
         if experts is not None:  # expert gradients are reduced over their replicas only (ExpertGradients)
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts.names)
-    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+            prefix = "student." if distiller is not None else ""
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trained, [prefix + n for n in experts.names])
+        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     start_step, elapsed_before = step, book["elapsed_s"]
     loop_start = time.perf_counter()
@@ -345,7 +367,8 @@ def _train(
     def checkpoint() -> None:  # rank 0's model and optimizer state are every rank's (gradients are averaged)
         book["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
         full = experts.full_states(optimizer) if experts else (None, None)  # every expert, from all ranks
-        ctx.on_main(lambda: save_checkpoint(out, step, model, optimizer, {"bookkeeping": dict(book)}, cfg.train.keep_checkpoints, *full))
+        extra = distiller.extra_tensors() if distiller is not None else None  # the projection: not part of the model
+        ctx.on_main(lambda: save_checkpoint(out, step, model, optimizer, {"bookkeeping": dict(book)}, cfg.train.keep_checkpoints, *full, extra))
 
     def run_eval(write: bool = True) -> dict[str, Any]:
         # under expert parallelism every rank runs every batch in step (its experts serve all ranks)
@@ -355,8 +378,8 @@ def _train(
         log.info("step %d validation: %s", step, "  ".join(f"{k} {result[k]:.4f}" for k in EVAL_KEYS if k in result))
         return result
 
-    train_time, run_tokens = 0.0, 0  # this invocation, for throughput
-    window_time, window_tokens = 0.0, 0  # since the last metrics line
+    train_time, run_tokens, run_teacher = 0.0, 0, 0.0  # this invocation, for throughput
+    window_time, window_tokens, window_teacher = 0.0, 0, 0.0  # since the last metrics line
     show_bar = cfg.train.progress and sys.stderr.isatty() and ctx.is_main
     log_lines = cfg.train.progress and not show_bar  # logs, nohup, CI: a line per log_every steps instead
     bar = tqdm(total=last, initial=step, disable=not show_bar, desc="train", dynamic_ncols=True)
@@ -376,6 +399,7 @@ def _train(
             dt = time.perf_counter() - t0
             train_time, window_time = train_time + dt, window_time + dt
             run_tokens, window_tokens = run_tokens + result["tokens"], window_tokens + result["tokens"]
+            run_teacher, window_teacher = run_teacher + result.get("teacher_s", 0.0), window_teacher + result.get("teacher_s", 0.0)
             book["tokens_seen"] += result["tokens"]
             if "communication" in result:
                 add_step(book.setdefault("communication", {}), result["communication"], dt)
@@ -397,12 +421,15 @@ def _train(
                 record = {"step": step, **{k: v for k, v in result.items() if k not in ("tokens", "skipped", "communication")}}
                 record["skipped_steps"] = book["skipped_steps"]
                 record["tokens_per_s"] = tokens_per_s
+                if distiller is not None:  # the teacher's forward passes are inside the step time (and tokens/s)
+                    record["teacher_share"] = window_teacher / window_time if window_time > 0 else 0.0
                 record["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
                 metrics.write(record)
                 bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
                 if log_lines:
-                    log.info(progress_line(step, last, result["loss"], tokens_per_s, train_time / (step - start_step), cfg, record["elapsed_s"]))
-                window_time, window_tokens = 0.0, 0
+                    line = progress_line(step, last, result["loss"], tokens_per_s, train_time / (step - start_step), cfg, record["elapsed_s"])
+                    log.info(line + (f"  (teacher {record['teacher_share']:.0%})" if distiller is not None else ""))
+                window_time, window_tokens, window_teacher = 0.0, 0, 0.0
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != last:
                 run_eval()
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != last:
@@ -450,6 +477,8 @@ def _train(
         "device": str(device),
         "world_size": ctx.world_size,
         **({"communication": {**run_summary(book["communication"]), "capacity": capacity_scope(cfg)}} if book.get("communication") else {}),
+        **({"distill": {**book["distill"], "teacher_s_per_step": run_teacher / (step - start_step) if step > start_step else None,
+                        "teacher_share": run_teacher / train_time if train_time > 0 else None}} if distiller is not None else {}),
         "config_sha256": config_sha256(cfg),
     }
     ctx.on_main(lambda: atomic_write_json(out / SUMMARY_FILE, summary))  # after model/: the export is complete
