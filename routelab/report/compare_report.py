@@ -36,6 +36,9 @@ COLUMNS = [  # (header, Row attribute, format)
     ("local pairs", "local_fraction", "{:.0%}"),
     ("ranks/token", "ranks_per_token", "{:.2f}"),
     ("a2a share", "comm_share", "{:.0%}"),
+    ("teacher loss", "teacher_val_loss", "{:.4f}"),
+    ("teacher time", "teacher_share", "{:.0%}"),
+    ("gain kept", "gain_kept", "{:.0%}"),
 ]
 
 
@@ -54,6 +57,9 @@ LEGEND = {  # header -> what it means, for the report's readers
     "local pairs": "(token, expert) pairs whose expert sat on the token's own process (moved no data)",
     "ranks/token": "processes a token's chosen experts sat on, mean over tokens and MoE layers",
     "a2a share": "share of the training step spent inside the all-to-all exchanges (including waiting for the slowest process)",
+    "teacher loss": "distillation: the teacher's final validation loss",
+    "teacher time": "share of training time spent in the teacher's forward passes (counted in tok/s)",
+    "gain kept": "(twin - student) / (twin - teacher) validation loss, the twin being the variant with the same config but no teacher",
 }
 
 

@@ -44,6 +44,9 @@ class Row:
     local_fraction: float | None = None  # (token, expert) pairs served on the token's own rank
     ranks_per_token: float | None = None  # ranks a token's experts sit on, mean
     comm_share: float | None = None  # share of the step inside all-to-all exchanges
+    teacher_val_loss: float | None = None  # distillation: the teacher's final validation loss
+    teacher_share: float | None = None  # share of training time inside the teacher's forward passes
+    gain_kept: float | None = None  # share of the teacher's gain over the undistilled twin that the student kept
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +111,9 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
     to_target = steps_to_target(e_steps, e_losses, target) if target is not None else None
     cv, dead = expert_load(records)
     comm = summary.get("communication") or {}
+    distill = summary.get("distill") or {}
+    teacher_summary = Path(distill["teacher"]) / "summary.json" if distill.get("teacher") else None
+    teacher_loss = read_json(teacher_summary).get("val_loss") if teacher_summary and teacher_summary.is_file() else None
     return Row(
         variant=name,
         total_params=cost.total_params,
@@ -131,11 +137,43 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
         local_fraction=comm.get("local_fraction"),
         ranks_per_token=comm.get("ranks_per_token"),
         comm_share=comm.get("a2a_share"),
+        teacher_val_loss=teacher_loss,
+        teacher_share=distill.get("teacher_share"),
     )
+
+
+def gain_kept(student: float, twin: float, teacher: float) -> float | None:
+    """Share of the teacher's validation-loss gain over the undistilled ``twin`` that the distilled
+    ``student`` kept (Fedus et al. 2021, Switch Transformer sec. 4: about 30% for a sparse teacher
+    distilled into a dense student): (twin - student) / (twin - teacher); None when the teacher is
+    no better than the twin."""
+    return (twin - student) / (twin - teacher) if twin > teacher else None
+
+
+def undistilled_twin(name: str, configs: dict[str, Any]) -> str | None:
+    """The variant whose config equals ``name``'s but for ``train.distill`` and without a teacher."""
+    from routelab.train.run import NO_EFFECT_ON_RESULTS, config_differences
+
+    for other, cfg in configs.items():
+        if other == name or cfg.train.distill.teacher:
+            continue
+        differing = config_differences(cfg, configs[name], ignore=NO_EFFECT_ON_RESULTS)
+        if all(d.startswith("train.distill.") for d in differing):
+            return other
+    return None
 
 
 def collect_rows(variant_names: list[str], out: Path, reference: str | None) -> list[Row]:
     """Rows for every variant, the reference's final validation loss as the shared target (none
     when ``reference`` is None)."""
+    from routelab.train.run import CONFIG_FILE, load_run_config
+
     target = float(read_json(out / reference / "summary.json")["val_loss"]) if reference else None
-    return [collect_row(name, out / name, target) for name in variant_names]
+    rows = {name: collect_row(name, out / name, target) for name in variant_names}
+    if any(r.teacher_val_loss is not None for r in rows.values()):
+        configs = {name: load_run_config(out / name / CONFIG_FILE) for name in variant_names}
+        for name, row in rows.items():
+            twin = undistilled_twin(name, configs) if row.teacher_val_loss is not None else None
+            if twin is not None:
+                row.gain_kept = gain_kept(row.val_loss, rows[twin].val_loss, row.teacher_val_loss)
+    return list(rows.values())

@@ -307,3 +307,30 @@ def test_a_comparison_continues_a_prepared_run_and_upcycles_it(base_yaml, tmp_pa
     report = (out / "report.md").read_text()
     assert "Prepared run `base` (`base.yaml`, 3 steps): val_loss" in report
     assert [r["variant"] for r in json.loads((out / "results.json").read_text())] == ["dense", "moe"]
+
+
+def test_a_distillation_comparison_reports_the_teacher_and_the_gain_kept(base_yaml, tmp_path):
+    cmp = write_compare(
+        tmp_path, base="base.yaml", budget={"steps": 2},
+        prepare=[{"name": "teacher", "steps": 6, "set": ["train.lr=3e-3"]}],
+        variants=[{"name": "plain"},
+                  {"name": "taught", "set": ["train.distill.teacher=@teacher", "train.distill.alpha=0.7"]},
+                  {"name": "other", "set": ["model.ffn.activation=relu"]}],
+    )
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}
+    teacher = json.loads((out / "prepare" / "teacher" / "summary.json").read_text())["val_loss"]
+    assert rows["taught"]["teacher_val_loss"] == teacher and 0 < rows["taught"]["teacher_share"] < 1
+    plain, taught = rows["plain"]["val_loss"], rows["taught"]["val_loss"]
+    assert teacher < plain  # 6 steps beat 2
+    assert rows["taught"]["gain_kept"] == pytest.approx((plain - taught) / (plain - teacher))
+    assert rows["plain"]["gain_kept"] is None and rows["other"]["gain_kept"] is None
+    assert "gain kept" in (out / "report.md").read_text()
+
+
+def test_gain_kept_is_the_share_of_the_teachers_gain():
+    from routelab.report.summary import gain_kept
+
+    assert gain_kept(student=2.7, twin=3.0, teacher=2.0) == pytest.approx(0.3)
+    assert gain_kept(student=3.1, twin=3.0, teacher=2.0) == pytest.approx(-0.1)  # distillation hurt
+    assert gain_kept(student=2.0, twin=2.0, teacher=2.5) is None  # no gain to keep
