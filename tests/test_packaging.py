@@ -35,6 +35,6 @@ def test_every_preset_loads(name):
     path = CONFIGS_DIR / f"{name}.yaml"
     if "variants" in read_yaml_mapping(path):
         cmp, configs = load_compare_config(path)  # every variant built and checked (model on the meta device)
-        assert list(configs) == [v.name for v in cmp.variants]
+        assert list(configs) == [f"prepare/{p.name}" for p in cmp.prepare] + [v.name for v in cmp.variants]
     else:
         assert Config.load(path).model.head in ("lm", "classification", "token_classification")
