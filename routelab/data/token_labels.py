@@ -82,13 +82,17 @@ def align_words(words: Sequence[str], labels: Sequence[int], tokenizer: Tokenize
 # files
 
 
-def _read_word_rows(path: Path, cfg: DataConfig) -> list[WordRow]:
-    """The rows of one JSONL split, each checked: a non-empty list of non-empty words and as many labels."""
+def _check_jsonl(path: Path) -> None:
     if path.suffix != ".jsonl":
         raise DataError(
             f"token classification reads .jsonl files ({{{WORDS_KEY!r}: [words], {LABELS_KEY!r}: [labels]}}"
             f" a line); {str(path)!r} is not one"
         )
+
+
+def _read_word_rows(path: Path, cfg: DataConfig) -> list[WordRow]:
+    """The rows of one JSONL split, each checked: a non-empty list of non-empty words and as many labels."""
+    _check_jsonl(path)
     rows = []
     for name, row in table_rows(path, WORDS_KEY, cfg):
         words, labels = row[WORDS_KEY], row.get(LABELS_KEY)
@@ -137,6 +141,8 @@ def load_token_label_files(cfg: DataConfig, run_dir: Path | None = None) -> Toke
     path = Path(cfg.source).expanduser()
     if not path.exists():
         raise DataError(f"data.source {cfg.source!r} does not exist; allowed: 'stdlib-tokens' or a .jsonl file or folder")
+    if path.is_file():
+        _check_jsonl(path)
     rows = {split: _read_word_rows(p, cfg) for split, p in find_splits(path).items()}
     if "val" not in rows:
         if len(rows["train"]) < 2:
