@@ -4,9 +4,10 @@
   class (``routelab.data.python_tags``: space, newline, comment, keyword, name, number, string,
   operator); each file cut into windows of ``data.seq_len`` bytes (the last one shorter).
 - ``stdlib-packages`` (classification): which of ``PACKAGES`` a snippet of ``data.seq_len - 1``
-  bytes (room for ``<cls>``) comes from. Snippets are non-overlapping windows from the start of each
-  file (a shorter tail is dropped), and every split is class-balanced: each package keeps as many
-  snippets as the smallest one has in that split, spread evenly over its files, interleaved by class.
+  bytes (room for ``<cls>``) comes from. Snippets are windows from the start of each file (a shorter
+  tail is dropped): non-overlapping in validation and test, overlapping by half in training (twice
+  the snippets, each byte seen at two offsets). Every split is class-balanced: each package keeps as
+  many snippets as the smallest one has in that split, spread evenly over its files, interleaved by class.
 
 Both are byte-level (``data.tokenizer: byte``) and split **by file**: no file is in two splits.
 ``stdlib-tokens`` splits as the ``stdlib`` LM corpus does (``holdout_indices``: the same validation
@@ -181,7 +182,8 @@ def load_stdlib_packages(cfg: DataConfig, run_dir: Path | None = None) -> Classi
     snippets: dict[str, list[list[bytes]]] = {s: [] for s in SPLITS}  # split -> class -> snippets
     for pkg in names:
         for split, part in zip(SPLITS, split_by_bytes(packages[pkg], cfg.val_fraction, cfg.seed)):
-            snippets[split].append([data[s : s + size] for _, data in part for s in range(0, len(data) - size + 1, size)])
+            stride = max(size // 2, 1) if split == "train" else size
+            snippets[split].append([data[s : s + size] for _, data in part for s in range(0, len(data) - size + 1, stride)])
     out = {}
     for split in SPLITS:
         per_class = min(len(c) for c in snippets[split])
