@@ -141,8 +141,8 @@ class DataConfig:
     """Where the data comes from and how it becomes token ids."""
 
     _section = "data"
-    source: str = "stdlib"  # 'stdlib' (Python's own source), 'listops', a file/folder path, or 'hf:NAME'
-    task: Literal["lm", "classification", "token_classification"] = "lm"
+    source: str = "stdlib"  # 'stdlib' (Python's own source), 'listops', 'stdlib-tokens', 'stdlib-packages', a file/folder path, or 'hf:NAME'
+    task: Literal["lm", "classification", "token_classification"] = "lm"  # token_classification: a label per token
     tokenizer: Literal["byte", "bpe", "hf"] = "byte"  # bytes need no training; BPE is trained on the train split; hf = the run folder's imported tokenizer.json
     bpe_vocab_size: int = 4096  # BPE vocabulary size (tokenizer: bpe)
     seq_len: int = 256  # LM window length; classification inputs longer than this error or truncate

@@ -1,7 +1,8 @@
 """Data for routelab: tokenizers, LM corpora, the ListOps generator, classification files, batches.
 
-Nothing here downloads: the default LM corpus is the Python standard library's source, ListOps is
-generated, and Hugging Face datasets are read from the local cache unless explicitly allowed.
+Nothing here downloads: the default LM corpus is the Python standard library's source (which also
+gives two labelled tasks, ``stdlib-tokens`` and ``stdlib-packages``), ListOps is generated, and
+Hugging Face datasets are read from the local cache unless explicitly allowed.
 ``tokenizers`` and ``datasets`` are optional (``pip install 'routelab[hf]'``).
 """
 
@@ -29,6 +30,16 @@ from routelab.data.listops import (
     read_lra_tsv,
     write_lra_tsv,
 )
+from routelab.data.python_tags import TAG_NAMES, tag_bytes
+from routelab.data.stdlib_tasks import PACKAGES, load_stdlib_packages, load_stdlib_tokens, split_files
+from routelab.data.tasks import BUILTIN_SOURCES, check_source_task, load_labelled_data
+from routelab.data.token_labels import (
+    IGNORE_INDEX,
+    TokenClassificationData,
+    align_words,
+    collate_token_labels,
+    load_token_label_files,
+)
 from routelab.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
@@ -39,6 +50,20 @@ from routelab.data.tokenizers import (
 )
 
 __all__ = [
+    "BUILTIN_SOURCES",
+    "IGNORE_INDEX",
+    "PACKAGES",
+    "TAG_NAMES",
+    "TokenClassificationData",
+    "align_words",
+    "check_source_task",
+    "collate_token_labels",
+    "load_labelled_data",
+    "load_stdlib_packages",
+    "load_stdlib_tokens",
+    "load_token_label_files",
+    "split_files",
+    "tag_bytes",
     "BPETokenizer",
     "ByteTokenizer",
     "ClassificationData",

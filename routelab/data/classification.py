@@ -45,6 +45,10 @@ class ClassificationData:
     num_classes: int
     label_names: list[str] | None = None
 
+    def collate(self, examples: Sequence[Example], max_len: int, truncate: bool = False) -> dict[str, torch.Tensor]:
+        """A batch of ``examples`` as model inputs (``collate_classification``: ``<cls>`` first, labels (B,))."""
+        return collate_classification(examples, self.tokenizer, max_len, truncate, self.num_classes)
+
 
 # ----------------------------------------------------------------------------------------------
 # files
@@ -193,14 +197,18 @@ def check_labels(split_ids: dict[str, list[int]], num_classes: int, names: list[
             )
 
 
-def check_lengths(split_names: dict[str, list[str]], out: dict[str, list[Example]], cfg: DataConfig, hint: str) -> None:
+def check_lengths(
+    split_names: dict[str, list[str]], out: dict[str, list[Example]], cfg: DataConfig, hint: str, cls: bool = True
+) -> None:
     """Refuse examples longer than ``cfg.seq_len`` with ``<cls>`` (unless ``cfg.truncate``), at load
-    time rather than when a batch holding one is collated; ``hint`` is one more way out."""
+    time rather than when a batch holding one is collated; ``hint`` is one more way out. ``cls``:
+    whether a ``<cls>`` token is prepended (not for token classification)."""
+    with_cls = " with <cls>" if cls else ""
     too_long = [
-        (name, len(ids) + 1)
+        (name, len(ids) + cls)
         for s, examples in out.items()
         for name, (ids, _) in zip(split_names[s], examples)
-        if len(ids) + 1 > cfg.seq_len
+        if len(ids) + cls > cfg.seq_len
     ]
     if not too_long:
         return
@@ -211,7 +219,7 @@ def check_lengths(split_names: dict[str, list[str]], out: dict[str, list[Example
         return
     name, n = too_long[0]
     raise DataError(
-        f"{name} has {n} tokens with <cls>, more than data.seq_len={cfg.seq_len}; {len(too_long)} of {total}"
+        f"{name} has {n} tokens{with_cls}, more than data.seq_len={cfg.seq_len}; {len(too_long)} of {total}"
         f" examples are longer (the longest {longest}); set data.truncate=true, raise data.seq_len to {longest}"
         f" (and model.max_seq_len with it){hint}"
     )

@@ -34,7 +34,7 @@ def validation_example(run: Any, index: int) -> tuple[Tensor, list[str]]:
     """Token ids (1, T) and their strings for validation example ``index`` of a loaded run: a
     classification example, or the LM window starting at token ``index * seq_len`` (at most
     ``INSPECT_TOKENS`` long). An index outside ``0 .. num_validation_examples - 1`` is refused."""
-    from routelab.data import ClassificationData, collate_classification
+    from routelab.data import ClassificationData
 
     tok = run.tokenizer
     data = run.data
@@ -44,7 +44,7 @@ def validation_example(run: Any, index: int) -> tuple[Tensor, list[str]]:
         allowed = f"0..{count - 1}" if count else "none: the validation split is empty"
         raise ValueError(f"--example {index} is out of range; this run's validation split has {count} examples ({allowed})")
     if isinstance(data, ClassificationData):
-        ids = collate_classification([data.val[index]], tok, seq_len, truncate=True)["input_ids"]
+        ids = data.collate([data.val[index]], seq_len, truncate=True)["input_ids"]  # <cls> first for a classifier
     else:
         start = index * seq_len
         ids = data.val[start : start + min(seq_len, INSPECT_TOKENS)][None]

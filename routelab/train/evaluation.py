@@ -1,4 +1,5 @@
-"""Evaluation of a model on a data split: LM loss and bits per byte, or classification accuracy.
+"""Evaluation of a model on a data split: LM loss and bits per byte, or classification accuracy
+(per example, or per scored token for token classification).
 
 Bits per byte (as in Gao et al. 2020, The Pile) makes LMs with different tokenizers comparable:
 
@@ -18,10 +19,11 @@ from torch import nn
 
 from routelab.config import Config
 from routelab.data import (
+    IGNORE_INDEX,
     ClassificationData,
     LMData,
+    TokenClassificationData,
     classification_eval_batches,
-    collate_classification,
     lm_eval_batches,
 )
 from routelab.train.distributed import DistContext
@@ -50,7 +52,9 @@ def evaluate(
             all-reduced: every rank gets the result of the whole evaluation.
 
     Returns:
-        LM: ``{"loss", "bpb" (val only), "tokens"}``; classification: ``{"loss", "accuracy", "examples"}``.
+        LM: ``{"loss", "bpb" (val only), "tokens"}``; classification: ``{"loss", "accuracy", "examples"}``;
+        token classification: ``{"loss", "accuracy", "examples", "tokens"}`` with loss and accuracy
+        over the scored tokens (``tokens``; padding and -100 labels skipped).
         ``loss`` is the task loss in nats (auxiliary routing losses excluded).
     """
     if max_batches is None:
@@ -109,17 +113,26 @@ def _evaluate_classification(
     examples = splits[split]
     if not examples:
         raise ValueError(f"the {split!r} split is empty")
-    total_nats, correct, seen = 0.0, 0, 0
+    total_nats, correct, seen, n_examples = 0.0, 0, 0, 0
     for i, batch in enumerate(classification_eval_batches(examples, cfg.train.batch_size)):
         if max_batches and i >= max_batches:
             break
         if i % ctx.world_size != ctx.rank:  # this rank's share of the batches
             continue
-        b = collate_classification(batch, data.tokenizer, cfg.data.seq_len, cfg.data.truncate, data.num_classes)
-        labels = b["labels"].to(device)  # (B,)
+        b = data.collate(batch, cfg.data.seq_len, cfg.data.truncate)
+        labels = b["labels"].to(device)  # (B,) or, per token, (B, T)
         out = model(b["input_ids"].to(device), labels=labels, attention_mask=b["attention_mask"].to(device))
-        total_nats += out.task_loss.item() * labels.numel()
-        correct += int((out.logits.argmax(-1) == labels).sum())
-        seen += labels.numel()
-    total_nats, correct, seen = ctx.sum([total_nats, correct, seen], device)
-    return {"loss": total_nats / seen, "accuracy": correct / seen, "examples": int(seen)}
+        scored = labels != IGNORE_INDEX  # the positions the loss averages over
+        n = int(scored.sum())
+        if n:  # a batch without a scored token has a NaN mean loss and adds nothing
+            total_nats += out.task_loss.item() * n
+        correct += int(((out.logits.argmax(-1) == labels) & scored).sum())
+        seen += n
+        n_examples += len(batch)
+    total_nats, correct, seen, n_examples = ctx.sum([total_nats, correct, seen, n_examples], device)
+    if not seen:
+        raise ValueError(f"the {split!r} split has no scored labels (all are {IGNORE_INDEX})")
+    result = {"loss": total_nats / seen, "accuracy": correct / seen, "examples": int(n_examples)}
+    if isinstance(data, TokenClassificationData):
+        result["tokens"] = int(seen)
+    return result

@@ -21,7 +21,16 @@ from typing import Any, NamedTuple
 import torch
 
 from routelab.config import Config
-from routelab.data import ClassificationData, DataError, LMData, load_classification_data, load_lm_data, load_tokenizer
+from routelab.data import (
+    BUILTIN_SOURCES,
+    ClassificationData,
+    DataError,
+    LMData,
+    check_source_task,
+    load_labelled_data,
+    load_lm_data,
+    load_tokenizer,
+)
 from routelab.errors import ConfigError
 from routelab.io import DamagedFileError, atomic_write, check_folder_target, load_state_dict, read_json
 from routelab.model import RoutedTransformer, state_shapes
@@ -207,7 +216,7 @@ def save_config(cfg: Config, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # checks before anything is read or allocated
 
-SUPPORTED_TASKS = ("lm", "classification")
+SUPPORTED_TASKS = ("lm", "classification", "token_classification")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -243,11 +252,11 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
     if cfg.train.tensorboard:
         tensorboard_writer_class()
-    if cfg.data.task not in SUPPORTED_TASKS:
-        load_task_data(cfg, None)  # raises the "not supported by the built-in data yet" error
     source = cfg.data.source
-    if source not in ("stdlib", "listops") and not source.startswith("hf:") and not Path(source).expanduser().exists():
-        raise DataError(f"data.source {source!r} does not exist; allowed: 'stdlib', 'listops', 'hf:NAME', or a file/folder path")
+    check_source_task(source, cfg.data.task)
+    if source not in BUILTIN_SOURCES and not source.startswith("hf:") and not Path(source).expanduser().exists():
+        builtin = ", ".join(repr(s) for s, task in BUILTIN_SOURCES.items() if task == cfg.data.task)
+        raise DataError(f"data.source {source!r} does not exist; allowed: {builtin}, 'hf:NAME', or a file/folder path")
     placeholder = dict(vocab_size=cfg.model.vocab_size or 256)
     if cfg.model.head != "lm":
         placeholder["num_labels"] = cfg.model.num_labels or 2
@@ -261,6 +270,7 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
 def load_task_data(cfg: Config, run_dir: Path | None) -> LMData | ClassificationData:
     """The data of ``cfg.data.task``; the tokenizer is read from / saved to ``run_dir``."""
     task = cfg.data.task
+    check_source_task(cfg.data.source, task)
     if task == "lm":
         data = load_lm_data(cfg.data, run_dir)
         for split, ids in (("training", data.train), ("validation", data.val)):  # found now, not at the first batch
@@ -271,12 +281,9 @@ def load_task_data(cfg: Config, run_dir: Path | None) -> LMData | Classification
                     f" data.val_fraction={cfg.data.val_fraction}"
                 )
         return data
-    if task == "classification":
-        return load_classification_data(cfg.data, run_dir)
-    raise ConfigError(
-        f"data.task={task!r} is not supported by the built-in data yet (routelab.data has loaders for"
-        " 'lm' and 'classification' only); allowed: 'lm', 'classification'"
-    )
+    if task in ("classification", "token_classification"):  # TokenClassificationData for the latter
+        return load_labelled_data(cfg.data, run_dir)
+    raise ConfigError(f"data.task={task!r} is not supported; allowed: {', '.join(SUPPORTED_TASKS)}")
 
 
 def resolve_config(cfg: Config, data: LMData | ClassificationData) -> Config:

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from routelab.config import Config
-from routelab.data import ClassificationData, LMData, classification_batch, collate_classification, sample_lm_batch
+from routelab.data import ClassificationData, LMData, classification_batch, sample_lm_batch
 from routelab.io import atomic_write_json, make_temp_dir, replace_dir
 from routelab.model import RoutedTransformer
 from routelab.moe.comm import STATS, add_step, over_layers, run_summary
@@ -105,8 +105,8 @@ def micro_batch(
     (seed, step, micro, rank, world size); the global micro-batch is the same whatever the world size.
 
     Returns:
-        ``input_ids`` (b, T) and ``labels`` ((b, T) for LM, (b,) for classification), plus
-        ``attention_mask`` (b, T) for classification; b = batch_size / world size. ``perms`` caches
+        ``input_ids`` (b, T) and ``labels`` ((b, T) for LM and token classification, (b,) for
+        classification), plus ``attention_mask`` (b, T) for classification; b = batch_size / world size. ``perms`` caches
         epoch permutations.
     """
     t = cfg.train
@@ -117,7 +117,7 @@ def micro_batch(
         x = sample_lm_batch(data.train, t.batch_size, cfg.data.seq_len, gen)[rows]  # (b, T) of the global (B, T)
         return {"input_ids": x, "labels": x}  # the model shifts labels inside
     examples = classification_batch(data.train, t.batch_size, t.seed, index, perms)[rows]
-    return collate_classification(examples, data.tokenizer, cfg.data.seq_len, cfg.data.truncate, data.num_classes)
+    return data.collate(examples, cfg.data.seq_len, cfg.data.truncate)  # per-token labels for TokenClassificationData
 
 
 # ----------------------------------------------------------------------------------------------

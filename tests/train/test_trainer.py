@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from routelab.config import ConfigError
-from routelab.data import load_lm_data
+from routelab.data import DataError, load_lm_data
 from routelab.io import load_state_dict
 from routelab.train import RunError, evaluate, load_run, read_metrics, train
 from routelab.train import checkpoint as checkpoint_mod
@@ -198,13 +198,15 @@ def test_load_run_falls_back_to_the_newest_checkpoint(lm_cfg, tmp_path):
         assert torch.equal(value, saved[name]), name
 
 
-def test_data_mismatches_and_unsupported_task(lm_cfg, tmp_path):
+def test_data_mismatches_and_task_without_its_data(lm_cfg, tmp_path):
     with pytest.raises(ConfigError, match="vocab_size=100 is smaller"):
         train(lm_cfg("model.vocab_size=100"), tmp_path / "a")
-    cfg = lm_cfg("model.head=token_classification", "data.task=token_classification")
-    with pytest.raises(ConfigError, match="not supported by the built-in data yet"):
+    cfg = lm_cfg("model.head=token_classification", "data.task=token_classification")  # a .txt file has no labels
+    with pytest.raises(DataError, match=r"token classification reads \.jsonl files"):
         train(cfg, tmp_path / "b")
-    assert not (tmp_path / "b").exists()
+    with pytest.raises(DataError, match="is a 'token_classification' task, not 'lm'"):
+        train(lm_cfg("data.source=stdlib-tokens"), tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused by preflight, before the run folder
 
 
 def test_word_vectors_fill_frozen_embeddings(lm_cfg, tmp_path):
