@@ -169,6 +169,12 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     cfg = import_hf_run(args.path, args.out, force=args.force)
     m = cfg.model
     print(f"imported {args.path} into {args.out}: {m.n_layers} layers, d_model {m.d_model}, ffn {m.ffn.kind}, head {m.head}")
+    if args.check:
+        from routelab.pretrained.check import check_against_transformers, describe
+        from routelab.train import load_run
+
+        run = load_run(args.out)  # the folder as written, read back
+        print(describe(check_against_transformers(args.path, run.model, run.tokenizer)))
     return 0
 
 
@@ -267,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("path", help="model folder (save_pretrained output or a hub cache snapshot)")
     hf.add_argument("--out", required=True, help="run folder to write")
     hf.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the new folder is complete)")
+    hf.add_argument("--check", action="store_true", help="then compare the written model with transformers' own on a few texts"
+                    " (hidden states, logits, pooled embeddings; needs transformers)")
     hf.set_defaults(func=cmd_import_hf)
     return p
 
