@@ -126,7 +126,32 @@ def _import_tokenizers() -> Any:
     return tokenizers
 
 
-class BPETokenizer:
+class _TokenizersBacked:
+    """encode/decode of the kinds that wrap a Hugging Face ``tokenizers.Tokenizer`` (``self._tok``)."""
+
+    kind: str
+    vocab_size: int
+    _tok: Any
+
+    def encode(self, text: str) -> list[int]:
+        """Return the ids of ``text``, shape ``(n_tokens,)``; no specials added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once (parallel in Rust)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = as_id_list(ids)
+        check_ids(ids, self.vocab_size, self.kind)
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def id_to_token(self, i: int) -> str:
+        check_ids([int(i)], self.vocab_size, self.kind)
+        return self._tok.id_to_token(int(i))
+
+
+class BPETokenizer(_TokenizersBacked):
     """Byte-level BPE from Hugging Face ``tokenizers``; specials ``<pad> <s> </s> <cls>`` are ids 0..3.
 
     Text that happens to contain ``"<s>"`` etc. is encoded as ordinary text, never as a special id.
@@ -177,23 +202,6 @@ class BPETokenizer:
                 raise
             raise DataError(f"{str(path)!r} is not a readable BPE tokenizer file: {e}") from None
 
-    def encode(self, text: str) -> list[int]:
-        """Return the BPE ids of ``text``, shape ``(n_tokens,)``; no specials added."""
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts at once (parallel in Rust)."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        ids = as_id_list(ids)
-        check_ids(ids, self.vocab_size, self.kind)
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-    def id_to_token(self, i: int) -> str:
-        check_ids([int(i)], self.vocab_size, self.kind)
-        return self._tok.id_to_token(int(i))
-
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / TOKENIZER_FILE
         atomic_write(path, self._tok.save)
@@ -209,7 +217,7 @@ class BPETokenizer:
 SPECIAL_ROLES = ("pad", "bos", "eos", "cls")
 
 
-class HFTokenizer:
+class HFTokenizer(_TokenizersBacked):
     """The ``tokenizer.json`` of a Hugging Face model folder, through ``tokenizers``, with the four
     special ids routelab needs chosen from the folder's files (``from_folder``).
 
@@ -282,25 +290,9 @@ class HFTokenizer:
             raise DataError(f"{str(path)!r} does not hold a readable hf tokenizer: {e}") from None
         return cls(tok, data.get("special_ids") or {})
 
-    def encode(self, text: str) -> list[int]:
-        """Return the ids of ``text``, shape ``(n_tokens,)``; no specials added."""
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
     def encode_with_specials(self, text: str) -> list[int]:
         """The ids the original model saw: its own template of special tokens around ``text``."""
         return self._tok.encode(text, add_special_tokens=True).ids
-
-    def decode(self, ids: Iterable[int]) -> str:
-        ids = as_id_list(ids)
-        check_ids(ids, self.vocab_size, self.kind)
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-    def id_to_token(self, i: int) -> str:
-        check_ids([int(i)], self.vocab_size, self.kind)
-        return self._tok.id_to_token(int(i))
 
     def save(self, directory: str | Path) -> Path:
         data = {"routelab_tokenizer": "hf", "special_ids": self.special_ids, "tokenizer": json.loads(self._tok.to_str())}
