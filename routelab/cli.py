@@ -8,6 +8,7 @@
     routelab compare CONFIG [--out DIR] [--set k=v ...] [--steps N | --tokens N | --seconds S] [--force]
     routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR]
     routelab import hf PATH --out DIR [--force]
+    routelab extract RUN_DIR --task NAME --out DIR
 
 Errors a user can cause (bad config, missing file, bad data) print one clear line and exit 2.
 
@@ -180,6 +181,14 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from routelab.pretrained.extract import write_extracted_run
+
+    out, source, small = write_extracted_run(args.run_dir, args.task, args.out)
+    print(f"extracted task {args.task!r} -> {out}: {small.num_parameters():,} parameters of {source.num_parameters():,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="routelab", description="Routing in Transformer language models.")
     p.add_argument("--version", action="version", version=f"routelab {__version__}")
@@ -249,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--noise", type=float, default=0.0, metavar="STD", help="std of Gaussian noise added to each expert copy")
     u.add_argument("--seed", type=int, default=0, help="seeds the fresh parameters (routers) and the noise")
     u.set_defaults(func=cmd_upcycle)
+
+    x = sub.add_parser("extract", help="write one task's model from a task-level MoE (router: task)",
+                       description="From a run whose MoE layers route by task id (model.ffn.router.kind=task; Kudugunta "
+                       "et al. 2021), write a run folder holding only that task's experts, computing what the multi-task "
+                       "model computes on that task. eval and generate read it (without task ids).")
+    x.add_argument("run_dir", help="run folder (config.yaml) of the multi-task model")
+    x.add_argument("--task", required=True, help="task name, one of the run's model.task_names")
+    x.add_argument("--out", required=True, help="new run folder to write")
+    x.set_defaults(func=cmd_extract)
 
     i = sub.add_parser("inspect", help="show where tokens attend and which experts they go to",
                        description="Write HTML and PNG heatmaps of one input's routing decisions.")

@@ -135,3 +135,56 @@ def test_dense_layers_accept_task_ids():
     model = _model(router="topk", moe_every=2, task_conditioned=True)
     out = model(torch.randint(0, 61, (2, 5)), task_ids=torch.tensor([1, 0]))
     assert set(out.routing) == {"layers.1.ffn"}
+
+
+# ---------------------------------------------------------------------------------------------
+# extracting one task's model
+
+
+@pytest.mark.parametrize(
+    "ffn",
+    [
+        {"router": {"kind": "task", "top_k": 2, "gates": "learned"}, "num_experts": 6},
+        {"router": {"kind": "task", "top_k": 1}, "moe_every": 2, "num_shared_experts": 1, "activation": "swiglu"},
+    ],
+)
+def test_extracted_task_model_equals_the_multi_task_model_on_its_task(ffn, tmp_path):
+    from routelab.pretrained.extract import extract_task
+
+    model = _model(**ffn)
+    with torch.no_grad():
+        for layer in model.layers:
+            if getattr(layer.ffn, "router", None) is not None and layer.ffn.router.gate_logits is not None:
+                layer.ffn.router.gate_logits.normal_()  # unequal learned gates
+    model.eval()
+    x = torch.randint(0, 61, (2, 7))
+    for t, name in enumerate(TASKS):
+        small = extract_task(model, name)
+        assert small.cfg.task_names == [name] and small.cfg.ffn.num_experts == small.cfg.ffn.router.top_k
+        assert small.num_parameters() < model.num_parameters()
+        want = model(x, task_ids=torch.full((2,), t)).logits
+        torch.testing.assert_close(small(x).logits, want, atol=1e-5, rtol=0)
+        small.save_pretrained(tmp_path / name)
+        again = RoutedTransformer.from_pretrained(tmp_path / name)
+        torch.testing.assert_close(again(x).logits, want, atol=1e-5, rtol=0)
+
+
+def test_extract_keeps_the_task_experts_weights():
+    from routelab.pretrained.extract import extract_task
+
+    model = _model(router={"kind": "task", "top_k": 2}, num_experts=4)
+    small = extract_task(model, 1)  # task 1: experts 2, 3
+    assert torch.equal(small.layers[0].ffn.experts.w_in, model.layers[0].ffn.experts.w_in[2:4])
+    assert small.layers[0].ffn.router.table.tolist() == [[0, 1]]
+    assert small.head.weight is small.tok_emb.weight  # tied embeddings stay tied
+
+
+def test_extract_refuses_an_unknown_task_and_a_model_not_routed_by_task():
+    from routelab.pretrained.extract import extract_task
+
+    with pytest.raises(ConfigError, match="unknown task 'poetry'; the model's tasks are: qa, code, math"):
+        extract_task(_model(router="task"), "poetry")
+    with pytest.raises(ConfigError, match="extract needs every MoE layer to route by task .* this model uses topk"):
+        extract_task(_model(router="topk"), "qa")
+    with pytest.raises(ConfigError, match="the model has no MoE layers"):
+        extract_task(RoutedTransformer(tiny_config(task_names=TASKS)), "qa")
