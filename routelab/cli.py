@@ -6,7 +6,7 @@
     routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     routelab data listops --out DIR [--set data.listops_train=...]
     routelab compare CONFIG [--out DIR] [--set k=v ...] [--steps N | --tokens N | --seconds S] [--force]
-    routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR]
+    routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR] [--task NAME]
     routelab import hf PATH --out DIR [--force]
     routelab extract RUN_DIR --task NAME --out DIR
 
@@ -159,7 +159,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from routelab.report.inspect_report import inspect_run
 
-    out = inspect_run(args.run_dir, text=args.text, example=args.example, out=args.out)
+    out = inspect_run(args.run_dir, text=args.text, example=args.example, out=args.out, task=args.task)
     print(f"wrote {out / 'experts.html'} and the heatmaps beside it")
     return 0
 
@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", help="text to inspect")
     src.add_argument("--example", type=int, help="index of a validation example (default 0)")
     i.add_argument("--out", help="output folder (default: RUN_DIR/inspect)")
+    i.add_argument("--task", help="multi-task runs: the task the input is routed as (default: the first of model.task_names)")
     i.set_defaults(func=cmd_inspect)
 
     im = sub.add_parser("import", help="import pretrained weights as a run folder", description="Convert pretrained checkpoints into routelab run folders.")
