@@ -188,6 +188,8 @@ class RoutedTransformer(nn.Module):
             x = self.embed_norm(x)
         x = self.drop(x)
         aux_losses, routing = [], {}
+        if task_ids is not None and tuple(task_ids.shape) != (B,):
+            raise ValueError(f"task_ids must be (batch,) = ({B},), one task per sequence; got shape {tuple(task_ids.shape)}")
         token_tasks = task_ids.reshape(B, 1).expand(B, T) if task_ids is not None else None  # (B, T)
         for i, layer in enumerate(self.layers):
             x, out = layer(x, padding_mask=padding_mask, cache=cache[i] if cache else None, token_ids=input_ids, task_ids=token_tasks)

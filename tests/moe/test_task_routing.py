@@ -6,6 +6,7 @@ import torch
 
 from routelab import ConfigError, RoutedTransformer
 from routelab.moe import MoE
+from routelab.moe.routers import ROUTERS
 from routelab.moe.routers.task import TaskRouter, task_table
 from tests.conftest import tiny_config
 
@@ -188,3 +189,25 @@ def test_extract_refuses_an_unknown_task_and_a_model_not_routed_by_task():
         extract_task(_model(router="topk"), "qa")
     with pytest.raises(ConfigError, match="the model has no MoE layers"):
         extract_task(RoutedTransformer(tiny_config(task_names=TASKS)), "qa")
+
+
+@pytest.mark.parametrize("router", [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.learned])
+def test_every_learned_router_starts_unconditioned_and_takes_the_task_embedding(router):
+    x, tasks = torch.randn(2, 6, 16), torch.tensor([[0] * 6, [1] * 6])
+    torch.manual_seed(0)
+    plain = MoE(d_model=16, num_experts=4, hidden=8, router=router).eval()
+    torch.manual_seed(0)
+    cond = MoE(d_model=16, num_experts=4, hidden=8, router=router, num_tasks=2, task_conditioned=True).eval()
+    torch.testing.assert_close(cond(x, task_ids=tasks).hidden, plain(x).hidden, atol=0, rtol=0)
+    with torch.no_grad():
+        cond.task_embedding[1] = 3 * torch.randn(16)
+    moved = cond.gate_matrix(x, task_ids=tasks)[1] - plain.gate_matrix(x)[1]
+    assert moved.abs().max() > 1e-3  # task 1's tokens are routed differently
+    if not cond.router.whole_batch:  # expert choice ranks the whole batch: task 0's tokens move too
+        torch.testing.assert_close(cond.gate_matrix(x, task_ids=tasks)[0], plain.gate_matrix(x)[0])
+
+
+def test_model_refuses_task_ids_of_the_wrong_shape():
+    model = _model(router="topk", task_conditioned=True)
+    with pytest.raises(ValueError, match=r"task_ids must be \(batch,\) = \(2,\)"):
+        model(torch.randint(0, 61, (2, 5)), task_ids=torch.zeros(2, 5, dtype=torch.long))
