@@ -62,7 +62,8 @@ def extract_task(model: RoutedTransformer, task: str | int) -> RoutedTransformer
     moe_layers = _check_task_routed(model)
     t = task_index(cfg, task)
     k = model.layers[moe_layers[0]].ffn.router.options.top_k
-    new_cfg = dataclasses.replace(cfg, task_names=[cfg.task_names[t]], ffn=dataclasses.replace(cfg.ffn, num_experts=k))
+    router = dataclasses.replace(cfg.ffn.router, table=None)  # one task: the default table [[0 .. k-1]]
+    new_cfg = dataclasses.replace(cfg, task_names=[cfg.task_names[t]], ffn=dataclasses.replace(cfg.ffn, num_experts=k, router=router))
     with torch.random.fork_rng(devices=[]):  # its initial values are all overwritten: leave the caller's RNG alone
         small = RoutedTransformer(new_cfg).to(next(model.parameters()).device)
     source = model.state_dict()

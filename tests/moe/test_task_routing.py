@@ -211,3 +211,24 @@ def test_model_refuses_task_ids_of_the_wrong_shape():
     model = _model(router="topk", task_conditioned=True)
     with pytest.raises(ValueError, match=r"task_ids must be \(batch,\) = \(2,\)"):
         model(torch.randint(0, 61, (2, 5)), task_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_a_given_table_routes_each_task_to_its_row_and_extracts():
+    from routelab.pretrained.extract import extract_task
+
+    table = [[3, 0], [0, 1], [2, 3]]  # qa and code share expert 0, qa and math expert 3
+    model = _model(router={"kind": "task", "top_k": 2, "gates": "learned", "table": table}).eval()
+    with torch.no_grad():
+        model.layers[0].ffn.router.gate_logits.normal_()
+    x = torch.randint(0, 61, (3, 5))
+    out = model(x, task_ids=torch.tensor([0, 1, 2]))
+    assert out.routing["layers.0.ffn"]["tokens_per_expert"].tolist() == [10, 5, 5, 10]
+    small = extract_task(model, "qa")
+    assert torch.equal(small.layers[0].ffn.experts.w_in, model.layers[0].ffn.experts.w_in[[3, 0]])
+    torch.testing.assert_close(small(x).logits, model(x, task_ids=torch.zeros(3, dtype=torch.long)).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("table", [[[0, 1], [2, 3]], [[0, 0], [1, 2], [2, 3]], [[0, 4], [1, 2], [2, 3]], [[0], [1], [2]]])
+def test_a_bad_table_is_refused_with_one_line(table):
+    with pytest.raises(ConfigError, match=r"table=.* is invalid; allowed: 3 rows \(one per task\) of top_k=2 distinct experts in 0..3"):
+        _model(router={"kind": "task", "top_k": 2, "table": table})

@@ -4,7 +4,8 @@ y = sum_j g_tj E_{table[t, j]}(x). So one task's model needs only its k experts 
 
 The table is fixed and deterministic: task t gets experts (t*k + j) mod E for j = 0..k-1 (sorted),
 which deals the tasks round-robin over the experts: disjoint while num_tasks * k <= E, then wrapping
-around so that every expert serves about num_tasks * k / E tasks. Gates: ``equal`` (1/k each) or
+around so that every expert serves about num_tasks * k / E tasks; or the ``table`` given (row t: task
+t's k distinct experts, e.g. to let related tasks share experts). Gates: ``equal`` (1/k each) or
 ``learned`` (softmax of a per-task row of k logits, zero-initialised, so it starts equal). Task ids
 are required when the model has several tasks; a model of one task routes everything as task 0.
 """
@@ -28,6 +29,7 @@ class TaskRouterConfig(RouterConfig):
     kind: str = "task"
     top_k: int = 1  # experts per task (k)
     gates: Literal["equal", "learned"] = "equal"  # equal: 1/k each; learned: a softmax over each task's k experts
+    table: list[list[int]] | None = None  # row t = task t's top_k experts; null = round-robin (task_table)
 
 
 def task_table(num_tasks: int, num_experts: int, top_k: int) -> Tensor:
@@ -43,13 +45,19 @@ class TaskRouter(Router):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.register_buffer("table", task_table(self.num_tasks, self.num_experts, self.options.top_k))  # (N, k)
+        given = self.options.table
+        table = torch.tensor(given, dtype=torch.long) if given is not None else task_table(self.num_tasks, self.num_experts, self.options.top_k)
+        self.register_buffer("table", table)  # (N, k) expert of each task's slot
         learned_gates = self.options.gates == "learned"
         self.gate_logits = nn.Parameter(torch.zeros(self.num_tasks, self.options.top_k)) if learned_gates else None  # (N, k)
 
     def check(self) -> None:
         k, e = self.options.top_k, self.num_experts
         check(1 <= k <= e, qualified(self.options, "top_k"), k, f"1 <= top_k <= num_experts={e}")
+        table, n = self.options.table, self.num_tasks
+        if table is not None:
+            ok = len(table) == n and all(len(row) == k and len(set(row)) == k and all(0 <= x < e for x in row) for row in table)
+            check(ok, qualified(self.options, "table"), table, f"{n} rows (one per task) of top_k={k} distinct experts in 0..{e - 1}")
 
     def experts_per_token(self, seq_len: int) -> float:
         return float(self.options.top_k)
