@@ -6,8 +6,9 @@
     routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     routelab data listops --out DIR [--set data.listops_train=...]
     routelab compare CONFIG [--out DIR] [--set k=v ...] [--steps N | --tokens N | --seconds S] [--force]
-    routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR]
+    routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR] [--task NAME]
     routelab import hf PATH --out DIR [--force]
+    routelab extract RUN_DIR --task NAME --out DIR
 
 Errors a user can cause (bad config, missing file, bad data) print one clear line and exit 2.
 
@@ -158,7 +159,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from routelab.report.inspect_report import inspect_run
 
-    out = inspect_run(args.run_dir, text=args.text, example=args.example, out=args.out)
+    out = inspect_run(args.run_dir, text=args.text, example=args.example, out=args.out, task=args.task)
     print(f"wrote {out / 'experts.html'} and the heatmaps beside it")
     return 0
 
@@ -183,6 +184,14 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 
     out, done = write_upcycled(args.source, args.out, args.set, noise=args.noise, seed=args.seed)
     print(f"upcycled {args.source} -> {out}: {done.describe()}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from routelab.pretrained.extract import write_extracted_run
+
+    out, source, small = write_extracted_run(args.run_dir, args.task, args.out)
+    print(f"extracted task {args.task!r} -> {out}: {small.num_parameters():,} parameters of {source.num_parameters():,}")
     return 0
 
 
@@ -256,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--seed", type=int, default=0, help="seeds the fresh parameters (routers) and the noise")
     u.set_defaults(func=cmd_upcycle)
 
+    x = sub.add_parser("extract", help="write one task's model from a task-level MoE (router: task)",
+                       description="From a run whose MoE layers route by task id (model.ffn.router.kind=task; Kudugunta "
+                       "et al. 2021), write a run folder holding only that task's experts, computing what the multi-task "
+                       "model computes on that task. eval and generate read it (without task ids).")
+    x.add_argument("run_dir", help="run folder (config.yaml) of the multi-task model")
+    x.add_argument("--task", required=True, help="task name, one of the run's model.task_names")
+    x.add_argument("--out", required=True, help="new run folder to write")
+    x.set_defaults(func=cmd_extract)
+
     i = sub.add_parser("inspect", help="show where tokens attend and which experts they go to",
                        description="Write HTML and PNG heatmaps of one input's routing decisions.")
     i.add_argument("run_dir", help="run directory written by `routelab train`")
@@ -263,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", help="text to inspect")
     src.add_argument("--example", type=int, help="index of a validation example (default 0)")
     i.add_argument("--out", help="output folder (default: RUN_DIR/inspect)")
+    i.add_argument("--task", help="multi-task runs: the task the input is routed as (default: the first of model.task_names)")
     i.set_defaults(func=cmd_inspect)
 
     im = sub.add_parser("import", help="import pretrained weights as a run folder", description="Convert pretrained checkpoints into routelab run folders.")

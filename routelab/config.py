@@ -74,6 +74,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
     embeddings_path: str | None = None  # word2vec/GloVe text file to initialise token embeddings
     freeze_embeddings: bool = False  # keep loaded embeddings fixed during training
+    task_names: list[str] | None = None  # the tasks of a multi-task model (task ids index it); None = one task
     attention: AttentionConfig = field(default_factory=_default_attention)
     ffn: FFNConfig = field(default_factory=_default_ffn)
 
@@ -117,6 +118,11 @@ class ModelConfig:
             self.attention = section_from_dict(AttentionConfig, self.attention, "model.attention")
         if isinstance(self.ffn, dict):
             self.ffn = section_from_dict(FFNConfig, self.ffn, "model.ffn")
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks the model serves: ``len(task_names)``, or 1 for a single-task model."""
+        return len(self.task_names) if self.task_names else 1
 
     @property
     def head_dim(self) -> int:

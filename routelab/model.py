@@ -77,8 +77,9 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, layer_idx)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, padding_mask=None, cache=None, token_ids=None, return_routes=False):
-        """x: (B, T, D) -> (x (B, T, D), FFNOutput), plus the attention routes with ``return_routes``."""
+    def forward(self, x, padding_mask=None, cache=None, token_ids=None, return_routes=False, task_ids=None):
+        """x: (B, T, D) -> (x (B, T, D), FFNOutput), plus the attention routes with ``return_routes``;
+        task_ids (B, T): each token's task, passed to the FFN only when given."""
         post = self.post_norm
         a = self.attn(x if post else self.attn_norm(x), padding_mask=padding_mask, cache=cache, return_routes=return_routes)
         a, routes = a if return_routes else (a, None)
@@ -86,7 +87,8 @@ class Block(nn.Module):
         if post:
             x = self.attn_norm(x)
         ffn_pad = padding_mask[:, -x.shape[1] :] if padding_mask is not None else None
-        out = self.ffn(x if post else self.ffn_norm(x), token_ids=token_ids, padding_mask=ffn_pad)
+        by_task = {"task_ids": task_ids} if task_ids is not None else {}
+        out = self.ffn(x if post else self.ffn_norm(x), token_ids=token_ids, padding_mask=ffn_pad, **by_task)
         x = x + self.dropout(out.hidden)
         if post:
             x = self.ffn_norm(x)
@@ -139,6 +141,7 @@ class RoutedTransformer(nn.Module):
         attention_mask: Tensor | None = None,
         cache: list[KVCache] | None = None,
         token_type_ids: Tensor | None = None,
+        task_ids: Tensor | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -152,6 +155,8 @@ class RoutedTransformer(nn.Module):
             cache: per-layer ``KVCache`` list from ``new_cache()`` for incremental decoding.
             token_type_ids: (B, T) segment ids < ``type_vocab_size`` (models with token types;
                 None = all zeros).
+            task_ids: (B,) long, each sequence's task (an index into ``model.task_names``), for
+                task-aware routing; None = not given.
         """
         cfg = self.cfg
         if input_ids.dim() != 2:
@@ -183,8 +188,11 @@ class RoutedTransformer(nn.Module):
             x = self.embed_norm(x)
         x = self.drop(x)
         aux_losses, routing = [], {}
+        if task_ids is not None and tuple(task_ids.shape) != (B,):
+            raise ValueError(f"task_ids must be (batch,) = ({B},), one task per sequence; got shape {tuple(task_ids.shape)}")
+        token_tasks = task_ids.reshape(B, 1).expand(B, T) if task_ids is not None else None  # (B, T)
         for i, layer in enumerate(self.layers):
-            x, out = layer(x, padding_mask=padding_mask, cache=cache[i] if cache else None, token_ids=input_ids)
+            x, out = layer(x, padding_mask=padding_mask, cache=cache[i] if cache else None, token_ids=input_ids, task_ids=token_tasks)
             if out.aux_loss is not None:
                 aux_losses.append(out.aux_loss)
             if out.stats:

@@ -57,6 +57,7 @@ class MoEFFNConfig(FFNConfig):
     max_ranks_per_token: int | None = None  # device-limited routing (DeepSeek-V2): a token's experts on at most M groups/ranks
     expert_groups: int | None = None  # the groups max_ranks_per_token counts in; null = train.expert_parallel
     impl: Literal["sorted", "reference"] = "sorted"  # sorted = fast sparse path; reference = all experts, masked
+    task_conditioned: bool = False  # a learned per-task vector (zero-init) added to the router input (multi-task models)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +141,11 @@ class MoEFFN(MoE):
 
     def __init__(self, cfg, layer_idx: int = 0) -> None:
         f: MoEFFNConfig = cfg.ffn
+        if ROUTERS.get(f.router.kind).module_class.needs_task_ids and not cfg.task_names:
+            raise ConfigError(
+                f"model.ffn.router={f.router.kind!r} routes by task id and needs model.task_names (the tasks of a"
+                " multi-task model, e.g. [qa, code]); got none"
+            )
         try:
             super().__init__(
                 d_model=cfg.d_model,
@@ -163,6 +169,8 @@ class MoEFFN(MoE):
                 max_ranks_per_token=f.max_ranks_per_token,
                 impl=f.impl,
                 vocab_size=cfg.vocab_size,
+                num_tasks=cfg.num_tasks,
+                task_conditioned=f.task_conditioned,
             )
         except ConfigError as e:
             raise ConfigError(f"model.ffn (layer {layer_idx}): {e}") from None

@@ -8,6 +8,11 @@ auxiliary-loss-free bias of DeepSeek-V3 (Liu et al. 2024, sec. 2.1.2): a per-exp
 to the logits for *selection only*, after each training step moved by ``bias_update_rate`` toward
 equal load (b_i += u * sign(mean load - load_i)).
 
+Task conditioning (``task_conditioned``): a learned vector per task, zero-initialised, added to the
+router input of learned routers (router(x + e_task)), so a multi-task model can route a token by its
+task as well as its content, and starts as the unconditioned model. The ``task`` router (task-level
+MoE, Kudugunta et al. 2021) instead routes by the task id alone.
+
 Shape legend: T tokens, D model dim, E experts, K choice slots per token, H expert hidden width.
 """
 
@@ -74,6 +79,9 @@ class MoE(nn.Module):
             groups of consecutive experts (``Router.limit_groups``); None = unlimited.
         impl: "sorted" (fast sparse path) or "reference" (every expert on every token, masked).
         vocab_size: the model's vocabulary size, for routers that map token ids (hash).
+        num_tasks: the model's tasks, for the task router and task conditioning (``task_ids`` < it).
+        task_conditioned: add a learned, zero-initialised per-task vector ``task_embedding``
+            (num_tasks, D) to the router input (learned routers only).
         **router_options: the router's own options (see its ``RouterConfig`` subclass in
             ``routelab.moe.routers``); unknown ones are refused with the known ones listed.
     """
@@ -102,6 +110,8 @@ class MoE(nn.Module):
         max_ranks_per_token: int | None = None,
         impl: str = "sorted",
         vocab_size: int | None = None,
+        num_tasks: int = 1,
+        task_conditioned: bool = False,
         **router_options,
     ) -> None:
         super().__init__()
@@ -117,8 +127,15 @@ class MoE(nn.Module):
         check(num_shared_experts >= 0, "num_shared_experts", num_shared_experts, "an integer >= 0")
         check(impl in ("sorted", "reference"), "impl", impl, "'sorted' or 'reference'")
         check(balance_scope in ("local", "global"), "balance_scope", balance_scope, "'local' or 'global'")
-        self.router = build_router(router, d_model, num_experts, vocab_size, **router_options)
+        check(num_tasks >= 1, "num_tasks", num_tasks, "an integer >= 1")
+        self.router = build_router(router, d_model, num_experts, vocab_size, num_tasks, **router_options)
         name = self.router.kind
+        if task_conditioned and not self.router.learned:
+            learned = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.learned]
+            raise ConfigError(
+                f"task_conditioned=True is invalid for router {name!r}, which has no learned input to condition;"
+                f" allowed with: {', '.join(learned)}"
+            )
         if max_ranks_per_token is not None:
             if expert_groups is None:
                 raise ConfigError("max_ranks_per_token needs expert_groups: the number of groups (ranks) it counts in")
@@ -150,6 +167,9 @@ class MoE(nn.Module):
         self.shared = FeedForward(d_model, num_shared_experts * hidden, activation, bias) if num_shared_experts else None
         # DeepSeek-V3 selection bias: state of the balancing controller, saved with the model
         self.register_buffer("selection_bias", torch.zeros(num_experts) if bias_balancing else None)
+        # task conditioning: e_t added to the router input; zero, so training starts from the unconditioned router
+        self.num_tasks = num_tasks
+        self.task_embedding = nn.Parameter(torch.zeros(num_tasks, d_model)) if task_conditioned else None  # (N, D)
         self._workspace = Workspace()  # the fast path's helper threads and reusable buffer (not state)
         self.expert_parallel = None  # set by routelab.moe.parallel.apply_expert_parallel: experts on several ranks
         self.balance_scope = balance_scope
@@ -159,8 +179,12 @@ class MoE(nn.Module):
         return f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}, impl={self.impl!r}"
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> MoEOutput:
-        """x (..., D); token_ids (...) (hash routing); padding_mask (...) bool, True = padding.
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None, task_ids: Tensor | None = None
+    ) -> MoEOutput:
+        """x (..., D); token_ids (...) (hash routing); padding_mask (...) bool, True = padding;
+        task_ids (...) long, each token's task (task router, task conditioning; None = task 0 for
+        conditioning, refused by the task router of a model with several tasks).
 
         Padding tokens are not routed, count in no loss or statistic, and get output 0.
 
@@ -179,12 +203,15 @@ class MoE(nn.Module):
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x has last dimension {x.shape[-1]}, expected d_model={self.d_model}")
         if self.router.needs_token_ids and token_ids is None:
-            raise ValueError("router 'hash' needs token_ids: call moe(x, token_ids=...) with the input ids")
+            raise ValueError(f"router {self.router.kind!r} needs token_ids: call moe(x, token_ids=...) with the input ids")
+        if task_ids is not None and task_ids.shape != x.shape[:-1]:
+            raise ValueError(f"task_ids has shape {tuple(task_ids.shape)}, expected one per token {tuple(x.shape[:-1])}")
         if self.router.soft:
-            return self._forward_soft(x, padding_mask)
+            return self._forward_soft(x, padding_mask, task_ids)
         shape = x.shape
         xf = x.reshape(-1, self.d_model)  # (T, D)
         ids = token_ids.reshape(-1) if token_ids is not None else None
+        tasks = task_ids.reshape(-1) if task_ids is not None else None  # (T,)
         seq_len = shape[-2] if x.dim() >= 3 else xf.shape[0]
         pos = torch.arange(xf.shape[0], device=x.device) % seq_len  # (T,) position in its sequence
         keep = None
@@ -195,18 +222,32 @@ class MoE(nn.Module):
                 keep = (~padding_mask.reshape(-1)).nonzero().squeeze(1)  # (T',) real tokens
                 xf, pos = xf.index_select(0, keep), pos[keep]
                 ids = ids[keep] if ids is not None else None
-        y, aux, stats = self._route_and_compute(xf, ids, pos)
+                tasks = tasks[keep] if tasks is not None else None
+        y, aux, stats = self._route_and_compute(xf, ids, pos, tasks)
         if keep is not None:
             y = torch.zeros(shape[:-1].numel(), self.d_model, dtype=y.dtype, device=y.device).index_copy(0, keep, y)
         return MoEOutput(y.reshape(shape), aux, stats)
 
-    def _decide(self, x: Tensor, token_ids: Tensor | None, pos: Tensor) -> tuple[Routing, Tensor | None, Tensor | None]:
+    def router_input(self, x: Tensor, task_ids: Tensor | None) -> Tensor:
+        """x (..., D) plus the task embedding of each token's task (task ids (...); None = task 0)."""
+        if self.task_embedding is None:
+            return x
+        if task_ids is None:
+            return x + self.task_embedding[0].to(x.dtype)
+        if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.num_tasks):
+            raise ValueError(f"task ids must lie in 0..{self.num_tasks - 1} (the model's tasks)")
+        return x + self.task_embedding[task_ids].to(x.dtype)  # (..., D)
+
+    def _decide(
+        self, x: Tensor, token_ids: Tensor | None, pos: Tensor, task_ids: Tensor | None = None
+    ) -> tuple[Routing, Tensor | None, Tensor | None]:
         """Route x (T, D): (routing, chosen (T, K) before capacity, active (T, K) after; None = all)."""
         T, E = x.shape[0], self.num_experts
-        x_router = x
+        x_router = self.router_input(x, task_ids)
         if self.training and self.jitter > 0:  # Switch: jitter the router input only
-            x_router = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        r: Routing = self.router(x_router, token_ids=token_ids, selection_bias=self.selection_bias)
+            x_router = x_router * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        by_task = {"task_ids": task_ids} if self.router.needs_task_ids else {}
+        r: Routing = self.router(x_router, token_ids=token_ids, selection_bias=self.selection_bias, **by_task)
         chosen = r.active  # before capacity: for the balance loss and the drop count
         active = chosen
         if self.capacity_factor is not None and T > 0:
@@ -215,28 +256,33 @@ class MoE(nn.Module):
         return r, chosen, active
 
     @torch.no_grad()
-    def gate_matrix(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+    def gate_matrix(self, x: Tensor, token_ids: Tensor | None = None, task_ids: Tensor | None = None) -> Tensor:
         """For inspection: x (..., D) -> (..., E), the weight each expert's output gets for each
         token in this mode's forward pass (0 = not routed or dropped; soft MoE: combine weight
         summed over the expert's slots). Shared experts are not included."""
         E = self.num_experts
         if self.router.soft:
             xb = x.reshape(-1, x.shape[-2], x.shape[-1])
-            combine = self.router(xb).combine  # (B, T, E*S)
+            tb = task_ids.reshape(xb.shape[:2]) if task_ids is not None else None
+            combine = self.router(self.router_input(xb, tb)).combine  # (B, T, E*S)
             return combine.view(*xb.shape[:2], E, -1).sum(-1).reshape(*x.shape[:-1], E)
         xf = x.reshape(-1, self.d_model)
         seq_len = x.shape[-2] if x.dim() >= 3 else xf.shape[0]
         pos = torch.arange(xf.shape[0], device=x.device) % seq_len
         ids = token_ids.reshape(-1) if token_ids is not None else None
-        r, _, active = self._decide(xf, ids, pos)
+        tasks = task_ids.reshape(-1) if task_ids is not None else None
+        r, _, active = self._decide(xf, ids, pos, tasks)
         w = r.gates if active is None else r.gates * active
         m = torch.zeros(xf.shape[0], E, dtype=w.dtype, device=x.device).scatter_add_(1, r.expert_idx, w)
         return m.reshape(*x.shape[:-1], E)
 
-    def _route_and_compute(self, x: Tensor, token_ids: Tensor | None, pos: Tensor) -> tuple[Tensor, Tensor, dict]:
-        """x (T, D) real tokens, pos (T,) their positions in their sequences -> (y (T, D), aux_loss, stats)."""
+    def _route_and_compute(
+        self, x: Tensor, token_ids: Tensor | None, pos: Tensor, task_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, dict]:
+        """x (T, D) real tokens, pos (T,) their positions in their sequences, task_ids (T,) their
+        tasks -> (y (T, D), aux_loss, stats)."""
         T, E = x.shape[0], self.num_experts
-        r, chosen, active = self._decide(x, token_ids, pos)
+        r, chosen, active = self._decide(x, token_ids, pos, task_ids)
         if self.selection_bias is not None and self.training and (T > 0 or self._global_group() is not None):
             self._update_selection_bias(r.expert_idx, chosen)
         if self.impl == "reference":
@@ -315,7 +361,7 @@ class MoE(nn.Module):
         return aux, stats
 
     # ------------------------------------------------------------------------------------------
-    def _forward_soft(self, x: Tensor, padding_mask: Tensor | None) -> MoEOutput:
+    def _forward_soft(self, x: Tensor, padding_mask: Tensor | None, task_ids: Tensor | None = None) -> MoEOutput:
         """Soft MoE (Puigcerver et al. 2023): x (B, T, D) or (T, D); every expert on its slots.
 
         Shapes: B sequences, T tokens, S slots per expert, E*S slots in all.
@@ -323,7 +369,8 @@ class MoE(nn.Module):
         shape = x.shape
         xb = x.reshape(-1, shape[-2], shape[-1]) if x.dim() >= 2 else x.view(1, 1, -1)  # (B, T, D)
         pad = padding_mask.reshape(xb.shape[:2]) if padding_mask is not None else None
-        r: SoftRouting = self.router(xb, padding_mask=pad)
+        tb = task_ids.reshape(xb.shape[:2]) if task_ids is not None else None
+        r: SoftRouting = self.router(self.router_input(xb, tb), padding_mask=pad)  # slots still mix x itself
         B, T, _ = xb.shape
         E, S = self.num_experts, self.router.slots_per_expert
         slots = torch.einsum("bts,btd->bsd", r.dispatch.to(x.dtype), xb)  # (B, E*S, D) eq. 1

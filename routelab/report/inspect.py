@@ -67,20 +67,20 @@ def text_example(run: Any, text: str) -> tuple[Tensor, list[str]]:
     return torch.tensor([ids]), [tok.id_to_token(i) for i in ids]
 
 
-def _capture_inputs(model: Any, ids: Tensor, attr: str) -> list[Tensor]:
-    """Run the model once and return the input of ``layer.<attr>`` for every layer."""
+def _capture_inputs(model: Any, ids: Tensor, attr: str, task_ids: Tensor | None = None) -> list[Tensor]:
+    """Run the model once (with ``task_ids`` (B,) if given) and return the input of ``layer.<attr>`` for every layer."""
     seen: list[Tensor] = []
     hooks = [getattr(layer, attr).register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["x"]), with_kwargs=True) for layer in model.layers]
     try:
         with torch.no_grad():
-            model(ids)
+            model(ids, **({"task_ids": task_ids} if task_ids is not None else {}))
     finally:
         for h in hooks:
             h.remove()
     return seen
 
 
-def attention_routes(model: Any, ids: Tensor) -> list[np.ndarray]:
+def attention_routes(model: Any, ids: Tensor, task: int | None = None) -> list[np.ndarray]:
     """Per layer, an (H, T, T) array of attention weights of ``ids`` (1, T).
 
     A kind that defines ``attention_weights(x) -> (B, H, T, T)`` reports its own (learned routers:
@@ -89,7 +89,8 @@ def attention_routes(model: Any, ids: Tensor) -> list[np.ndarray]:
     """
     model.eval()
     maps = []
-    for layer, x in zip(model.layers, _capture_inputs(model, ids, "attn")):
+    task_ids = torch.tensor([task]) if task is not None else None
+    for layer, x in zip(model.layers, _capture_inputs(model, ids, "attn", task_ids)):
         attn = layer.attn
         with torch.no_grad():
             if hasattr(attn, "attention_weights"):
@@ -126,15 +127,43 @@ def _explicit_weights(attn: Any, x: Tensor) -> Tensor:
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
-def expert_routes(model: Any, ids: Tensor) -> dict[str, np.ndarray]:
+def expert_routes(model: Any, ids: Tensor, task: int | None = None) -> dict[str, np.ndarray]:
     """Per MoE layer, a (T, E) matrix of gate weights: row t holds the gates of the experts token t
-    was sent to (0 elsewhere). Uses the layer's ``route(x, token_ids)`` decision, as in training."""
+    was sent to (0 elsewhere). Uses the layer's ``route(x, token_ids)`` decision, as in training;
+    ``task``: the task index the input is routed as (multi-task models)."""
+    task_ids = torch.tensor([task]) if task is not None else None
+    return {k: v[0].float().numpy() for k, v in _gate_matrices(model, ids, task_ids).items()}
+
+
+def _gate_matrices(model: Any, ids: Tensor, task_ids: Tensor | None) -> dict[str, Tensor]:
+    """Per MoE layer, the (B, T, E) gate matrix of ``ids`` (B, T) routed as tasks ``task_ids`` (B,)."""
     model.eval()
     out = {}
-    for i, (layer, x) in enumerate(zip(model.layers, _capture_inputs(model, ids, "ffn"))):
+    per_token = task_ids.reshape(-1, 1).expand(ids.shape) if task_ids is not None else None  # (B, T)
+    for i, (layer, x) in enumerate(zip(model.layers, _capture_inputs(model, ids, "ffn", task_ids))):
         ffn = layer.ffn
         if not hasattr(ffn, "gate_matrix"):
             continue
         with torch.no_grad():
-            out[f"layers.{i}.ffn"] = ffn.gate_matrix(x, token_ids=ids)[0].float().numpy()  # (T, E)
+            kw = {"task_ids": per_token} if per_token is not None else {}
+            out[f"layers.{i}.ffn"] = ffn.gate_matrix(x, token_ids=ids, **kw)  # (B, T, E)
+    return out
+
+
+def task_expert_loads(model: Any, ids: Tensor, task_ids: Tensor, attention_mask: Tensor | None = None) -> dict[str, np.ndarray]:
+    """Per MoE layer, the (N, E) load matrix of a multi-task model: tokens of each task (N =
+    ``model.cfg.num_tasks``) that each expert processed, for the batch ``ids`` (B, T) whose rows are
+    tasks ``task_ids`` (B,); padding (``attention_mask`` 0) is not counted. Pair it with
+    ``routelab.moe.task_stats.task_overlap`` and ``plots.task_expert_map``."""
+    from routelab.moe.task_stats import task_expert_load
+
+    real = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+    tasks = task_ids.reshape(-1, 1).expand(ids.shape).reshape(-1)  # (B*T,)
+    out = {}
+    for name, gates in _gate_matrices(model, ids, task_ids).items():
+        routed = (gates.reshape(-1, gates.shape[-1]) > 0).float()  # (B*T, E)
+        t = tasks
+        if real is not None:
+            routed, t = routed[real], t[real]
+        out[name] = task_expert_load(routed, t, model.cfg.num_tasks).numpy()
     return out

@@ -100,3 +100,21 @@ def route_maps(maps: dict[str, np.ndarray], tokens: list[str] | None, title: str
             ax.set_yticks(range(len(tokens)), [t[:6] for t in tokens], fontsize=6)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def task_expert_map(loads: dict[str, np.ndarray], task_names: list[str], title: str, path: Path) -> Path:
+    """Per MoE layer, a tasks x experts heatmap: each expert's share of a task's (token, expert)
+    assignments (``loads[layer]`` is (N, E), from ``task_expert_loads``; each row sums to 1)."""
+    plt = _plt()
+    n = len(loads)
+    fig, axes = plt.subplots(n, 1, figsize=(7, 1.0 + (0.35 * len(task_names) + 0.8) * n), squeeze=False)
+    for ax, (layer, load) in zip(axes[:, 0], loads.items()):
+        share = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-9)  # (N, E)
+        im = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_yticks(range(len(task_names)), task_names, fontsize=8)
+        ax.set_ylabel(layer, fontsize=8)
+        ax.set_xticks(range(load.shape[1]))
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    axes[-1, 0].set_xlabel("expert")
+    axes[0, 0].set_title(title, fontsize=10)
+    return _save(fig, path)

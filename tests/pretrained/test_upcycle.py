@@ -108,7 +108,8 @@ def encoder(**kw) -> RoutedTransformer:
 
 @pytest.mark.parametrize("router", ROUTERS.names())
 def test_every_router_trains_after_upcycling(router):
-    dense = encoder()  # an encoder, so whole-batch routers (expert choice, soft) are allowed
+    by_task = {"task_names": ["only"]} if ROUTERS.get(router).module_class.needs_task_ids else {}  # the task router: one task
+    dense = encoder(**by_task)  # an encoder, so whole-batch routers (expert choice, soft) are allowed
     moe = upcycle(dense, dataclasses.replace(dense.cfg, ffn={"kind": "moe", "num_experts": 4, "router": router}))
     moe.train()
     x, y = ids(), torch.tensor([0, 2])

@@ -5,6 +5,7 @@ new file: nothing else names it.
     switch  Fedus et al. 2021          gshard  Lepikhin et al. 2020       topk  Shazeer et al. 2017
     topp    Huang et al. 2024          hash    Roller et al. 2021         random  Zuo et al. 2022 (THOR)
     expert_choice  Zhou et al. 2022    base    Lewis et al. 2021 (BASE)   soft  Puigcerver et al. 2023
+    task    Kudugunta et al. 2021 (task-level MoE)
 """
 
 import importlib

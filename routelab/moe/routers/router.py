@@ -66,7 +66,9 @@ class SoftRouting:
 
 class Router(nn.Module):
     """Base class. ``Router(d_model, num_experts, options)`` or, for code, the options as keywords
-    (``TopKRouter(64, 8, top_k=2)``); ``vocab_size`` is the model's, for routers that map token ids.
+    (``TopKRouter(64, 8, top_k=2)``); ``vocab_size`` is the model's, for routers that map token ids;
+    ``num_tasks`` the model's, for routers that map task ids (``needs_task_ids``: the layer then
+    passes ``task_ids=`` (T,) to ``forward``; other routers never receive it).
 
     Class attributes say what a router needs and what it may be combined with; ``kind`` and
     ``config_class`` are set when it is registered.
@@ -76,13 +78,21 @@ class Router(nn.Module):
     config_class: ClassVar[type[RouterConfig]]
     learned: ClassVar[bool] = True  # has ``weight`` (E, D) and a gradient
     needs_token_ids: ClassVar[bool] = False  # routes by token id (hash), not by x
+    needs_task_ids: ClassVar[bool] = False  # routes by task id (task): forward takes ``task_ids=`` (T,)
     whole_batch: ClassVar[bool] = False  # decisions depend on other tokens -> refused in a causal model
     supports_selection_bias: ClassVar[bool] = False  # aux-loss-free balancing (DeepSeek-V3) adds a bias to selection
     own_capacity: ClassVar[bool] = False  # the router itself bounds tokens per expert (expert choice)
     soft: ClassVar[bool] = False  # returns a SoftRouting (every expert sees a mix of all tokens)
 
     def __init__(
-        self, d_model: int, num_experts: int, options: RouterConfig | None = None, *, vocab_size: int | None = None, **kw: Any
+        self,
+        d_model: int,
+        num_experts: int,
+        options: RouterConfig | None = None,
+        *,
+        vocab_size: int | None = None,
+        num_tasks: int = 1,
+        **kw: Any,
     ) -> None:
         super().__init__()
         if options is None:
@@ -92,7 +102,7 @@ class Router(nn.Module):
         if not isinstance(options, self.config_class):
             raise TypeError(f"{type(self).__name__} takes {self.config_class.__name__} options, got {type(options).__name__}")
         self.options = options
-        self.d_model, self.num_experts, self.vocab_size = d_model, num_experts, vocab_size
+        self.d_model, self.num_experts, self.vocab_size, self.num_tasks = d_model, num_experts, vocab_size, num_tasks
         self.group_limit: tuple[int, int] | None = None  # (G groups, M of them per token): ``limit_groups``
         self.check()
         if self.learned:
@@ -183,7 +193,12 @@ def router_options(router: str | dict | RouterConfig, **kw: Any) -> RouterConfig
 
 
 def build_router(
-    router: str | dict | RouterConfig | Router, d_model: int, num_experts: int, vocab_size: int | None = None, **kw: Any
+    router: str | dict | RouterConfig | Router,
+    d_model: int,
+    num_experts: int,
+    vocab_size: int | None = None,
+    num_tasks: int = 1,
+    **kw: Any,
 ) -> Router:
     """The router ``router`` names (with keyword options), or describes, or is."""
     if isinstance(router, Router):
@@ -191,4 +206,4 @@ def build_router(
             raise ConfigError(f"options {sorted(kw)} given with a built router {type(router).__name__}")
         return router
     options = router_options(router, **kw)
-    return ROUTERS.get(options.kind).module_class(d_model, num_experts, options, vocab_size=vocab_size)
+    return ROUTERS.get(options.kind).module_class(d_model, num_experts, options, vocab_size=vocab_size, num_tasks=num_tasks)
