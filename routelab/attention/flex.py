@@ -52,6 +52,8 @@ def _compiled_flex():
 
 def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     """(B, H, T, hd) -> (B, H, T, hd) through compiled FlexAttention (differentiable on CUDA)."""
+    if q.device.type == "cpu":  # forward only there (``choose_backend`` sends autograd to the engine)
+        q, k, v = q.detach(), k.detach(), v.detach()
     return _compiled_flex()(q, k, v, block_mask=block_mask)
 
 
