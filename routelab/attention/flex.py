@@ -114,20 +114,23 @@ def pair_counts(parts: list[Part], T: int, F: int, device) -> Tensor:
         heads = max(qpos.shape[0], kpos.shape[0], 1 if mask is None else mask.shape[0])
         G, Lq, Lk = qpos.shape[1], qpos.shape[2], kpos.shape[2]
         tri = torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril() if part.causal else None
-        step = max(1, _CHUNK // max(1, heads * Lq * Lk))
+        rows = max(1, min(Lq, _CHUNK // max(1, heads * Lk)))  # query slots per step
+        step = max(1, _CHUNK // max(1, heads * Lq * Lk)) if rows == Lq else 1  # groups per step
         counts = torch.zeros(heads, n * n, dtype=torch.long, device=device)
-        for g0 in range(0, G, step):  # chunks of groups: the temporaries stay bounded
-            qp, kp = qpos[:, g0 : g0 + step], kpos[:, g0 : g0 + step]
-            ok = ((qp >= 0) & (qp < T))[..., :, None] & ((kp >= 0) & (kp < T))[..., None, :]  # (., g, Lq, Lk)
-            if mask is not None:
-                ok = ok & mask[:, g0 : g0 + step]
-            if tri is not None:
-                ok = ok & tri
-            ok = ok.expand(heads, *ok.shape[1:])
-            pair = (qp.clamp(0, T - 1) // F)[..., :, None] * n + (kp.clamp(0, T - 1) // F)[..., None, :]
-            pair = pair.expand(heads, *pair.shape[1:])
-            for h in range(heads):  # h is 1 or the head count
-                counts[h] += torch.bincount(pair[h][ok[h]], minlength=n * n)
+        for g0 in range(0, G, step):  # chunks of groups (and of query slots): bounded temporaries
+            for r0 in range(0, Lq, rows):
+                qp, kp = qpos[:, g0 : g0 + step, r0 : r0 + rows], kpos[:, g0 : g0 + step]
+                ok = ((qp >= 0) & (qp < T))[..., :, None] & ((kp >= 0) & (kp < T))[..., None, :]  # (., g, r, Lk)
+                if mask is not None:  # (1 | h, G | 1, Lq | 1, Lk): slice only the dims it has
+                    m = mask[:, g0 : g0 + step] if mask.shape[1] > 1 else mask
+                    ok = ok & (m[:, :, r0 : r0 + rows] if m.shape[2] > 1 else m)
+                if tri is not None:
+                    ok = ok & tri[r0 : r0 + rows]
+                ok = ok.expand(heads, *ok.shape[1:])
+                pair = (qp.clamp(0, T - 1) // F)[..., :, None] * n + (kp.clamp(0, T - 1) // F)[..., None, :]
+                pair = pair.expand(heads, *pair.shape[1:])
+                for h in range(heads):  # h is 1 or the head count
+                    counts[h] += torch.bincount(pair[h][ok[h]], minlength=n * n)
         total = total + counts
     return total.view(-1, n, n)
 

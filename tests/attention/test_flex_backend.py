@@ -70,6 +70,16 @@ def test_pattern_block_mask_implies_the_kinds_mask(kind, causal, F):
         assert int((bm.kv_num_blocks + bm.full_kv_num_blocks).max()) <= 2 + -(-5 // F) + (0 if causal else 1)
 
 
+@pytest.mark.parametrize("kind", ["fixed", "bigbird"])
+def test_pair_counts_do_not_depend_on_the_chunk_size(kind, monkeypatch):
+    attn = build(FIXED[kind], causal=True)
+    parts = attn.parts(50, "cpu")
+    whole = flex.pair_counts(parts, 50, 8, "cpu")
+    monkeypatch.setattr(flex, "_CHUNK", 7)  # fewer pairs than one query row: chunks of groups and rows
+    torch.testing.assert_close(flex.pair_counts(parts, 50, 8, "cpu"), whole, atol=0, rtol=0)
+    assert int(whole.sum()) == int(attn.mask(50).sum())  # every allowed pair counted once (per head)
+
+
 def test_flex_block_mask_is_cached_per_length_and_device():
     attn = build(FIXED["bigbird"], causal=True)
     a, b = attn.flex_block_mask(40, torch.device("cpu")), attn.flex_block_mask(40, torch.device("cpu"))
