@@ -9,7 +9,7 @@ import torch
 import routelab.attention.flex as flex
 from routelab.attention.engine import reference_attention
 from routelab.attention.routes import BlockRoutes
-from tests.attention.helpers import build, qkv_with_padding
+from tests.attention.helpers import H, build, qkv_with_padding
 
 FIXED = {
     "local": dict(kind="local", window=5, block_size=8),
@@ -203,14 +203,14 @@ def test_cuda_flex_forward_and_backward_equal_dense(kind, causal, monkeypatch):
     spec = dict({**FIXED, **LEARNED}[kind])
     spec["block_size" if "block_size" in spec else "stride"] = 32
     T = 300  # not a multiple of 128
-    attn = build(spec, causal=causal, max_seq_len=512).cuda()
-    ref = build(dict(spec, backend="dense"), causal=causal, max_seq_len=512).cuda()
-    ref.load_state_dict(attn.state_dict())
+    hd = 32  # FlexAttention's CUDA kernels want head dims of 16 or more
+    attn = build(spec, causal=causal, max_seq_len=512, d_model=H * hd).cuda()
+    ref = build(dict(spec, backend="dense"), causal=causal, max_seq_len=512, d_model=H * hd).cuda()
     used = []
     real = flex.flex_attend
     monkeypatch.setattr(flex, "flex_attend", lambda *a, **kw: used.append(1) or real(*a, **kw))
-    q, k, v, _ = qkv_with_padding(T, pad=0)
-    q, k, v = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, H, T, hd, generator=g).cuda().requires_grad_() for _ in range(3))
     out, routes = attn.attend_routes(q, k, v, None, None)
     assert used and not attn.__dict__.get("_flex_failed", False)  # auto = flex on CUDA
     if routes is not None:  # the reference under the same routes
