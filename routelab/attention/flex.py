@@ -191,6 +191,43 @@ def routes_block_mask(blocks: Tensor, block_size: int, causal: bool, T: int, F: 
     return _to_block_mask(partial, full, F, T, mask_mod)
 
 
+def group_block_mask(groups: Tensor, causal: bool, F: int = FLEX_BLOCK):
+    """Content groups (kmeans) as a ``BlockMask`` over the tokens *sorted by group*.
+
+    groups: (B, H, T) group id per token (-1 = none: attends to nothing, output 0). Sorted by
+    (group, position), each group is one contiguous run, so a query block only meets the key blocks
+    whose group range overlaps its own (a band, not n^2 blocks); positions ascend inside a group,
+    so causality is sorted index kv <= q. Returns ``order`` (B, H, T), the sorted token positions
+    (gather q, k, v by it; scatter the output back), and the mask. O(B H (n/F)^2) bools, no host sync.
+    """
+    B, H, T = groups.shape
+    none = torch.iinfo(torch.long).max
+    order = torch.sort(torch.where(groups >= 0, groups, none), dim=-1, stable=True).indices  # (B, H, T)
+    n = -(-T // F)
+    gs = torch.nn.functional.pad(groups.gather(-1, order), (0, n * F - T), value=-1)  # (B, H, n*F) sorted ids
+    tiles = gs.view(B, H, n, F)
+    lo = torch.where(tiles >= 0, tiles, none).amin(-1)  # (B, H, n) group range of each sorted block
+    hi = tiles.amax(-1)  # -1 for a block without groups: overlaps nothing
+    partial = (lo[..., :, None] <= hi[..., None, :]) & (lo[..., None, :] <= hi[..., :, None])  # (B, H, n, n)
+    if causal:
+        partial = partial & torch.ones(n, n, dtype=torch.bool, device=groups.device).tril()
+
+    def mask_mod(b, h, q, kv):
+        g = gs[b, h, q]
+        ok = (g == gs[b, h, kv]) & (g >= 0)
+        return ok & (kv <= q) if causal else ok
+
+    return order, _to_block_mask(partial, None, F, T, mask_mod)
+
+
+def flex_grouped(q: Tensor, k: Tensor, v: Tensor, groups: Tensor, causal: bool) -> Tensor:
+    """(B, H, T, hd) attention within content groups (B, H, T) via ``group_block_mask``."""
+    order, mask = group_block_mask(groups, causal)
+    idx = order[..., None].expand(*order.shape, q.shape[-1])  # (B, H, T, hd)
+    out = flex_attend(q.gather(2, idx), k.gather(2, idx), v.gather(2, idx), mask)  # sorted order
+    return torch.zeros_like(out).scatter(2, idx, out)  # back to token order
+
+
 # ----------------------------------------------------------------------------------------------
 # the opt-in local path of earlier releases, kept for callers of ``flex_local``
 

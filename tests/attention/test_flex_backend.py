@@ -24,7 +24,7 @@ LEARNED = {
 }
 
 
-def implied_mask(bm, T: int) -> torch.Tensor:
+def implied_mask(bm, T: int, tight: bool = True) -> torch.Tensor:
     """The (B, H, T, T) token mask a BlockMask implies: full blocks all True, partial blocks
     ``mask_mod`` evaluated on their own F x F tile (never over all T^2 pairs at once)."""
     Fq, Fk = bm.BLOCK_SIZE
@@ -49,7 +49,7 @@ def implied_mask(bm, T: int) -> torch.Tensor:
                             if full
                             else bm.mask_mod(torch.tensor(b), torch.tensor(h), q[:, None], kv[None, :])
                         )
-                        if not full:  # tight: a partial block holds an allowed and a forbidden pair
+                        if tight and not full:  # tight: a partial block holds an allowed and a forbidden pair
                             assert tile.any() and not tile.all(), (b, h, qb, kb)
                         out[b, h, q[:, None], kv[None, :]] = tile
     assert seen.max() <= 1
@@ -98,6 +98,24 @@ def test_routes_block_mask_implies_the_routes_mask(kind, causal, F):
         blocks = attn._route_all(q, k, None)  # (B, H, nqb, K)
     bm = flex.routes_block_mask(blocks, attn.block_size, causal, T, F=F)
     assert torch.equal(implied_mask(bm, T), BlockRoutes(blocks, attn.block_size, causal).mask(T))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_group_block_mask_implies_same_group_attention_in_sorted_order(causal):
+    B, Hh, T = 2, 2, 50
+    groups = torch.randint(0, 5, (B, Hh, T), generator=torch.Generator().manual_seed(2))
+    groups[1, :, -7:] = -1  # padded tokens: no group
+    order, bm = flex.group_block_mask(groups, causal, F=8)
+    sorted_mask = implied_mask(bm, T, tight=False)  # (B, H, T, T) over sorted positions
+    got = torch.zeros_like(sorted_mask)
+    bi, hi = torch.arange(B)[:, None, None, None], torch.arange(Hh)[None, :, None, None]
+    got[bi, hi, order[..., :, None], order[..., None, :]] = sorted_mask
+    pos = torch.arange(T)
+    want = (groups[..., :, None] == groups[..., None, :]) & (groups >= 0)[..., :, None]
+    want = want & (pos[None, :] <= pos[:, None]) if causal else want
+    assert torch.equal(got, want)
+    listed = int(bm.kv_num_blocks.sum())
+    assert listed < B * Hh * 7 * (8 if causal else 7)  # sorted groups skip blocks (not all n^2)
 
 
 def test_routes_block_mask_rejects_a_flex_block_that_splits_route_blocks():
@@ -192,6 +210,24 @@ def test_compiled_flex_forward_equals_dense_for_moba_routes_without_recompiling(
             torch.testing.assert_close(out, reference_attention(q, k, v, routes.mask(T)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_compiled_flex_forward_equals_the_engine_for_kmeans_with_padding():
+    spec = dict(kind="kmeans", num_clusters=3, local_heads=1, window=8, block_size=16)
+    attn = build(dict(spec, backend="flex"), causal=True, max_seq_len=256)
+    engine = build(dict(spec, backend="engine"), causal=True, max_seq_len=256)
+    engine.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 150, H * 8, generator=torch.Generator().manual_seed(4))
+    padding = torch.zeros(2, 150, dtype=torch.bool)
+    padding[1, -20:] = True
+    with torch.no_grad():
+        out, routes = attn.eval()(x, padding_mask=padding, return_routes=True)
+        want, want_routes = engine.eval()(x, padding_mask=padding, return_routes=True)
+    assert not attn.__dict__.get("_flex_failed", False)
+    torch.testing.assert_close(routes.groups, want_routes.groups)
+    real = ~padding[:, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], want[real], atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only: forward and backward of every kind against the dense reference (skipped without a GPU)
 
@@ -244,3 +280,21 @@ def test_cuda_model_trains_a_step_on_flex_in_bf16():
         out = model(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_kmeans_flex_forward_and_backward_equal_the_engine(causal):
+    spec = dict(kind="kmeans", num_clusters=3, local_heads=1, window=16, block_size=32)
+    attn = build(spec, causal=causal, max_seq_len=512, d_model=H * 32).cuda().eval()
+    engine = build(dict(spec, backend="engine"), causal=causal, max_seq_len=512, d_model=H * 32).cuda().eval()
+    engine.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 300, H * 32, generator=torch.Generator().manual_seed(4)).cuda()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = attn(xa), engine(xb)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    assert not attn.__dict__.get("_flex_failed", False)
+    torch.testing.assert_close(out, want, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=2e-4, rtol=1e-3)
