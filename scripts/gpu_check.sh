@@ -39,7 +39,7 @@ run() {  # name, timeout (s), command...: record the exit status, keep going
 run pytest_cuda 1800 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/attention tests/moe -rs \
   --junitxml "$WORK/pytest_cuda.xml"
 run attention 3600 "$PY" benchmarks/attention.py --device cuda --dtype bf16 --repeats 3 --sizes $SIZES \
-  --kinds local strided fixed longformer bigbird moba block_topp --json "$WORK/attention.json"
+  --kinds local strided fixed longformer bigbird kmeans moba block_topp --json "$WORK/attention.json"
 run moe 1800 "$PY" benchmarks/moe_layer.py --device cuda --dtype bf16 --reps 5 --cases $CASES \
   --activations swiglu --out "$WORK/moe.json"
 run train_step 1800 "$PY" benchmarks/gpu_step.py --device cuda $STEP --attention moba local --json "$WORK/train_step.json"
