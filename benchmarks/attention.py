@@ -37,7 +37,16 @@ from routelab import ModelConfig
 from routelab.attention import build_attention
 
 H, HD = 8, 64
-BACKEND_KINDS = ("local", "strided", "fixed", "longformer", "bigbird", "kmeans", "moba", "block_topp")  # attention.backend
+BACKEND_KINDS = (
+    "local",
+    "strided",
+    "fixed",
+    "longformer",
+    "bigbird",
+    "kmeans",
+    "moba",
+    "block_topp",
+)  # attention.backend
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
