@@ -106,6 +106,13 @@ def build(attention: dict, n: int, causal: bool, setup: Setup = CPU):
 
 
 def runner(name: str, n: int, causal: bool, setup: Setup = CPU):
+    """The timed function of a kind; ``fn.attn`` is its module (None for dense SDPA)."""
+    fn = _runner(name, n, causal, setup)
+    fn.attn = getattr(fn, "attn", None)
+    return fn
+
+
+def _runner(name: str, n: int, causal: bool, setup: Setup):
     if name == "dense":
         return lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, is_causal=causal), None)
     if name == "kmeans-loop":
@@ -123,10 +130,13 @@ def runner(name: str, n: int, causal: bool, setup: Setup = CPU):
 
         return synth
     if name == "kmeans":
-        return lambda q, k, v: attn._full(q, q, v, None)  # shared QK: q routes and is the key
-    if name in ("moba", "block_topp"):
-        return lambda q, k, v: attn.attend_routes(q, k, v, None, None)
-    return lambda q, k, v: (attn.attend(q, k, v, None, 0), None)
+        fn = lambda q, k, v: attn._full(q, q, v, None)  # noqa: E731  (shared QK: q routes and is the key)
+    elif name in ("moba", "block_topp"):
+        fn = lambda q, k, v: attn.attend_routes(q, k, v, None, None)  # noqa: E731
+    else:
+        fn = lambda q, k, v: (attn.attend(q, k, v, None, 0), None)  # noqa: E731
+    fn.attn = attn
+    return fn
 
 
 def kmeans_loop(attn, q, v):
@@ -304,8 +314,8 @@ def bench_size(n: int, kinds: list[str], causal: bool, repeats: int, limit_gb: f
 
 
 def backend_of(fn) -> str:
-    """The backend a kind ran on ("flex" if it ever fell back is reported as "engine")."""
-    attn = next((c.cell_contents for c in (fn.__closure__ or ()) if hasattr(c.cell_contents, "cfg")), None)
+    """The backend a kind's training step ran on (a failed flex fell back to the engine)."""
+    attn = fn.attn
     if attn is None or not hasattr(attn.cfg, "backend"):
         return "engine"
     if attn.__dict__.get("_flex_failed", False):
