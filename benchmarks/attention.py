@@ -4,9 +4,14 @@
     python benchmarks/attention.py --sizes 4096 --kinds local moba --repeats 5
     python benchmarks/attention.py --bidirectional --json out.json
     python benchmarks/attention.py --quality                 # train the presets with each kind
+    python benchmarks/attention.py --device cuda --dtype bf16 --sizes 16384 131072   # on a GPU
 
 Batch 1, 8 heads, head dim 64, fp32, the attention operation alone (q, k, v given; projections
-excluded). Each round times dense SDPA and then every kind, fwd+bwd, in the same process; the
+excluded) by default; ``--device cuda --dtype bf16`` times the same on a GPU, where the kinds with
+``attention.backend`` run on FlexAttention (``--backend`` forces one) and peak memory is CUDA's
+allocator peak.
+
+Each round times dense SDPA and then every kind, fwd+bwd, in the same process; the
 reported speedup is the median over rounds of the paired ratio dense / kind (timing on a shared
 machine is noisy). The ideal speedup is dense FLOPs / the kind's FLOPs, counting only the (query,
 key) pairs the kind's definition allows (for learned kinds: the pairs of the routes it chose).
@@ -32,6 +37,36 @@ from routelab import ModelConfig
 from routelab.attention import build_attention
 
 H, HD = 8, 64
+BACKEND_KINDS = (
+    "local",
+    "strided",
+    "fixed",
+    "longformer",
+    "bigbird",
+    "kmeans",
+    "moba",
+    "block_topp",
+)  # attention.backend
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Setup:
+    """Where and how the kinds run: device, dtype, attention backend (None = the kind's default)."""
+
+    def __init__(self, device: str = "cpu", dtype: str = "fp32", backend: str | None = None) -> None:
+        self.device, self.dtype, self.backend = torch.device(device), DTYPES[dtype], backend
+        self.dtype_name = dtype
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+CPU = Setup()
 
 
 def kind_configs(n: int) -> dict[str, dict]:
@@ -49,7 +84,9 @@ def kind_configs(n: int) -> dict[str, dict]:
     }
 
 
-def build(attention: dict, n: int, causal: bool):
+def build(attention: dict, n: int, causal: bool, setup: Setup = CPU):
+    if setup.backend and attention["kind"] in BACKEND_KINDS:
+        attention = dict(attention, backend=setup.backend)
     cfg = ModelConfig(
         vocab_size=2,
         d_model=H * HD,
@@ -61,22 +98,31 @@ def build(attention: dict, n: int, causal: bool):
         positions="none",
         attention=attention,
     )
-    return build_attention(cfg, layer_idx=0)
+    return build_attention(cfg, layer_idx=0).to(setup.device, setup.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # the functions timed: (q, k, v) -> (out, routes or None)
 
 
-def runner(name: str, n: int, causal: bool):
+def runner(name: str, n: int, causal: bool, setup: Setup = CPU):
+    """The timed function of a kind; ``fn.attn`` is its module (None for dense SDPA)."""
+    fn = _runner(name, n, causal, setup)
+    fn.attn = getattr(fn, "attn", None)
+    return fn
+
+
+def _runner(name: str, n: int, causal: bool, setup: Setup):
     if name == "dense":
         return lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, is_causal=causal), None)
     if name == "kmeans-loop":
-        attn = build(kind_configs(n)["kmeans"], n, causal).eval()
+        attn = build(kind_configs(n)["kmeans"], n, causal, setup).eval()
         return lambda q, k, v: kmeans_loop(attn, q, v)
-    attn = build(kind_configs(n)[name], n, causal).eval()
+    attn = build(kind_configs(n)[name], n, causal, setup).eval()
     if name == "synthesizer":
-        x = torch.randn(1, n, H * HD, requires_grad=True)  # the synthesizer routes from x, not q . k
+        x = torch.randn(
+            1, n, H * HD, device=setup.device, dtype=setup.dtype, requires_grad=True
+        )  # the synthesizer routes from x, not q . k
 
         def synth(q, k, v):
             out, routes = attn(x, return_routes=True)
@@ -84,10 +130,13 @@ def runner(name: str, n: int, causal: bool):
 
         return synth
     if name == "kmeans":
-        return lambda q, k, v: attn._full(q, q, v, None)  # shared QK: q routes and is the key
-    if name in ("moba", "block_topp"):
-        return lambda q, k, v: attn.attend_routes(q, k, v, None, None)
-    return lambda q, k, v: (attn.attend(q, k, v, None, 0), None)
+        fn = lambda q, k, v: attn._full(q, q, v, None)  # noqa: E731  (shared QK: q routes and is the key)
+    elif name in ("moba", "block_topp"):
+        fn = lambda q, k, v: attn.attend_routes(q, k, v, None, None)  # noqa: E731
+    else:
+        fn = lambda q, k, v: (attn.attend(q, k, v, None, 0), None)  # noqa: E731
+    fn.attn = attn
+    return fn
 
 
 def kmeans_loop(attn, q, v):
@@ -112,12 +161,12 @@ def kmeans_loop(attn, q, v):
 # allowed (query, key) pairs per head
 
 
-def allowed_pairs(name: str, n: int, causal: bool, routes) -> float:
+def allowed_pairs(name: str, n: int, causal: bool, routes, setup: Setup = CPU) -> float:
     if name in ("dense", "synthesizer"):
         return n * (n + 1) / 2 if causal else n * n
     if name in ("kmeans", "kmeans-loop"):
         g = routes.groups.flatten(0, 1)  # (BH, T)
-        sizes = torch.zeros(g.shape[0], n + 1).scatter_add_(
+        sizes = torch.zeros(g.shape[0], n + 1, device=g.device).scatter_add_(
             1, torch.where(g >= 0, g, n), torch.ones_like(g, dtype=torch.float)
         )[:, :n]
         per = (sizes * (sizes + 1) / 2).sum(-1) if causal else (sizes**2).sum(-1)
@@ -127,8 +176,8 @@ def allowed_pairs(name: str, n: int, causal: bool, routes) -> float:
         chosen = (routes.blocks >= 0).sum(-1).double()  # (B, H, nqb)
         own = b * (b + 1) / 2 if causal else b * b
         return float((chosen * b * b + own).sum(-1).mean())
-    attn = build(kind_configs(n)[name], n, causal)
-    pos = torch.arange(n)
+    attn = build(kind_configs(n)[name], n, causal, setup)
+    pos = torch.arange(n, device=setup.device)
     total = 0.0
     step = 256
     for a in range(0, n, step):  # the kind's own definition, evaluated in row chunks
@@ -141,10 +190,12 @@ def allowed_pairs(name: str, n: int, causal: bool, routes) -> float:
 # measurement
 
 
-def fwd_bwd(fn, q, k, v, g) -> tuple[float, object]:
+def fwd_bwd(fn, q, k, v, g, setup: Setup = CPU) -> tuple[float, object]:
+    setup.sync()
     t0 = time.perf_counter()
     out, routes = fn(q, k, v)
     out.backward(g)
+    setup.sync()
     dt = time.perf_counter() - t0
     for t in (q, k, v):
         t.grad = None
@@ -208,28 +259,47 @@ def synthesizer_fits(n: int, limit_gb: float) -> bool:
     return (H * HD * H * n + 4 * H * n * n) * 4 / 1e9 < limit_gb
 
 
-def bench_size(n: int, kinds: list[str], causal: bool, repeats: int, limit_gb: float) -> list[dict]:
+def cuda_peaks(fns: dict, q, k, v, g, setup: Setup) -> dict[str, float]:
+    """Growth of CUDA's allocator peak over one fwd+bwd per kind (MB), inputs excluded."""
+    peaks = {}
+    for name, fn in fns.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd(fn, q, k, v, g, setup)
+        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peaks
+
+
+def bench_size(n: int, kinds: list[str], causal: bool, repeats: int, limit_gb: float, setup: Setup = CPU) -> list[dict]:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, H, n, HD, requires_grad=True) for _ in range(3))
-    g = torch.randn(1, H, n, HD)
+    like = dict(device=setup.device, dtype=setup.dtype)
+    q, k, v = (torch.randn(1, H, n, HD, **like, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, H, n, HD, **like)
     kinds = [x for x in kinds if x != "synthesizer" or synthesizer_fits(n, limit_gb)]
-    fns = {name: runner(name, n, causal) for name in ["dense", *kinds]}
+    fns = {name: runner(name, n, causal, setup) for name in ["dense", *kinds]}
     routes = {}
-    for name, fn in fns.items():  # warm up: plans, first touch of memory
-        routes[name] = fwd_bwd(fn, q, k, v, g)[1]
+    for name, fn in fns.items():  # warm up: plans, compiles, first touch of memory
+        routes[name] = fwd_bwd(fn, q, k, v, g, setup)[1]
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():  # dense first in every round: paired ratios
-            times[name].append(fwd_bwd(fn, q, k, v, g)[0])
+            times[name].append(fwd_bwd(fn, q, k, v, g, setup)[0])
     dense_pairs = allowed_pairs("dense", n, causal, None)
-    peaks = memory_table(n, [x for x in fns if x != "dense"], causal, limit_gb)
+    if setup.cuda:
+        peaks = cuda_peaks(fns, q, k, v, g, setup)
+    else:
+        peaks = memory_table(n, [x for x in fns if x != "dense"], causal, limit_gb)
     rows = []
     for name in fns:
         ratios = [d / t for d, t in zip(times["dense"], times[name])]
-        ideal = dense_pairs / allowed_pairs(name, n, causal, routes[name])
+        ideal = dense_pairs / allowed_pairs(name, n, causal, routes[name], setup)
         row = dict(
             n=n,
             kind=name,
+            device=setup.device.type,
+            dtype=setup.dtype_name,
+            backend=backend_of(fns[name]) if name != "dense" else "sdpa",
             ms=1000 * statistics.median(times[name]),
             dense_ms=1000 * statistics.median(times["dense"]),
             speedup=statistics.median(ratios),
@@ -241,6 +311,20 @@ def bench_size(n: int, kinds: list[str], causal: bool, repeats: int, limit_gb: f
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
+
+
+def backend_of(fn) -> str:
+    """The backend a kind's training step ran on (a failed flex fell back to the engine)."""
+    attn = fn.attn
+    if attn is None or not hasattr(attn.cfg, "backend"):
+        return "engine"
+    if attn.__dict__.get("_flex_failed", False):
+        return "engine (flex failed)"
+    import routelab.attention.flex as flex
+
+    probe = torch.empty(0, device=next(attn.parameters()).device)
+    with torch.enable_grad():
+        return flex.choose_backend(attn.cfg, probe, None, 0.0)
 
 
 def format_row(r: dict) -> str:
@@ -367,6 +451,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bidirectional", action="store_true", help="encoder attention (default: causal)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda: FlexAttention for the kinds that have it)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--backend", default=None, choices=["auto", "engine", "flex", "dense"], help="force a backend")
     p.add_argument("--synthesizer-gb", type=float, default=4.0, help="skip synthesizer sizes needing more")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--memory-only", type=int, default=None, help=argparse.SUPPRESS)  # child of memory_table
@@ -387,9 +474,11 @@ def main(argv=None) -> int:
     if args.memory_only:
         _memory_only(args.memory_only, args.kinds, causal, args.synthesizer_gb)
         return 0
+    setup = Setup(args.device, args.dtype, args.backend)
+    where = torch.cuda.get_device_name(setup.device) if setup.cuda else f"{torch.get_num_threads()} threads"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, {H} heads, head dim {HD}, "
-        f"{'causal' if causal else 'bidirectional'}, fp32, fwd+bwd, median of {args.repeats} paired rounds"
+        f"torch {torch.__version__}, {where}, batch 1, {H} heads, head dim {HD}, "
+        f"{'causal' if causal else 'bidirectional'}, {args.dtype}, fwd+bwd, median of {args.repeats} paired rounds"
     )
     print(
         f"{'n':>6s}  {'kind':12s} {'ms':>9s} {'dense ms':>9s} {'speedup':>9s} {'ideal':>9s} {'of ideal':>7s} {'peak MB':>8s}"
@@ -397,7 +486,7 @@ def main(argv=None) -> int:
     rows = []
     for n in args.sizes:
         kinds = [k for k in args.kinds if not (k == "kmeans-loop" and n > 16384)]
-        rows += bench_size(n, kinds, causal, args.repeats, args.synthesizer_gb)
+        rows += bench_size(n, kinds, causal, args.repeats, args.synthesizer_gb, setup)
     if args.json:
         write_json(args.json, rows)
     return 0

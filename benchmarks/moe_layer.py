@@ -11,6 +11,10 @@ the peak RSS growth (VmHWM) over the RSS before that step.
     python benchmarks/moe_layer.py [--reps 7] [--cases e8-top1 e64-top2 ...] [--activations relu swiglu]
         [--compare]  # also time the alternatives we measured before settling on the fused path
         [--threads N] [--no-memory] [--out FILE]
+    python benchmarks/moe_layer.py --device cuda --dtype bf16 --cases e64-top2 e128-top4 e256-top8
+
+On ``--device cuda`` the modules and tokens are cast to ``--dtype`` (default fp32), the shipped
+layer dispatches through ``torch._grouped_mm`` and peak memory is CUDA's allocator peak growth.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ CASES = {  # name: (experts E, expert hidden H, active K)
     "e8-top1": (8, 1024, 1),
     "e8-top2": (8, 1024, 2),
     "e64-top2": (64, 256, 2),
+    "e128-top4": (128, 128, 4),
     "e256-top8": (256, 64, 8),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GOALS = {"e8-top1": 1.05, "e8-top2": 1.05, "e64-top2": 1.15}
 
 
@@ -94,7 +100,7 @@ def alt_grouped_mm(moe, x):
     ex = moe.experts
     r, plan = _route(moe, x)
     xs = x.index_select(0, plan.token)
-    counts = torch.tensor(plan.counts)
+    counts = plan.expert_counts
     offs = torch.cumsum(counts, 0).to(torch.int32)
     h = torch._grouped_mm(xs, ex.w_in, offs=offs) + torch.repeat_interleave(ex.b_in, counts, dim=0)
     if ex.activation == "swiglu":
@@ -111,11 +117,11 @@ def alt_padded_bmm(moe, x):
     ex = moe.experts
     E = moe.num_experts
     r, plan = _route(moe, x)
-    counts = torch.tensor(plan.counts)
+    counts = plan.expert_counts
     C = int(counts.max())
     start = torch.cumsum(counts, 0) - counts
-    e_sorted = torch.repeat_interleave(torch.arange(E), counts)
-    dest = e_sorted * C + torch.arange(plan.num_pairs) - start[e_sorted]  # row in the (E*C) buffer
+    e_sorted = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
+    dest = e_sorted * C + torch.arange(plan.num_pairs, device=x.device) - start[e_sorted]  # row in the (E*C) buffer
     xp = x.new_zeros(E * C, D).index_copy(0, dest, x.index_select(0, plan.token)).view(E, C, D)
     h = torch.baddbmm(ex.b_in.unsqueeze(1), xp, ex.w_in)
     h = F.silu(torch.bmm(xp, ex.w_gate)) * h if ex.activation == "swiglu" else F.relu(h)
@@ -143,9 +149,16 @@ def build(case: str, activation: str, impl: str) -> nn.Module:
     return MoE(d_model=D, num_experts=E, hidden=H, router=router, activation=activation, **opts)
 
 
+def _sync(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
 def step(impl: str, module: nn.Module, x: torch.Tensor) -> float:
+    _sync(x)
     t0 = time.perf_counter()
     IMPLS[impl](module, x).sum().backward()
+    _sync(x)
     dt = time.perf_counter() - t0
     x.grad = None
     for p in module.parameters():
@@ -153,9 +166,11 @@ def step(impl: str, module: nn.Module, x: torch.Tensor) -> float:
     return dt
 
 
-def time_case(case: str, activation: str, impls: list[str], reps: int, warmup: int) -> dict:
-    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-    modules = {impl: build(case, activation, impl) for impl in ["dense", *impls]}
+def time_case(
+    case: str, activation: str, impls: list[str], reps: int, warmup: int, device="cpu", dtype=torch.float32
+) -> dict:
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(device, dtype).requires_grad_(True)
+    modules = {impl: build(case, activation, impl).to(device, dtype) for impl in ["dense", *impls]}
     for _ in range(warmup):
         for impl, m in modules.items():
             step(impl, m, x)
@@ -199,6 +214,17 @@ def memory_child(case: str, activation: str, impl: str) -> float:
     return _status_mb("VmHWM") - before
 
 
+def cuda_peak_memory(case: str, activation: str, impl: str, device, dtype) -> float:
+    """Growth of CUDA's allocator peak (MB) over one full-size step, after a warm-up step."""
+    m = build(case, activation, impl).to(device, dtype)
+    x = torch.randn(T, D, device=device, dtype=dtype).requires_grad_(True)
+    step(impl, m, x)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step(impl, m, x)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def peak_memory(case: str, activation: str, impl: str) -> float:
     cmd = [sys.executable, __file__, "--memory-child", case, activation, impl]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -217,6 +243,8 @@ def main() -> None:
     p.add_argument("--impls", nargs="+", help="candidates to time (default: fused, or all with --compare)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own, 2 here)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="modules and tokens (default fp32)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_layer.json"))
     p.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -227,16 +255,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     impls = args.impls or (["fused", "autograd_loop", "grouped_mm", "padded_bmm"] if args.compare else ["fused"])
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={T}, d_model={D}, fp32, fwd+bwd, load {load}"
-    )
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, T={T}, d_model={D}, {args.dtype}, fwd+bwd, load {load}")
     results = []
     for case in args.cases:
         for act in args.activations:
-            r = {"case": case, "activation": act, **time_case(case, act, impls, args.reps, args.warmup)}
+            r = {
+                "case": case,
+                "activation": act,
+                "device": device.type,
+                "dtype": args.dtype,
+                **time_case(case, act, impls, args.reps, args.warmup, device, dtype),
+            }
             if not args.no_memory:
                 for impl in ["dense", *impls]:
-                    r[f"{impl}_peak_mb"] = peak_memory(case, act, impl)
+                    if device.type == "cuda":
+                        r[f"{impl}_peak_mb"] = cuda_peak_memory(case, act, impl, device, dtype)
+                    else:
+                        r[f"{impl}_peak_mb"] = peak_memory(case, act, impl)
             results.append(r)
             E, H, K = CASES[case]
             cells = "  ".join(f"{impl} {r[f'{impl}_ms']:7.0f} ms {r[f'{impl}_ratio']:5.2f}x" for impl in impls)

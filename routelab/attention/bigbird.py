@@ -11,10 +11,12 @@ prefix keeps its pattern as the sequence grows, and cached decoding equals recom
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+import routelab.attention.flex as flex
 from routelab.attention.base import QKVAttention
 from routelab.attention.engine import Part, Windows
 from routelab.attention.patterns import SparsePatternAttention, pair_mask, sliding_parts
@@ -32,6 +34,7 @@ class BigBirdAttentionConfig(AttentionConfig):
     num_global_blocks: int = 1  # the first g blocks are global (ITC)
     num_random_blocks: int = 2  # r random key blocks per query block and head
     seed: int = 0  # seeds the random blocks (with the layer index)
+    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +88,19 @@ class BigBirdAttention(SparsePatternAttention, QKVAttention):
         qb, kb = (i // self.block_size).expand_as(j + i), (j // self.block_size).expand_as(j + i)
         ok = layout[:, qb, kb]
         return ok & (j <= i) if self.causal else ok
+
+    def flex_mask_mod(self, T: int, device):
+        """``allow`` as a lookup in the (H, nb, nb) block layout, padded for FlexAttention's tail."""
+        b, nb = self.block_size, -(-T // self.block_size)
+        pad = -(-(-(-T // flex.FLEX_BLOCK) * flex.FLEX_BLOCK) // b) - nb  # blocks up to the padded length
+        layout = torch.nn.functional.pad(self.block_layout(nb, device), (0, pad, 0, pad))  # (H, nb+pad, nb+pad)
+        causal = self.causal
+
+        def mask_mod(b_, h, q, kv):
+            ok = layout[h, q // b, kv // b]
+            return ok & (kv <= q) if causal else ok
+
+        return mask_mod
 
     def build_parts(self, T: int, device) -> list[Part]:
         """Four parts, merged by log-sum-exp: for the non-global query blocks, the sliding block window

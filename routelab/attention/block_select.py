@@ -15,15 +15,19 @@ and cached decoding equals recomputation). Decoding keeps per-block key means an
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import Tensor
 
+import routelab.attention.flex as flex
 from routelab.attention.base import KVCache, QKVAttention
 from routelab.attention.engine import Part, Windows, attend_parts, reference_attention
 from routelab.attention.routes import BlockRoutes
 from routelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def block_means(k: Tensor, block_size: int, keep: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -101,8 +105,21 @@ class BlockSelectAttention(QKVAttention):
         T = q.shape[2]
         keep = ~padding_mask if padding_mask is not None else None
         blocks = self._route_all(q, k, keep)
-        out = attend_parts(q, k, v, self.routed_parts(blocks, T), padding_mask=padding_mask, dropout_p=self.dropout_p)
-        return out, self._routes(blocks, keep, T)
+        return self._attend_blocks(q, k, v, blocks, padding_mask), self._routes(blocks, keep, T)
+
+    def _attend_blocks(self, q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """Attention under the chosen blocks (B, H, nqb, K) on the configured backend (``flex.py``)."""
+        T = q.shape[2]
+        backend = flex.choose_backend(self.cfg, q, padding_mask, self.dropout_p)
+        if backend == "flex" and not self.__dict__.get("_flex_failed", False):
+            try:
+                return flex.flex_attend(q, k, v, flex.routes_block_mask(blocks, self.block_size, self.causal, T))
+            except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
+                self._flex_failed = True
+                log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
+        if backend == "dense":  # the reference: O(T^2) mask
+            return reference_attention(q, k, v, BlockRoutes(blocks, self.block_size, self.causal).mask(T), padding_mask)
+        return attend_parts(q, k, v, self.routed_parts(blocks, T), padding_mask=padding_mask, dropout_p=self.dropout_p)
 
     def _route_all(self, q: Tensor, k: Tensor, keep: Tensor | None) -> Tensor:
         kmean, kvalid = block_means(k, self.block_size, keep)

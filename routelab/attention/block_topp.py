@@ -29,6 +29,7 @@ class BlockTopPAttentionConfig(AttentionConfig):
     top_p: float = 0.9  # routing mass to cover
     max_blocks: int = 8  # cap on chosen key blocks per query block (besides its own)
     router_query: Literal["auto", "mean", "first"] = "auto"  # auto: mean (encoder) / first (causal)
+    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

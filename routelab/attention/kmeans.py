@@ -21,6 +21,7 @@ Option: the first ``local_heads`` heads attend to a local window instead (as in 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import routelab.attention.flex as flex
 from routelab.attention.base import KVCache, QKVAttention
 from routelab.attention.engine import Part, attend_parts, reference_attention
 from routelab.attention.patterns import band, band_parts
@@ -35,6 +37,8 @@ from routelab.attention.routes import ClusterRoutes
 from routelab.errors import ConfigError, check, check_fraction, check_positive
 from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +51,7 @@ class KMeansAttentionConfig(AttentionConfig):
     window: int = 64  # w of the local heads
     block_size: int = 64  # query block of the local heads (speed only)
     assignment: Literal["auto", "balanced", "nearest"] = "auto"  # auto: balanced (encoder) / nearest (causal)
+    backend: Literal["auto", "engine", "flex"] = "auto"  # routed heads; auto: FlexAttention on CUDA, else engine
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -250,10 +255,22 @@ class KMeansAttention(QKVAttention):
                 else int((real.sum(-1).max() + self.num_clusters - 1) // self.num_clusters)
             )
             buckets, dense = group_slots(groups.reshape(B * Hr, T), max(m, 1))
-            # every token is in one group: the parts are exclusive; empty slots trail each group
-            parts = [Part(sl, sl, None, causal=self.causal, trusted=self.causal, exclusive=True) for sl in buckets]
             qr, vr = q[:, lh:], v[:, lh:]
-            outs.append(attend_parts(qr, qr, vr, parts, dropout_p=self.dropout_p))
+            # padding is in the groups (padded tokens have none), so it does not force the engine
+            out_r = None
+            if flex.choose_backend(self.cfg, q, None, self.dropout_p) == "flex" and not self.__dict__.get(
+                "_flex_failed", False
+            ):
+                try:
+                    out_r = flex.flex_grouped(qr, qr, vr, groups, self.causal)
+                except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
+                    self._flex_failed = True
+                    log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
+            if out_r is not None:
+                outs.append(out_r)
+            else:  # every token is in one group: the parts are exclusive; empty slots trail each group
+                parts = [Part(sl, sl, None, causal=self.causal, trusted=self.causal, exclusive=True) for sl in buckets]
+                outs.append(attend_parts(qr, qr, vr, parts, dropout_p=self.dropout_p))
             groups = dense.view(B, Hr, T)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         full_groups = torch.cat([torch.full((B, lh, T), -1, dtype=torch.long, device=q.device), groups], 1)

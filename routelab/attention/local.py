@@ -10,8 +10,8 @@ Decoding keeps only the last w keys: memory is constant in the context length.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -23,8 +23,6 @@ from routelab.errors import check_positive
 from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class LocalAttentionConfig(AttentionConfig):
@@ -32,7 +30,8 @@ class LocalAttentionConfig(AttentionConfig):
 
     window: int = 128  # w: bidirectional |i-j| <= w, causal 0 <= i-j <= w
     block_size: int = 64  # query block of the block-sparse engine (speed only; results are exact)
-    flex_inference: bool = False  # without autograd, use compiled FlexAttention (a slow compile per shape)
+    flex_inference: bool = False  # also on CPU: compiled FlexAttention without autograd (a slow compile per shape)
+    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,19 +49,6 @@ class LocalAttention(SparsePatternAttention, QKVAttention):
 
     def allow(self, i: Tensor, j: Tensor) -> Tensor:
         return band(i, j, self.window, self.causal)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
-        T, S = q.shape[2], k.shape[2]
-        if self.cfg.flex_inference and not torch.is_grad_enabled() and padding_mask is None and offset == 0 and T == S:
-            if not getattr(self, "_flex_failed", False):
-                try:
-                    from routelab.attention.flex import flex_local
-
-                    return flex_local(q, k, v, self.window, self.causal)
-                except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
-                    self._flex_failed = True
-                    log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
-        return super().attend(q, k, v, padding_mask, offset)
 
     def build_parts(self, T: int, device) -> list[Part]:
         return band_parts(T, self.window, self.block_size, self.causal, device)

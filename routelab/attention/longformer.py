@@ -10,10 +10,12 @@ window: O(n (w + G)) work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+import routelab.attention.flex as flex
 from routelab.attention.base import QKVAttention
 from routelab.attention.engine import Part, Windows
 from routelab.attention.patterns import SparsePatternAttention, band, band_parts, pair_mask
@@ -29,6 +31,7 @@ class LongformerAttentionConfig(AttentionConfig):
     window: int = 64  # w: |i - j| <= w (0 <= i - j <= w when causal)
     global_tokens: list[int] = field(default_factory=lambda: [0])  # positions with global attention (0 = CLS)
     block_size: int = 64  # query block of the band part (speed only)
+    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,6 +64,19 @@ class LongformerAttention(SparsePatternAttention, QKVAttention):
         if self.causal:
             glob = glob & (j <= i)
         return band(i, j, self.window, self.causal) | glob
+
+    def flex_mask_mod(self, T: int, device):
+        """``allow`` with a (padded length,) table of global positions instead of ``isin``."""
+        n = -(-T // flex.FLEX_BLOCK) * flex.FLEX_BLOCK  # FlexAttention may ask about padded positions
+        g = self.global_positions.to(device)
+        is_global = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, g[g < n], True)
+        window, causal = self.window, self.causal
+
+        def mask_mod(b, h, q, kv):
+            glob = is_global[q] | is_global[kv]
+            return band(q, kv, window, causal) | (glob & (kv <= q) if causal else glob)
+
+        return mask_mod
 
     def build_parts(self, T: int, device) -> list[Part]:
         g = self.global_positions.to(device)

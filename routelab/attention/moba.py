@@ -24,6 +24,7 @@ class MoBAAttentionConfig(AttentionConfig):
     block_size: int = 64  # b: tokens per block (routing unit)
     top_k: int = 3  # key blocks chosen per query block, besides its own
     router_query: Literal["auto", "mean", "first"] = "auto"  # auto: mean (encoder) / first (causal)
+    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

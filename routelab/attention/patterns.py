@@ -9,10 +9,15 @@ the local window of Beltagy et al. 2020 ("Longformer", sec. 3.1) and of Child et
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
+import routelab.attention.flex as flex
 from routelab.attention.engine import Part, Spec, Windows, attend_parts, reference_attention, spec_positions
+
+log = logging.getLogger(__name__)
 
 
 def band(i: Tensor, j: Tensor, window: int, causal: bool) -> Tensor:
@@ -89,6 +94,21 @@ class SparsePatternAttention:
             cache[key] = self.build_parts(T, device)
         return cache[key]
 
+    def flex_mask_mod(self, T: int, device):
+        """FlexAttention's token predicate ``(b, h, q, kv) -> bool`` in partial blocks: ``allow``, or a
+        table lookup where ``allow`` is not elementwise (BigBird, Longformer override this)."""
+        return lambda b, h, q, kv: self.allow(q, kv)
+
+    def flex_block_mask(self, T: int, device):
+        """The pattern's ``BlockMask`` (see ``flex.pattern_block_mask``), cached per length and device."""
+        cache = self.__dict__.setdefault("_flex_masks", {})
+        key = (T, str(device))
+        if key not in cache:
+            if len(cache) >= self.max_cached_plans:
+                cache.clear()
+            cache[key] = flex.pattern_block_mask(self.parts(T, device), T, self.flex_mask_mod(T, device), device=device)
+        return cache[key]
+
     def mask(self, seq_len: int) -> Tensor:
         """Bool (seq_len, seq_len), True = may attend (per head (H, T, T) for BigBird)."""
         pos = torch.arange(seq_len, device=self.q_proj.weight.device)
@@ -102,6 +122,15 @@ class SparsePatternAttention:
     def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
         T, S = q.shape[2], k.shape[2]
         if offset == 0 and T == S:
+            backend = flex.choose_backend(self.cfg, q, padding_mask, self.dropout_p)
+            if backend == "flex" and not self.__dict__.get("_flex_failed", False):
+                try:
+                    return flex.flex_attend(q, k, v, self.flex_block_mask(T, q.device))
+                except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
+                    self._flex_failed = True
+                    log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
+            if backend == "dense":  # the reference: O(T^2) mask
+                return reference_attention(q, k, v, self.mask(T).to(q.device), padding_mask)
             parts = self.parts(T, q.device)
             return attend_parts(q, k, v, parts, padding_mask=padding_mask, dropout_p=self.dropout_p)
         # decoding: the new rows of the pattern over the cached keys (keys are the last S positions)

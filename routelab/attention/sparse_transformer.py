@@ -14,6 +14,7 @@ summary keys) and the parts are merged exactly by log-sum-exp.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ class StridedAttentionConfig(AttentionConfig):
     stride: int = 64  # l: query i also sees j with (i - j) mod l == 0
     window: int | None = None  # w of the local part; None = stride (the paper's A(1))
     block_size: int = 64  # query block of the local part (speed only)
+    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,6 +49,7 @@ class FixedAttentionConfig(AttentionConfig):
 
     stride: int = 64  # l: block length
     summary: int = 4  # c: summary positions at the end of each block (the paper used 8-32 for l=128)
+    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

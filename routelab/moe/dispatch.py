@@ -29,7 +29,9 @@ Shape legend: T tokens, K slots per token, N active pairs, E experts, D model di
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from routelab.ffn.dense import activate
 from routelab.moe.threads import Workspace, WorkSplit
 
 # ----------------------------------------------------------------------------------------------
@@ -83,46 +86,55 @@ def apply_capacity(
 class DispatchPlan:
     """Where every active (token, slot) pair lives in the expert-sorted buffer.
 
+    Built without a host sync: ``expert_counts`` stays on the tokens' device, and the Python-side
+    views (``counts``, ``token``, ``num_pairs``) are computed on first use, by the per-expert loop
+    path only (the ``torch._grouped_mm`` path reads the device tensor).
+
     Attributes:
         order: (T*K,) slot index of each sorted position; the first N are the active pairs.
         inv: (T, K) sorted position of each slot (the inverse of ``order``).
-        token: (N,) token of each sorted pair.
-        counts: E Python ints, pairs per expert (the slice lengths).
+        expert_counts: (E,) int64 on the device, pairs per expert.
         weight: (T, K) float, 1 for active slots and 0 for dropped ones, or None if all active.
     """
 
     order: Tensor
     inv: Tensor
-    token: Tensor
-    counts: list[int]
+    expert_counts: Tensor
     weight: Tensor | None
+
+    @functools.cached_property
+    def counts(self) -> list[int]:
+        """E Python ints, pairs per expert (the slice lengths; a host sync on an accelerator)."""
+        return self.expert_counts.tolist()
+
+    @functools.cached_property
+    def token(self) -> Tensor:
+        """(N,) token of each sorted active pair."""
+        return torch.div(self.order[: self.num_pairs], self.inv.shape[1], rounding_mode="floor")
 
     @property
     def num_pairs(self) -> int:
-        return self.token.shape[0]
+        return sum(self.counts)
 
 
 def plan_dispatch(expert_idx: Tensor, active: Tensor | None, num_experts: int) -> DispatchPlan:
     """Sort the active pairs by expert (stable, so tokens keep their order within an expert).
 
-    Shapes: expert_idx, active (T, K).
+    Shapes: expert_idx, active (T, K). No host sync (see ``DispatchPlan``).
     """
     T, K = expert_idx.shape
     key = expert_idx.reshape(-1)
     if active is not None:
         key = torch.where(active.reshape(-1), key, num_experts)  # inactive pairs sort last
     order = torch.argsort(key, stable=True)  # (T*K,)
-    counts = torch.bincount(key, minlength=num_experts + 1).tolist()
-    n = sum(counts[:num_experts])
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]  # (E,) on the device
     inv = torch.empty_like(order)
     inv[order] = torch.arange(T * K, device=order.device)
     weight = None
     if active is not None:  # dropped slots read row 0 with weight 0 (embedding_bag needs a valid row)
         inv = torch.where(active.reshape(-1), inv, 0)
         weight = active.to(torch.float32)
-    return DispatchPlan(
-        order, inv.view(T, K), torch.div(order[:n], K, rounding_mode="floor"), counts[:num_experts], weight
-    )
+    return DispatchPlan(order, inv.view(T, K), counts, weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,14 +298,71 @@ def _swiglu_backward(ga: Tensor, h: Tensor, hg: Tensor, sg: Tensor, d_hg: Tensor
     ga.mul_(sg)
 
 
+GROUPED_IMPLS = ("auto", "loop", "grouped_mm")
+
+
+def grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm_experts(experts, x: Tensor, gates: Tensor, plan: DispatchPlan) -> Tensor:
+    """The accelerator path: one ``torch._grouped_mm`` per weight matrix over all T*K sorted slots.
+
+    Same math as ``_GroupedExperts`` (and ``reference_combine``), differentiated by autograd. The
+    group offsets are a device tensor and no shape depends on the routing, so the hot path has no
+    host sync: every slot is laid out (dropped ones sort last, past the final offset), and rows past
+    the final offset, which ``_grouped_mm`` leaves undefined, are zeroed on the way in and out.
+
+    Shapes: x (T, D), gates (T, K) -> y (T, D); R = T*K sorted rows.
+    """
+    T, K = plan.inv.shape
+    E = plan.expert_counts.shape[0]
+    offs = torch.cumsum(plan.expert_counts, 0).to(torch.int32)  # (E,) end row of each expert's group
+    row = torch.arange(T * K, device=x.device)
+    valid = (row < offs[-1])[:, None]  # (R, 1): rows of an active pair
+    expert = torch.searchsorted(offs, row.to(torch.int32), right=True).clamp(max=E - 1)  # (R,) expert of each row
+    tok = torch.div(plan.order, K, rounding_mode="floor")  # (R,) token of each sorted slot
+    xs = torch.where(valid, x.index_select(0, tok), 0)  # (R, D)
+
+    def linear(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # rows past the last offset stay 0
+        out = torch._grouped_mm(a, w.to(a.dtype), offs=offs)  # (R, w.shape[2])
+        return torch.where(valid, out if b is None else out + b.to(out.dtype).index_select(0, expert), 0)
+
+    h = linear(xs, experts.w_in, experts.b_in)  # (R, H)
+    gate = linear(xs, experts.w_gate, experts.b_gate) if experts.activation == "swiglu" else None
+    eo = linear(activate(h, gate, experts.activation), experts.w_out, experts.b_out)  # (R, D)
+    w = gates.to(eo.dtype) if plan.weight is None else gates.to(eo.dtype) * plan.weight.to(eo.dtype)
+    return F.embedding_bag(plan.inv, eo, mode="sum", per_sample_weights=w)  # (T, D): gather, gate, sum over K
+
+
 def grouped_experts(
-    experts, x: Tensor, gates: Tensor, plan: DispatchPlan, workspace: Workspace | None = None
+    experts,
+    x: Tensor,
+    gates: Tensor,
+    plan: DispatchPlan,
+    workspace: Workspace | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """The fast sparse path: x (T, D), gates (T, K) -> y (T, D) = sum_k gates * expert(x).
 
     ``workspace``: the calling layer's ``Workspace`` (helper threads; buffer reuse while
-    training), or None to run everything on the calling thread with fresh buffers.
+    training), or None to run everything on the calling thread with fresh buffers. The thread pool
+    is for CPU tensors only: on an accelerator it is never used.
+    ``impl``: "loop" (the per-expert matmul Function above, any device), "grouped_mm"
+    (``grouped_mm_experts``), or "auto": grouped_mm on an accelerator where torch has it, else loop.
     """
+    if impl not in GROUPED_IMPLS:
+        raise ValueError(f"impl={impl!r} is invalid; allowed: {', '.join(map(repr, GROUPED_IMPLS))}")
+    on_cpu = x.device.type == "cpu"
+    if impl == "auto":
+        impl = "grouped_mm" if not on_cpu and grouped_mm_available() else "loop"
+    if impl == "grouped_mm":
+        try:
+            return grouped_mm_experts(experts, x, gates, plan)
+        except (RuntimeError, NotImplementedError) as e:  # e.g. a dtype or alignment the kernel lacks
+            if on_cpu:
+                raise
+            warnings.warn(f"torch._grouped_mm failed ({e}); using one matmul per expert", stacklevel=2)
     return _GroupedExperts.apply(
         x,
         gates,
@@ -305,6 +374,6 @@ def grouped_experts(
         experts.b_out,
         plan,
         experts.activation,
-        workspace,
+        workspace if on_cpu else None,
         torch.is_grad_enabled(),
     )

@@ -16,7 +16,7 @@ def test_local_falls_back_to_the_engine_when_flex_fails(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(flex, "flex_local", broken)
+    monkeypatch.setattr(flex, "flex_attend", broken)
     with torch.no_grad():
         out = attn.attend(q, k, v, None, 0)
     pos = torch.arange(20)
