@@ -60,6 +60,8 @@ class DenseFFN(FeedForward):
     def __init__(self, cfg, layer_idx: int = 0) -> None:
         super().__init__(cfg.d_model, cfg.ffn_hidden, cfg.ffn.activation, cfg.ffn.bias)
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> FFNOutput:
-        """x: (..., D) -> FFNOutput(hidden (..., D)); token_ids and padding_mask are unused here."""
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None, task_ids: Tensor | None = None
+    ) -> FFNOutput:
+        """x: (..., D) -> FFNOutput(hidden (..., D)); token_ids, padding_mask and task_ids are unused here."""
         return FFNOutput(self.ffn(x))

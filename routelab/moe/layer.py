@@ -159,8 +159,8 @@ class MoE(nn.Module):
         return f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}, impl={self.impl!r}"
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> MoEOutput:
-        """x (..., D); token_ids (...) (hash routing); padding_mask (...) bool, True = padding.
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None, task_ids: Tensor | None = None) -> MoEOutput:
+        """x (..., D); token_ids (...) (hash routing); padding_mask (...) bool, True = padding; task_ids (...) (multi-task runs; unused yet).
 
         Padding tokens are not routed, count in no loss or statistic, and get output 0.
 
