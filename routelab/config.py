@@ -439,7 +439,9 @@ class Config:
 def _task_heads_first(data: Any) -> Any:
     """A multi-task config's model section gets ``task_heads`` before it is built, so that
     ``model.causal`` (when null) is derived from the tasks' heads, not from ``model.head``."""
-    if not isinstance(data, dict) or not isinstance(data.get("data"), dict) or not isinstance(data["data"].get("tasks"), list):
+    if not isinstance(data, dict) or not isinstance(data.get("data"), dict) or not data["data"].get("tasks"):
+        return data
+    if not isinstance(data["data"]["tasks"], list):
         return data
     model = data.get("model", {})
     if not isinstance(model, dict) or "task_heads" in model:

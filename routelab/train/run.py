@@ -205,7 +205,8 @@ def config_differences(saved: Config, requested: Config, ignore: tuple[str, ...]
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
-        if key in ("model.vocab_size", "model.num_labels", "model.task_num_labels") and b.get(key) in (None, [None] * len(a.get(key) or [])):
+        unset = b.get(key) is None or (isinstance(b.get(key), list) and all(v is None for v in b[key]))  # filled from the data
+        if key in ("model.vocab_size", "model.num_labels", "model.task_num_labels") and unset:
             continue
         if a.get(key) != b.get(key):
             differing.append(f"{key} ({a.get(key)!r} -> {b.get(key)!r})")

@@ -20,7 +20,7 @@ from routelab.train.trainer import task_batches
 
 
 def multi_config(data_dir, overrides=(), tasks=None) -> Config:
-    tasks = tasks or [
+    tasks = tasks if tasks is not None else [
         {"name": "text", "source": str(data_dir / "tiny.txt"), "head": "lm"},
         {"name": "letters", "source": str(data_dir / "cls.jsonl"), "head": "classification", "loss_weight": 0.5},
     ]
