@@ -84,6 +84,12 @@ DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.d
 NO_EFFECT_ON_RESULTS = (*DISPLAY_ONLY, "train.checkpoint_every", "train.keep_checkpoints")
 
 
+# multi-task keys at their single-task values are left out of the fingerprint, so runs finished before
+# they existed keep their config_sha256 (a comparison does not retrain them)
+SINGLE_TASK = {"data.tasks": None, "data.task_temperature": 1.0, "data.task_mixing": "step", "model.task_names": None,
+               "model.task_heads": None, "model.task_num_labels": None}
+
+
 class RunError(ValueError):
     """A run folder cannot be used as asked (fresh run over an old one, resume without a checkpoint...)."""
 
@@ -165,7 +171,7 @@ def _shapes(cfg: Config, config_path: Path) -> dict[str, tuple[int, ...]]:
 
 def config_sha256(cfg: Config) -> str:
     """A fingerprint of everything a run computes: the config without ``DISPLAY_ONLY`` keys."""
-    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in DISPLAY_ONLY}
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in DISPLAY_ONLY and SINGLE_TASK.get(k, ...) != v}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
 
 
