@@ -7,6 +7,7 @@ Validation lives in each dataclass's ``__post_init__``. A config is a tree of da
         attention: <the dataclass registered for attention.kind>   (e.g. DenseAttentionConfig)
         ffn:       <the dataclass registered for ffn.kind>         (e.g. DenseFFNConfig)
       data:  DataConfig
+        tasks: list[TaskConfig] | None                            (multi-task runs)
       train: TrainConfig
         distill: DistillConfig
 

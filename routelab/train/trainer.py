@@ -7,6 +7,12 @@ one go and N/2 + resume to N end with bitwise identical parameters (same device,
 
 One optimizer update (``step``, 1-based) = ``grad_accum`` micro-batches of ``batch_size`` sequences;
 each micro-batch loss is divided by ``grad_accum`` so the gradient is that of their mean.
+
+Multi-task runs (``data.tasks``): each micro-batch is one task drawn by ``routelab.data.multitask``
+(``data.task_mixing: step``), or its rows are split between tasks (``batch``: one forward per task
+present, each weighted by its share of the rows). A task's loss is scaled by its ``loss_weight``; the
+model gets ``task_ids`` and uses that task's head. Draws and batches stay pure functions of
+``(seed, step, micro)``, so resumption stays exact.
 """
 
 from __future__ import annotations

@@ -202,3 +202,41 @@ def test_cli_exit_2_on_bad_tasks(data_dir, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  tasks:\n    - {name: a, source: stdlib}\n    - {name: a, source: stdlib-packages}\n")
     assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+
+
+def test_ffn_gets_per_token_task_ids_only_in_multitask_calls():
+    """The contract task-aware routers rely on: ``task_ids`` (B, T) reaches every FFN as a keyword,
+    and a single-task call passes no ``task_ids`` at all."""
+    from routelab.config import ModelConfig
+
+    def recording(model):
+        seen = []
+        for layer in model.layers:
+            inner = layer.ffn.forward
+            layer.ffn.forward = lambda *a, _f=inner, **kw: (seen.append(kw.get("task_ids", "absent")), _f(*a, **kw))[1]
+        return seen
+
+    multi = RoutedTransformer(ModelConfig(vocab_size=50, d_model=32, n_heads=4, task_names=["a", "b"]))
+    seen = recording(multi)
+    x = torch.randint(0, 50, (3, 7))
+    multi(x, task_ids=torch.tensor([1, 1, 1]))
+    assert len(seen) == 2 and all(t.shape == (3, 7) and (t == 1).all() for t in seen)
+    with pytest.raises(ValueError, match="several tasks"):
+        multi(x, task_ids=torch.tensor([0, 1, 1]))
+    single = RoutedTransformer(ModelConfig(vocab_size=50, d_model=32, n_heads=4))
+    seen = recording(single)
+    single(x)
+    assert seen == ["absent", "absent"]
+    assert multi.cfg.num_tasks == 2 and single.cfg.num_tasks == 1
+
+
+def test_single_task_fingerprint_has_no_multitask_keys():
+    """Runs finished before multi-task keys existed keep their config_sha256."""
+    import hashlib
+
+    from routelab.train.run import DISPLAY_ONLY, _flatten, config_sha256
+
+    cfg = Config()
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in DISPLAY_ONLY}
+    old = {k: v for k, v in flat.items() if "task" not in k.split(".")[-1] or k == "data.task"}
+    assert config_sha256(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()
