@@ -82,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key, label in headline.items():
         if key in summary:
             print(f"{label}: {summary[key]:.4f}  (run directory: {out})")
-    if cfg.model.head == "lm" and not args.no_sample:
+    for name, scores in summary.get("tasks", {}).items():  # a multi-task run: a line per task
+        print(f"task {name}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if (cfg.model.task_heads or [cfg.model.head])[0] == "lm" and not args.no_sample:  # generation uses task 0's head
         text = sample_text(out, args.prompt, max_new_tokens=200, temperature=0.8, top_k=0, top_p=0.95, seed=0)
         print(f"\n--- sample (prompt {args.prompt!r}) ---\n{text}")
     return 0

@@ -7,6 +7,7 @@ Validation lives in each dataclass's ``__post_init__``. A config is a tree of da
         attention: <the dataclass registered for attention.kind>   (e.g. DenseAttentionConfig)
         ffn:       <the dataclass registered for ffn.kind>         (e.g. DenseFFNConfig)
       data:  DataConfig
+        tasks: list[TaskConfig] | None                            (multi-task runs)
       train: TrainConfig
         distill: DistillConfig
 
@@ -33,7 +34,7 @@ from routelab.errors import ConfigError, check, check_fraction, check_positive
 from routelab.options import SECTIONS, AttentionConfig, FFNConfig
 from routelab.registry import UnknownKindError
 
-__all__ = ["AttentionConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "FFNConfig", "ModelConfig", "TrainConfig"]
+__all__ = ["AttentionConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "FFNConfig", "ModelConfig", "TaskConfig", "TrainConfig"]
 
 
 def _default_attention() -> AttentionConfig:
@@ -45,6 +46,13 @@ def _default_ffn() -> FFNConfig:
 
 
 HEADS = ("lm", "classification", "token_classification")
+Head = Literal["lm", "classification", "token_classification"]
+BUILTIN_SOURCES = {  # data.source -> the data.task it serves (re-exported by routelab.data)
+    "stdlib": "lm",
+    "listops": "classification",
+    "stdlib-packages": "classification",
+    "stdlib-tokens": "token_classification",
+}
 
 
 @dataclass
@@ -72,9 +80,11 @@ class ModelConfig:
     tie_embeddings: bool = True  # LM head shares the token-embedding matrix (Press & Wolf 2017)
     causal: bool | None = None  # None = derived: True for the lm head, False for encoders
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    task_names: list[str] | None = None  # multi-task: one head per task (``heads.<name>``); None = one task, ``head``
+    task_heads: list[Head] | None = None  # multi-task: each task's head kind; None = ``head`` for every task
+    task_num_labels: list[int | None] | None = None  # multi-task: each task's classes; None = ``num_labels``
     embeddings_path: str | None = None  # word2vec/GloVe text file to initialise token embeddings
     freeze_embeddings: bool = False  # keep loaded embeddings fixed during training
-    task_names: list[str] | None = None  # the tasks of a multi-task model (task ids index it); None = one task
     attention: AttentionConfig = field(default_factory=_default_attention)
     ffn: FFNConfig = field(default_factory=_default_ffn)
 
@@ -106,10 +116,12 @@ class ModelConfig:
         check_fraction(self, "dropout")
         if self.num_labels is not None:
             check(self.num_labels >= 2, "model.num_labels", self.num_labels, "an integer >= 2")
-        if self.causal is None:
-            self.causal = self.head == "lm"
+        self._resolve_tasks()
+        heads = self.task_heads or [self.head]
+        if self.causal is None:  # one body for every task: causal as soon as one task is an LM
+            self.causal = "lm" in heads
         check(
-            not (self.head == "lm" and not self.causal),
+            not ("lm" in heads and not self.causal),
             "model.causal",
             self.causal,
             "True for the lm head (a bidirectional LM would see the token it predicts)",
@@ -119,9 +131,29 @@ class ModelConfig:
         if isinstance(self.ffn, dict):
             self.ffn = section_from_dict(FFNConfig, self.ffn, "model.ffn")
 
+    def _resolve_tasks(self) -> None:
+        """Multi-task heads: fill ``task_heads`` / ``task_num_labels`` (one entry per task name)."""
+        if self.task_names is None:
+            check(self.task_heads is None and self.task_num_labels is None, "model.task_heads", self.task_heads,
+                  "null without model.task_names")
+            return
+        names = self.task_names
+        check(len(names) >= 1 and all(isinstance(n, str) and n for n in names), "model.task_names", names, "a list of non-empty names")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        check(not dup, "model.task_names", names, f"distinct names ({', '.join(map(repr, dup))} repeats)")
+        if self.task_heads is None:
+            self.task_heads = [self.head] * len(names)
+        if self.task_num_labels is None:
+            self.task_num_labels = [None if h == "lm" else self.num_labels for h in self.task_heads]
+        for key in ("task_heads", "task_num_labels"):
+            value = getattr(self, key)
+            check(len(value) == len(names), f"model.{key}", value, f"one entry per task ({len(names)}: {', '.join(names)})")
+        for n in self.task_num_labels:
+            check(n is None or n >= 2, "model.task_num_labels", self.task_num_labels, "integers >= 2 (or null: from the data)")
+
     @property
     def num_tasks(self) -> int:
-        """Tasks the model serves: ``len(task_names)``, or 1 for a single-task model."""
+        """Tasks sharing the body: ``len(task_names)``, or 1 for a single-task model."""
         return len(self.task_names) if self.task_names else 1
 
     @property
@@ -140,6 +172,39 @@ class ModelConfig:
         if self.ffn.activation == "swiglu":  # keep parameters equal to a 4x GELU FFN
             return int(8 * self.d_model / 3 + 7) // 8 * 8
         return 4 * self.d_model
+
+
+@dataclass
+class TaskConfig:
+    """One task of a multi-task run (``data.tasks``): its data, head and weights.
+
+    The task's data section is the run's ``data`` section with ``source`` and the keys in ``data``
+    replaced, so every loader and option of a single-task run serves a task too."""
+
+    _section = "data.tasks[]"
+    name: str = ""  # names the head (``heads.<name>``) and the metrics (``val/<name>/loss``)
+    source: str = "stdlib"  # any data.source: 'stdlib', 'listops', 'stdlib-tokens', 'stdlib-packages', a path, 'hf:NAME'
+    head: Head | None = None  # None = the built-in source's own task (a path or hf: source must say)
+    loss_weight: float = 1.0  # multiplies this task's loss
+    sampling_weight: float | None = None  # share of batches (normalised); None for every task = temperature over sizes
+    data: dict = field(default_factory=dict)  # other data.* keys for this task only (seq_len, text_column, ...)
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, "data.tasks[].name", self.name, "a non-empty name without '/'")
+        where = f"data.tasks[{self.name}]"
+        check(bool(self.source), f"{where}.source", self.source, "'stdlib', 'listops', a path, or 'hf:NAME'")
+        own = BUILTIN_SOURCES.get(self.source)
+        if self.head is None:
+            check(own is not None, f"{where}.head", None, f"one of {', '.join(HEADS)} (source {self.source!r} is not built in)")
+            self.head = own
+        check(own is None or own == self.head, f"{where}.head", self.head,
+              f"{own!r}: the head matching source {self.source!r}")
+        check(self.loss_weight > 0, f"{where}.loss_weight", self.loss_weight, "a number > 0")
+        if self.sampling_weight is not None:
+            check(self.sampling_weight > 0, f"{where}.sampling_weight", self.sampling_weight, "a number > 0 (or null: by size)")
+        for key in ("tasks", "task", "source", "tokenizer", "bpe_vocab_size", "task_temperature", "task_mixing"):
+            check(key not in self.data, f"{where}.data.{key}", self.data.get(key),
+                  "not set per task (source and head are task keys; one tokenizer and one mixing serve every task)")
 
 
 @dataclass
@@ -169,8 +234,14 @@ class DataConfig:
     listops_max_depth: int = 10  # LRA: 10
     listops_max_args: int = 10  # LRA: 10 (operators take 2..max_args arguments)
     seed: int = 0  # seeds data generation and splits
+    tasks: list[TaskConfig] | None = None  # several tasks in one run (one body, a head each); None = one task (above)
+    task_temperature: float = 1.0  # tasks drawn with p_i ~ n_i^(1/T) over training sizes (T=1: by size; large: uniform)
+    task_mixing: Literal["step", "batch"] = "step"  # step: each micro-batch is one task; batch: rows drawn per task
 
     def __post_init__(self) -> None:
+        check_positive(self, "task_temperature")
+        if self.tasks is not None:
+            self._check_tasks()
         check(bool(self.source), "data.source", self.source, "'stdlib', 'listops', a path, or 'hf:NAME'")
         check_positive(self, "seq_len", "bpe_vocab_size")
         check(self.listops_max_depth >= 2, "data.listops_max_depth", self.listops_max_depth, "an integer >= 2 (the root is an operator)")
@@ -190,6 +261,26 @@ class DataConfig:
             self.listops_min_len,
             f"1 <= listops_min_len <= listops_max_len={self.listops_max_len}",
         )
+
+
+    def _check_tasks(self) -> None:
+        tasks = self.tasks or []
+        check(len(tasks) >= 1, "data.tasks", tasks, "a list of at least one task (or null: one task)")
+        names = [t.name for t in tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        check(not dup, "data.tasks", names, f"tasks with distinct names ({', '.join(map(repr, dup))} repeats)")
+        given = [t.sampling_weight is not None for t in tasks]
+        check(all(given) or not any(given), "data.tasks[].sampling_weight", [t.sampling_weight for t in tasks],
+              "a weight for every task, or none (then tasks are drawn by size and data.task_temperature)")
+        listops = [t.name for t in tasks if t.source == "listops"]
+        check(not listops or len(listops) == len(tasks), "data.tasks", names,
+              f"tasks sharing one tokenizer: ListOps has its own ({', '.join(listops)}), so it mixes only with other ListOps tasks")
+
+    def task_config(self, index: int) -> DataConfig:
+        """The data section of task ``index``: this section with the task's source, head and keys."""
+        task = (self.tasks or [])[index]
+        base = {k: v for k, v in to_dict(self).items() if k not in ("tasks", "task_temperature", "task_mixing")}
+        return from_dict(DataConfig, {**base, **task.data, "source": task.source, "task": task.head}, f"data.tasks[{task.name}]")
 
 
 @dataclass
@@ -270,6 +361,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.data.tasks is not None:
+            self._resolve_tasks()
+            self._resolve_expert_groups()
+            return
+        check(self.model.task_names is None, "model.task_names", self.model.task_names, "null without data.tasks (one task)")
         head_task = {"lm": "lm", "classification": "classification", "token_classification": "token_classification"}
         check(
             head_task[self.model.head] == self.data.task,
@@ -284,6 +380,24 @@ class Config:
             f"<= model.max_seq_len={self.model.max_seq_len}",
         )
         self._resolve_expert_groups()
+
+    def _resolve_tasks(self) -> None:
+        """Multi-task: the model's heads follow ``data.tasks`` (names and head kinds, in order); each
+        task's window fits the model. One body serves every task, so ``model.causal`` is one value:
+        True when a task is an LM (a classification head then reads the last real token)."""
+        tasks = self.data.tasks or []
+        names, heads = [t.name for t in tasks], [t.head for t in tasks]
+        model = self.model
+        if model.task_names != names or model.task_heads != heads:
+            check(model.task_names is None, "model.task_names", model.task_names, f"null or the data.tasks names {names}")
+            model = dataclasses.replace(model, task_names=names, task_heads=heads, task_num_labels=None)
+        self.model = model
+        for i, t in enumerate(tasks):
+            seq_len = self.data.task_config(i).seq_len
+            check(seq_len <= model.max_seq_len, f"data.tasks[{t.name}].seq_len", seq_len, f"<= model.max_seq_len={model.max_seq_len}")
+        check(not self.train.distill.teacher, "train.distill.teacher", self.train.distill.teacher,
+              "null in a multi-task run (distillation reads one head)")
+        check(not self.train.init_from, "train.init_from", self.train.init_from, "null in a multi-task run (heads differ)")
 
     def _resolve_expert_groups(self) -> None:
         """Device-limited routing counts ranks: ``model.ffn.expert_groups`` null means one group per
@@ -302,7 +416,7 @@ class Config:
     # -- I/O -----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> Config:
-        return from_dict(cls, data, "")
+        return from_dict(cls, _task_heads_first(data), "")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -321,6 +435,25 @@ class Config:
 
 # ----------------------------------------------------------------------------------------------
 # generic dict <-> dataclass with validation
+
+
+def _task_heads_first(data: Any) -> Any:
+    """A multi-task config's model section gets ``task_heads`` before it is built, so that
+    ``model.causal`` (when null) is derived from the tasks' heads, not from ``model.head``."""
+    if not isinstance(data, dict) or not isinstance(data.get("data"), dict) or not data["data"].get("tasks"):
+        return data
+    if not isinstance(data["data"]["tasks"], list):
+        return data
+    model = data.get("model", {})
+    if not isinstance(model, dict) or "task_heads" in model:
+        return data
+    heads = []
+    for i, t in enumerate(data["data"]["tasks"]):
+        if not isinstance(t, dict):
+            return data
+        heads.append(from_dict(TaskConfig, t, f"data.tasks[{i}]").head)
+    names = [t.get("name") for t in data["data"]["tasks"]]
+    return {**data, "model": {**model, "task_names": names, "task_heads": heads}}
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:

@@ -11,6 +11,12 @@ Heads:
 - ``classification``: the final representation of the leading CLS token -> linear -> softmax,
   trained with cross-entropy.
 - ``token_classification``: a label per token.
+
+Multi-task (``cfg.task_names``): one body, a head per task in ``heads`` (a ModuleDict keyed by task
+name; a single-task model keeps its one ``head``, so old checkpoints load). ``forward(...,
+task_ids=(B,))`` picks each row's head; the FFNs receive the task id of every token. One body means
+one ``causal`` value; a classification head over a causal body reads the last real token (the only
+one that has seen the whole input) instead of the leading CLS token.
 """
 
 from __future__ import annotations
@@ -102,7 +108,7 @@ class RoutedTransformer(nn.Module):
         super().__init__()
         if cfg.vocab_size is None:
             raise ConfigError("model.vocab_size is None; set it, or let the trainer take it from the tokenizer")
-        if cfg.head != "lm" and cfg.num_labels is None:
+        if cfg.task_names is None and cfg.head != "lm" and cfg.num_labels is None:
             raise ConfigError(f"model.num_labels is None; the {cfg.head!r} head needs the number of labels")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -112,16 +118,43 @@ class RoutedTransformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg) if cfg.norm_position == "pre" else None  # post-norm blocks end normalised
-        out_dim = cfg.vocab_size if cfg.head == "lm" else cfg.num_labels
-        self.head = nn.Linear(cfg.d_model, out_dim, bias=cfg.head != "lm")
+        if cfg.task_names is None:
+            self.head = self._new_head(cfg.head, cfg.num_labels)
+        else:  # one head per task, keyed by its name
+            self.heads = nn.ModuleDict(
+                {name: self._new_head(h, n) for name, h, n in zip(cfg.task_names, cfg.task_heads, cfg.task_num_labels)}
+            )
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith(("o_proj.weight", "w_out.weight")) or name.endswith("experts.w_out"):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        if cfg.head == "lm" and cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        for kind, head in self._heads():
+            if kind == "lm" and cfg.tie_embeddings:
+                head.weight = self.tok_emb.weight
         if cfg.freeze_embeddings:
             self.tok_emb.weight.requires_grad_(False)
+
+    def _new_head(self, kind: str, num_labels: int | None) -> nn.Linear:
+        if kind != "lm" and num_labels is None:
+            raise ConfigError(f"the number of labels of a {kind!r} head is None; set model.num_labels / model.task_num_labels")
+        return nn.Linear(self.cfg.d_model, self.cfg.vocab_size if kind == "lm" else num_labels, bias=kind != "lm")
+
+    def _heads(self) -> list[tuple[str, nn.Linear]]:
+        """(kind, module) of every head: the one ``head``, or each task's."""
+        if self.cfg.task_names is None:
+            return [(self.cfg.head, self.head)]
+        return [(kind, self.heads[name]) for name, kind in zip(self.cfg.task_names, self.cfg.task_heads)]
+
+    def task_head(self, task: int) -> tuple[str, nn.Linear, int | None]:
+        """(head kind, head module, number of labels) of task index ``task`` (0 for a single-task model)."""
+        cfg = self.cfg
+        if cfg.task_names is None:
+            if task != 0:
+                raise ValueError(f"task id {task} given to a single-task model (model.task_names is null)")
+            return cfg.head, self.head, cfg.num_labels
+        if not 0 <= task < len(cfg.task_names):
+            raise ValueError(f"task id {task} is out of range; allowed: 0..{len(cfg.task_names) - 1} ({', '.join(cfg.task_names)})")
+        return cfg.task_heads[task], self.heads[cfg.task_names[task]], cfg.task_num_labels[task]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -155,13 +188,27 @@ class RoutedTransformer(nn.Module):
             cache: per-layer ``KVCache`` list from ``new_cache()`` for incremental decoding.
             token_type_ids: (B, T) segment ids < ``type_vocab_size`` (models with token types;
                 None = all zeros).
-            task_ids: (B,) long, each sequence's task (an index into ``model.task_names``), for
-                task-aware routing; None = not given.
+            task_ids: (B,) task index of each row (multi-task models; None = task 0). One call may mix
+                tasks whose heads have the same kind and size (each row goes through its own task's
+                head); the trainer mixing tasks in a batch calls once per task.
         """
         cfg = self.cfg
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        task = 0
+        token_tasks = None
+        if task_ids is not None:
+            if task_ids.shape != (B,):
+                raise ValueError(f"task_ids must be (batch,) = ({B},), one task per sequence; got shape {tuple(task_ids.shape)}")
+            present = sorted(set(task_ids.tolist()))
+            task = present[0]
+            shapes = {(self.task_head(t)[0], self.task_head(t)[2]) for t in present}
+            if len(shapes) > 1:
+                raise ValueError("task_ids mixes tasks whose heads differ (kind or classes); allowed in one call: tasks "
+                                 "with heads of the same kind and size, or call the model once per task")
+            token_tasks = task_ids[:, None].expand(B, T)  # (B, T): each token's task, for task-aware FFNs
+        kind, head, n_labels = self.task_head(task)
         offset = cache[0].offset if cache else 0
         if offset + T > cfg.max_seq_len:
             raise ValueError(
@@ -188,9 +235,6 @@ class RoutedTransformer(nn.Module):
             x = self.embed_norm(x)
         x = self.drop(x)
         aux_losses, routing = [], {}
-        if task_ids is not None and tuple(task_ids.shape) != (B,):
-            raise ValueError(f"task_ids must be (batch,) = ({B},), one task per sequence; got shape {tuple(task_ids.shape)}")
-        token_tasks = task_ids.reshape(B, 1).expand(B, T) if task_ids is not None else None  # (B, T)
         for i, layer in enumerate(self.layers):
             x, out = layer(x, padding_mask=padding_mask, cache=cache[i] if cache else None, token_ids=input_ids, task_ids=token_tasks)
             if out.aux_loss is not None:
@@ -199,22 +243,39 @@ class RoutedTransformer(nn.Module):
                 routing[f"layers.{i}.ffn"] = out.stats
         if self.norm is not None:
             x = self.norm(x)
-        if cfg.head == "classification":
-            logits = self.head(x[:, 0])  # (B, L): the CLS token's representation
+        if kind == "classification":
+            x_read = x[torch.arange(B, device=x.device), self.readout_positions(B, T, attention_mask, x.device)]  # (B, D)
         else:
-            logits = self.head(x)  # (B, T, V or L)
+            x_read = x  # (B, T, D)
+        if task_ids is None or len(present) == 1:
+            logits = head(x_read)  # (B, L) or (B, T, V or L)
+        else:  # rows of several tasks whose heads have the same shape: each row through its own task's head
+            logits = torch.cat([self.task_head(t)[1](x_read[task_ids == t]) for t in present])
+            order = torch.cat([(task_ids == t).nonzero().squeeze(1) for t in present])  # row of each concatenated output
+            logits = logits[torch.argsort(order)]
         aux = torch.stack(aux_losses).sum() if aux_losses else logits.new_zeros(())
-        task_loss = self.task_loss(logits, labels) if labels is not None else None
+        task_loss = self.task_loss(logits, labels, kind, n_labels) if labels is not None else None
         loss = task_loss + aux if task_loss is not None else None
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux, routing=routing, task_loss=task_loss, hidden=x)
 
-    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def readout_positions(self, B: int, T: int, attention_mask: Tensor | None, device: torch.device) -> Tensor:
+        """(B,) the position a classification head reads: the leading CLS token (0) of an encoder;
+        in a multi-task model with a causal body, the last real token (padding is on the right)."""
+        if not (self.cfg.causal and self.cfg.task_names is not None):
+            return torch.zeros(B, dtype=torch.long, device=device)
+        if attention_mask is None:
+            return torch.full((B,), T - 1, dtype=torch.long, device=device)
+        return (attention_mask[:, -T:] != 0).long().sum(-1).clamp(min=1) - 1
+
+    def task_loss(self, logits: Tensor, labels: Tensor, kind: str | None = None, n_labels: int | None = None) -> Tensor:
+        """Cross-entropy of ``kind``'s logits (default: the single-task head's) against ``labels``."""
         cfg = self.cfg
-        if cfg.head == "lm":
+        kind = kind or cfg.head
+        if kind == "lm":
             logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
             n_classes = cfg.vocab_size
         else:
-            n_classes = cfg.num_labels
+            n_classes = n_labels if n_labels is not None else cfg.num_labels
         scored = labels[labels != IGNORE_INDEX]
         if scored.numel() and (scored.min() < 0 or scored.max() >= n_classes):
             bad = scored[(scored < 0) | (scored >= n_classes)][0].item()

@@ -30,6 +30,7 @@ from routelab.data.listops import (
     read_lra_tsv,
     write_lra_tsv,
 )
+from routelab.data.multitask import MultiTaskData, TaskCounter, draw_tasks, task_probabilities
 from routelab.data.python_tags import TAG_NAMES, tag_bytes
 from routelab.data.stdlib_tasks import PACKAGES, load_stdlib_packages, load_stdlib_tokens, split_files
 from routelab.data.tasks import BUILTIN_SOURCES, check_source_task, load_labelled_data
@@ -50,6 +51,10 @@ from routelab.data.tokenizers import (
 )
 
 __all__ = [
+    "MultiTaskData",
+    "TaskCounter",
+    "draw_tasks",
+    "task_probabilities",
     "BUILTIN_SOURCES",
     "IGNORE_INDEX",
     "PACKAGES",

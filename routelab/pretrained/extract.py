@@ -57,13 +57,17 @@ def extract_task(model: RoutedTransformer, task: str | int) -> RoutedTransformer
     """The model of task ``task`` alone (a name in ``model.cfg.task_names`` or its index), in eval mode.
 
     Its outputs on that task's inputs equal ``model``'s called with ``task_ids`` = that task; it is
-    called without task ids (one task). The head is kept as it is."""
+    called without task ids (one task). Of the per-task heads only the task's own is kept."""
     cfg = model.cfg
     moe_layers = _check_task_routed(model)
     t = task_index(cfg, task)
     k = model.layers[moe_layers[0]].ffn.router.options.top_k
     router = dataclasses.replace(cfg.ffn.router, table=None)  # one task: the default table [[0 .. k-1]]
-    new_cfg = dataclasses.replace(cfg, task_names=[cfg.task_names[t]], ffn=dataclasses.replace(cfg.ffn, num_experts=k, router=router))
+    new_cfg = dataclasses.replace(
+        cfg, task_names=[cfg.task_names[t]], ffn=dataclasses.replace(cfg.ffn, num_experts=k, router=router),
+        task_heads=[cfg.task_heads[t]] if cfg.task_heads else None,  # only the task's own head is kept
+        task_num_labels=[cfg.task_num_labels[t]] if cfg.task_num_labels else None,
+    )
     with torch.random.fork_rng(devices=[]):  # its initial values are all overwritten: leave the caller's RNG alone
         small = RoutedTransformer(new_cfg).to(next(model.parameters()).device)
     source = model.state_dict()
@@ -99,7 +103,10 @@ def write_extracted_run(run_dir: str | Path, task: str, out: str | Path) -> tupl
         raise RunError(f"output folder {str(out)!r} is not empty; choose a new --out")
     run = load_run(run_dir)
     small = extract_task(run.model, task)
-    cfg: Config = dataclasses.replace(run.cfg, model=small.cfg)
+    data = run.cfg.data
+    if data.tasks:  # the run's config names the one task left
+        data = dataclasses.replace(data, tasks=[tc for tc in data.tasks if tc.name == small.cfg.task_names[0]])
+    cfg: Config = dataclasses.replace(run.cfg, model=small.cfg, data=data)
     tmp = make_temp_dir(out.parent, out.name)
     try:
         save_config(cfg, tmp / CONFIG_FILE)

@@ -66,11 +66,30 @@ LEGEND = {  # header -> what it means, for the report's readers
 def legend(rows: list[Row]) -> list[tuple[str, str]]:
     """(header, meaning) for the columns of this table that need one."""
     headers, _ = table(rows)
-    return [(h, LEGEND[h]) for h in headers if h in LEGEND]
+    tasks = [c[0] for c in task_columns(rows) if c[0] in headers]
+    extra = [(", ".join(tasks), "multi-task runs: each task's final validation loss and bits per byte or accuracy")] if tasks else []
+    return [(h, LEGEND[h]) for h in headers if h in LEGEND] + extra
+
+
+TASK_COLUMNS = [("loss", "val_loss", "{:.4f}"), ("bpb", "val_bpb", "{:.4f}"), ("acc", "val_accuracy", "{:.3f}")]
+
+
+def _value(row: Row, attr: str | tuple[str, str]) -> Any:
+    """A Row attribute, or ``(task, key)``: a multi-task run's number for one task."""
+    if isinstance(attr, tuple):
+        return ((row.tasks or {}).get(attr[0]) or {}).get(attr[1])
+    return getattr(row, attr)
+
+
+def task_columns(rows: list[Row]) -> list[tuple]:
+    """A column group per task of the multi-task rows (``<task> loss``, ``<task> bpb`` / ``<task> acc``),
+    tasks in the order they first appear."""
+    names = list(dict.fromkeys(name for r in rows for name in (r.tasks or {})))
+    return [(f"{name} {short}", (name, key), fmt) for name in names for short, key, fmt in TASK_COLUMNS]
 
 
 def _cell(row: Row, col: tuple) -> str:
-    value = getattr(row, col[1])
+    value = _value(row, col[1])
     if value is None:
         return "-"
     if len(col) > 3:
@@ -80,7 +99,7 @@ def _cell(row: Row, col: tuple) -> str:
 
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells, leaving out columns that are empty for every row."""
-    cols = [c for c in COLUMNS if any(getattr(r, c[1]) is not None for r in rows)]
+    cols = [c for c in [*COLUMNS, *task_columns(rows)] if any(_value(r, c[1]) is not None for r in rows)]
     return [c[0] for c in cols], [[_cell(r, c) for c in cols] for r in rows]
 
 

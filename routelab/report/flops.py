@@ -98,8 +98,9 @@ def model_cost(model: nn.Module, seq_len: int) -> Cost:
         f, t, a = ffn_cost(layer.ffn, cfg, seq_len)
         ffn_flops += f
         inactive += t - a
-    out_dim = cfg.vocab_size if cfg.head == "lm" else cfg.num_labels
-    head = 2.0 * d * out_dim if cfg.head != "classification" else 2.0 * d * out_dim / seq_len
+    kind, labels = (cfg.task_heads or [cfg.head])[0], (cfg.task_num_labels or [cfg.num_labels])[0]  # multi-task: task 0's head
+    out_dim = cfg.vocab_size if kind == "lm" else labels
+    head = 2.0 * d * out_dim if kind != "classification" else 2.0 * d * out_dim / seq_len
     return Cost(
         total_params=total,
         active_params=total - inactive,

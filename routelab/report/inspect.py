@@ -17,15 +17,24 @@ from torch import Tensor
 INSPECT_TOKENS = 128  # an LM example's length: long enough to show a window, short enough to read
 
 
+def first_task(run: Any) -> tuple[Any, int]:
+    """(data, seq_len) of a loaded run; of its first task in a multi-task run (the model's default task)."""
+    from routelab.data import MultiTaskData
+
+    if isinstance(run.data, MultiTaskData):
+        return run.data.tasks[0], run.data.seq_lens[0]
+    return run.data, run.cfg.data.seq_len
+
+
 def num_validation_examples(run: Any) -> int:
     """How many validation examples ``validation_example`` can show: classification examples, or
     LM windows starting every ``seq_len`` tokens."""
     from routelab.data import ClassificationData
 
-    data = run.data
+    data, seq_len = first_task(run)
     if isinstance(data, ClassificationData):
         return len(data.val)
-    n, seq_len = data.val.numel(), run.cfg.data.seq_len
+    n = data.val.numel()
     length = min(seq_len, INSPECT_TOKENS, n)
     return (n - length) // seq_len + 1 if n else 0
 
@@ -37,8 +46,7 @@ def validation_example(run: Any, index: int) -> tuple[Tensor, list[str]]:
     from routelab.data import ClassificationData
 
     tok = run.tokenizer
-    data = run.data
-    seq_len = run.cfg.data.seq_len
+    data, seq_len = first_task(run)
     count = num_validation_examples(run)
     if not 0 <= index < count:
         allowed = f"0..{count - 1}" if count else "none: the validation split is empty"

@@ -47,6 +47,7 @@ class Row:
     teacher_val_loss: float | None = None  # distillation: the teacher's final validation loss
     teacher_share: float | None = None  # share of training time inside the teacher's forward passes
     gain_kept: float | None = None  # share of the teacher's gain over the undistilled twin that the student kept
+    tasks: dict[str, dict[str, float]] | None = None  # multi-task: {task: {val_loss, val_bpb or val_accuracy}}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,6 +140,7 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
         comm_share=comm.get("a2a_share"),
         teacher_val_loss=teacher_loss,
         teacher_share=distill.get("teacher_share"),
+        tasks=summary.get("tasks"),
     )
 
 

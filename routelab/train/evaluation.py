@@ -22,6 +22,7 @@ from routelab.data import (
     IGNORE_INDEX,
     ClassificationData,
     LMData,
+    MultiTaskData,
     TokenClassificationData,
     classification_eval_batches,
     lm_eval_batches,
@@ -54,7 +55,9 @@ def evaluate(
     Returns:
         LM: ``{"loss", "bpb" (val only), "tokens"}``; classification: ``{"loss", "accuracy", "examples"}``;
         token classification: ``{"loss", "accuracy", "examples", "tokens"}`` with loss and accuracy
-        over the scored tokens (``tokens``; padding and -100 labels skipped).
+        over the scored tokens (``tokens``; padding and -100 labels skipped). Multi-task:
+        ``{"loss": mean of the tasks' losses, "tasks": {name: that task's result}}``; a task without
+        ``split`` (an LM has no test split) is left out.
         ``loss`` is the task loss in nats (auxiliary routing losses excluded).
     """
     if max_batches is None:
@@ -66,6 +69,8 @@ def evaluate(
     try:
         with torch.random.fork_rng(devices=fork_devices):
             ctx = ctx or DistContext()
+            if isinstance(data, MultiTaskData):
+                return _evaluate_tasks(model, data, cfg, split, max_batches, device, ctx)
             if isinstance(data, LMData):
                 return _evaluate_lm(model, data, cfg, split, max_batches, device, ctx)
             if isinstance(data, ClassificationData):
@@ -97,6 +102,38 @@ def _evaluate_lm(model, data: LMData, cfg: Config, split: str, max_batches: int,
         result["bpb"] = bits_per_byte(loss, data.val_tokens, data.val_bytes)
     result["tokens"] = total_tokens
     return result
+
+
+class _TaskView:
+    """A multi-task model called as task ``task`` alone (each call gets ``task_ids``)."""
+
+    def __init__(self, model: nn.Module, task: int) -> None:
+        self.model, self.task = model, task
+
+    def __call__(self, input_ids, **kwargs):
+        task_ids = torch.full((input_ids.shape[0],), self.task, dtype=torch.long, device=input_ids.device)
+        return self.model(input_ids, task_ids=task_ids, **kwargs)
+
+
+def _evaluate_tasks(model, data: MultiTaskData, cfg: Config, split: str, max_batches: int, device, ctx: DistContext) -> dict[str, Any]:
+    """Each task on its own (its data section, its head), exactly as a single-task evaluation."""
+    results = {}
+    for i, (name, task_data) in enumerate(zip(data.names, data.tasks)):
+        if split == "test" and isinstance(task_data, LMData):
+            continue
+        view = _TaskConfigView(cfg.data.task_config(i), cfg.train)
+        run = _evaluate_lm if isinstance(task_data, LMData) else _evaluate_classification
+        results[name] = run(_TaskView(model, i), task_data, view, split, max_batches, device, ctx)
+    if not results:
+        raise ValueError(f"no task has a {split!r} split")
+    return {"loss": sum(r["loss"] for r in results.values()) / len(results), "tasks": results}
+
+
+class _TaskConfigView:
+    """What evaluation reads of a config (``data``, ``train``), with one task's data section."""
+
+    def __init__(self, data, train) -> None:
+        self.data, self.train = data, train
 
 
 def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:

@@ -20,12 +20,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from routelab.config import Config
+from routelab.config import Config, DataConfig
 from routelab.data import (
     BUILTIN_SOURCES,
     ClassificationData,
     DataError,
     LMData,
+    MultiTaskData,
     check_source_task,
     load_labelled_data,
     load_lm_data,
@@ -81,6 +82,12 @@ DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.d
                 "train.expert_parallel")  # never change what a run computes
 # nor do these change its results (metrics, model): a comparison reuses a variant that differs only here
 NO_EFFECT_ON_RESULTS = (*DISPLAY_ONLY, "train.checkpoint_every", "train.keep_checkpoints")
+
+
+# multi-task keys at their single-task values are left out of the fingerprint, so runs finished before
+# they existed keep their config_sha256 (a comparison does not retrain them)
+SINGLE_TASK = {"data.tasks": None, "data.task_temperature": 1.0, "data.task_mixing": "step", "model.task_names": None,
+               "model.task_heads": None, "model.task_num_labels": None}
 
 
 class RunError(ValueError):
@@ -154,14 +161,17 @@ def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
 
 def _shapes(cfg: Config, config_path: Path) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes of the model ``cfg`` describes (a saved, resolved config)."""
-    if cfg.model.vocab_size is None or (cfg.model.head != "lm" and cfg.model.num_labels is None):
+    labels_unset = (cfg.model.head != "lm" and cfg.model.num_labels is None) if cfg.model.task_names is None else (
+        any(h != "lm" and n is None for h, n in zip(cfg.model.task_heads, cfg.model.task_num_labels))
+    )
+    if cfg.model.vocab_size is None or labels_unset:
         raise DamagedFileError(config_path, "model.vocab_size / model.num_labels are unset in a run's resolved config")
     return state_shapes(cfg.model)
 
 
 def config_sha256(cfg: Config) -> str:
     """A fingerprint of everything a run computes: the config without ``DISPLAY_ONLY`` keys."""
-    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in DISPLAY_ONLY}
+    flat = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in DISPLAY_ONLY and SINGLE_TASK.get(k, ...) != v}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -201,7 +211,8 @@ def config_differences(saved: Config, requested: Config, ignore: tuple[str, ...]
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
-        if key in ("model.vocab_size", "model.num_labels") and b.get(key) is None:
+        unset = b.get(key) is None or (isinstance(b.get(key), list) and all(v is None for v in b[key]))  # filled from the data
+        if key in ("model.vocab_size", "model.num_labels", "model.task_num_labels") and unset:
             continue
         if a.get(key) != b.get(key):
             differing.append(f"{key} ({a.get(key)!r} -> {b.get(key)!r})")
@@ -252,13 +263,19 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
     if cfg.train.tensorboard:
         tensorboard_writer_class()
-    source = cfg.data.source
-    check_source_task(source, cfg.data.task)
-    if source not in BUILTIN_SOURCES and not source.startswith("hf:") and not Path(source).expanduser().exists():
-        builtin = ", ".join(repr(s) for s, task in BUILTIN_SOURCES.items() if task == cfg.data.task)
-        raise DataError(f"data.source {source!r} does not exist; allowed: {builtin}, 'hf:NAME', or a file/folder path")
-    placeholder = dict(vocab_size=cfg.model.vocab_size or 256)
-    if cfg.model.head != "lm":
+    tasks = cfg.data.tasks
+    if tasks is not None and world > 1 and cfg.data.task_mixing == "batch":
+        raise ConfigError("data.task_mixing='batch' runs in one process; use data.task_mixing=step with several processes")
+    for i, data_cfg in enumerate([cfg.data] if tasks is None else [cfg.data.task_config(i) for i in range(len(tasks))]):
+        source, where = data_cfg.source, "data.source" if tasks is None else f"data.tasks[{tasks[i].name}].source"
+        check_source_task(source, data_cfg.task)
+        if source not in BUILTIN_SOURCES and not source.startswith("hf:") and not Path(source).expanduser().exists():
+            builtin = ", ".join(repr(s) for s, task in BUILTIN_SOURCES.items() if task == data_cfg.task)
+            raise DataError(f"{where} {source!r} does not exist; allowed: {builtin}, 'hf:NAME', or a file/folder path")
+    placeholder: dict[str, Any] = dict(vocab_size=cfg.model.vocab_size or 256)
+    if cfg.model.task_names is not None:
+        placeholder["task_num_labels"] = [n or (None if h == "lm" else 2) for h, n in zip(cfg.model.task_heads, cfg.model.task_num_labels)]
+    elif cfg.model.head != "lm":
         placeholder["num_labels"] = cfg.model.num_labels or 2
     state_shapes(dataclasses.replace(cfg.model, **placeholder))
 
@@ -267,29 +284,63 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
 # data and the resolved config
 
 
-def load_task_data(cfg: Config, run_dir: Path | None) -> LMData | ClassificationData:
-    """The data of ``cfg.data.task``; the tokenizer is read from / saved to ``run_dir``."""
-    task = cfg.data.task
-    check_source_task(cfg.data.source, task)
+def load_task_data(cfg: Config, run_dir: Path | None) -> LMData | ClassificationData | MultiTaskData:
+    """The data of ``cfg.data.task`` (or of every task of ``cfg.data.tasks``, in one ``MultiTaskData``
+    sharing one tokenizer); the tokenizer is read from / saved to ``run_dir``."""
+    if cfg.data.tasks is None:
+        return load_data(cfg.data, run_dir)
+    tasks, first = [], None
+    for i, task in enumerate(cfg.data.tasks):
+        data = load_data(cfg.data.task_config(i), run_dir, f"data.tasks[{task.name}]")
+        if first is None:
+            first = data.tokenizer
+            if run_dir is not None and not (Path(run_dir) / TOKENIZER_FILE).is_file():
+                first.save(run_dir)  # the tasks after it read the same tokenizer (a BPE is trained once)
+        elif data.tokenizer.kind != first.kind or data.tokenizer.vocab_size != first.vocab_size:
+            raise DataError(
+                f"task {task.name!r} uses a {data.tokenizer.kind!r} tokenizer ({data.tokenizer.vocab_size} ids) but task"
+                f" {cfg.data.tasks[0].name!r} a {first.kind!r} one ({first.vocab_size} ids); tasks share one tokenizer"
+            )
+        tasks.append(data)
+    return MultiTaskData([t.name for t in cfg.data.tasks], tasks, [cfg.data.task_config(i).seq_len for i in range(len(tasks))])
+
+
+def load_data(data_cfg: DataConfig, run_dir: Path | None, where: str = "data") -> LMData | ClassificationData:
+    """The data of one task's data section (``where`` names it in errors)."""
+    task = data_cfg.task
+    check_source_task(data_cfg.source, task)
     if task == "lm":
-        data = load_lm_data(cfg.data, run_dir)
+        data = load_lm_data(data_cfg, run_dir)
         for split, ids in (("training", data.train), ("validation", data.val)):  # found now, not at the first batch
-            if ids.numel() < cfg.data.seq_len + 1:
+            if ids.numel() < data_cfg.seq_len + 1:
                 raise DataError(
-                    f"the {split} split of data.source={cfg.data.source!r} has {ids.numel()} tokens, fewer than"
-                    f" data.seq_len + 1 = {cfg.data.seq_len + 1}; lower data.seq_len, use more text, or change"
-                    f" data.val_fraction={cfg.data.val_fraction}"
+                    f"the {split} split of {where}.source={data_cfg.source!r} has {ids.numel()} tokens, fewer than"
+                    f" {where}.seq_len + 1 = {data_cfg.seq_len + 1}; lower data.seq_len, use more text, or change"
+                    f" data.val_fraction={data_cfg.val_fraction}"
                 )
         return data
     if task in ("classification", "token_classification"):  # TokenClassificationData for the latter
-        return load_labelled_data(cfg.data, run_dir)
-    raise ConfigError(f"data.task={task!r} is not supported; allowed: {', '.join(SUPPORTED_TASKS)}")
+        return load_labelled_data(data_cfg, run_dir)
+    raise ConfigError(f"{where}.task={task!r} is not supported; allowed: {', '.join(SUPPORTED_TASKS)}")
 
 
-def resolve_config(cfg: Config, data: LMData | ClassificationData) -> Config:
+def resolve_config(cfg: Config, data: LMData | ClassificationData | MultiTaskData) -> Config:
     """Fill ``model.vocab_size`` (from the tokenizer) and ``model.num_labels`` (from the data) when
-    None; raise ``ConfigError`` when a set value cannot hold the data."""
+    None (a multi-task run: ``model.task_num_labels``); raise ``ConfigError`` when a set value cannot
+    hold the data."""
     model = cfg.model
+    if isinstance(data, MultiTaskData):
+        labels = list(model.task_num_labels)
+        for i, (name, d) in enumerate(zip(data.names, data.tasks)):
+            if isinstance(d, ClassificationData):
+                if labels[i] is None:
+                    labels[i] = d.num_classes
+                elif labels[i] < d.num_classes:
+                    raise ConfigError(
+                        f"model.task_num_labels[{i}]={labels[i]} is smaller than the classes of task {name!r} ({d.num_classes});"
+                        " leave it unset (null)"
+                    )
+        model = dataclasses.replace(model, task_num_labels=labels)
     vocab = data.tokenizer.vocab_size
     if model.vocab_size is None:
         model = dataclasses.replace(model, vocab_size=vocab)

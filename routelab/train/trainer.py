@@ -7,6 +7,12 @@ one go and N/2 + resume to N end with bitwise identical parameters (same device,
 
 One optimizer update (``step``, 1-based) = ``grad_accum`` micro-batches of ``batch_size`` sequences;
 each micro-batch loss is divided by ``grad_accum`` so the gradient is that of their mean.
+
+Multi-task runs (``data.tasks``): each micro-batch is one task drawn by ``routelab.data.multitask``
+(``data.task_mixing: step``), or its rows are split between tasks (``batch``: one forward per task
+present, each weighted by its share of the rows). A task's loss is scaled by its ``loss_weight``; the
+model gets ``task_ids`` and uses that task's head. Draws and batches stay pure functions of
+``(seed, step, micro)``, so resumption stays exact.
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from routelab.config import Config
-from routelab.data import ClassificationData, LMData, classification_batch, sample_lm_batch
+from routelab.data import (
+    ClassificationData,
+    LMData,
+    MultiTaskData,
+    TaskCounter,
+    classification_batch,
+    sample_lm_batch,
+    task_probabilities,
+)
 from routelab.io import atomic_write_json, make_temp_dir, replace_dir
 from routelab.model import RoutedTransformer
 from routelab.moe.comm import STATS, add_step, over_layers, run_summary
@@ -78,8 +92,11 @@ EVAL_KEYS = ("loss", "bpb", "accuracy")  # what an eval line of metrics.jsonl ho
 # setup helpers
 
 
-def token_counts(data: LMData | ClassificationData, vocab_size: int) -> torch.Tensor:
-    """(V,) occurrences of each token id in the training split (LM stream or classification examples)."""
+def token_counts(data: LMData | ClassificationData | MultiTaskData, vocab_size: int) -> torch.Tensor:
+    """(V,) occurrences of each token id in the training split (LM stream or classification examples;
+    summed over the tasks of a multi-task run)."""
+    if isinstance(data, MultiTaskData):
+        return sum(token_counts(d, vocab_size) for d in data.tasks)
     train = data.train
     ids = train if isinstance(train, torch.Tensor) else torch.tensor([t for ids, _ in train for t in ids], dtype=torch.long)
     return torch.bincount(ids.reshape(-1).cpu(), minlength=vocab_size)[:vocab_size]
@@ -112,12 +129,60 @@ def micro_batch(
     t = cfg.train
     rows = (ctx or DistContext()).share(t.batch_size)
     index = (step - 1) * t.grad_accum + micro  # global micro-batch number, from 0
+    if isinstance(data, MultiTaskData):
+        parts = task_batches(cfg, data, index, perms, rows)
+        if len(parts) != 1:
+            raise ValueError("micro_batch: data.task_mixing=batch gives one batch per task; use task_batches")
+        return parts[0][2]
     if isinstance(data, LMData):
         gen = torch.Generator().manual_seed(batch_seed(t.seed, index))
         x = sample_lm_batch(data.train, t.batch_size, cfg.data.seq_len, gen)[rows]  # (b, T) of the global (B, T)
         return {"input_ids": x, "labels": x}  # the model shifts labels inside
     examples = classification_batch(data.train, t.batch_size, t.seed, index, perms)[rows]
     return data.collate(examples, cfg.data.seq_len, cfg.data.truncate)  # per-token labels for TokenClassificationData
+
+
+def task_seed(seed: int, task: int) -> int:
+    """The seed of task ``task``'s own batch stream (unrelated streams for different tasks)."""
+    return batch_seed(seed, 2**40 + task) % 2**31  # small: epoch_permutation multiplies it by 1_000_003
+
+
+def task_batches(
+    cfg: Config, data: MultiTaskData, index: int, perms: dict, rows: Any = slice(None)
+) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
+    """Micro-batch ``index`` (global, from 0) of a multi-task run: ``(task, share of the rows, batch)``
+    for each task in it, the batch holding ``task_ids`` (b,) beside the usual tensors.
+
+    ``step`` mixing: one task per micro-batch, its ``k``-th own batch where ``k`` counts the earlier
+    micro-batches that drew it. ``batch`` mixing: each of the ``batch_size`` rows draws its task; a
+    task's rows continue its own sequence of examples (``k`` counts its earlier rows). Both are pure
+    functions of ``(seed, index)`` (``routelab.data.multitask``)."""
+    t, d = cfg.train, cfg.data
+    step_mixing = d.task_mixing == "step"
+    counter = perms.get("task_counter")
+    if counter is None:
+        weights = [task.sampling_weight for task in d.tasks] if d.tasks[0].sampling_weight is not None else None
+        probs = task_probabilities(data.sizes(), d.task_temperature, weights)
+        counter = perms["task_counter"] = TaskCounter(probs, t.seed, 1 if step_mixing else t.batch_size)
+    drawn, counts = counter.before(index)
+    parts = []
+    for task in sorted(set(drawn.tolist())):
+        n = t.batch_size if step_mixing else int((drawn == task).sum())
+        task_cfg, task_data, seed = d.task_config(task), data.tasks[task], task_seed(t.seed, task)
+        cache = perms.setdefault(("task", task), {})
+        if isinstance(task_data, LMData):
+            gen = torch.Generator().manual_seed(batch_seed(seed, int(counts[task]) if step_mixing else index))
+            x = sample_lm_batch(task_data.train, n, task_cfg.seq_len, gen)[rows]  # (b, T)
+            batch = {"input_ids": x, "labels": x}
+        else:
+            if step_mixing:
+                examples = classification_batch(task_data.train, n, seed, int(counts[task]), cache)[rows]
+            else:  # positions counts[task] .. + n - 1 of the task's endless epoch order
+                examples = [classification_batch(task_data.train, 1, seed, int(counts[task]) + r, cache)[0] for r in range(n)]
+            batch = task_data.collate(examples, task_cfg.seq_len, task_cfg.truncate)
+        batch["task_ids"] = torch.full((batch["input_ids"].shape[0],), task, dtype=torch.long)
+        parts.append((task, n / t.batch_size, batch))
+    return parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,19 +233,33 @@ def train_step(
     distill: dict[str, Any] = {}  # kd_loss, hidden_loss, teacher_s summed over micro-batches
     if experts is not None:
         experts.communication()  # count this update only (not an evaluation since the last one)
+    multi = isinstance(data, MultiTaskData)
+    per_task: dict[str, list[float]] = {}  # multi-task: each task's task loss in this update
     for micro in range(t.grad_accum):
-        batch = {k: v.to(device) for k, v in micro_batch(cfg, data, step, micro, perms, ctx).items()}
-        last = micro == t.grad_accum - 1
-        with contextlib.nullcontext() if last or not ctx.enabled else model.no_sync():  # all-reduce once per update
-            out = model(**batch)
-            (out.loss / t.grad_accum).backward()
-        totals += torch.stack([out.loss.detach(), out.task_loss.detach(), out.aux_loss.detach().float()])
-        if isinstance(out, DistillOutput):
-            distill = {k: distill.get(k, 0.0) + v for k, v in out.terms().items()}
-        mask = batch.get("attention_mask")
-        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        if out.routing:
-            routing.append(flatten_routing(out.routing))
+        if multi:
+            index = (step - 1) * t.grad_accum + micro
+            parts = task_batches(cfg, data, index, perms, ctx.share(t.batch_size))
+        else:
+            parts = [(None, 1.0, micro_batch(cfg, data, step, micro, perms, ctx))]
+        for j, (task, share, cpu_batch) in enumerate(parts):
+            batch = {k: v.to(device) for k, v in cpu_batch.items()}
+            last = micro == t.grad_accum - 1 and j == len(parts) - 1
+            with contextlib.nullcontext() if last or not ctx.enabled else model.no_sync():  # all-reduce once per update
+                out = model(**batch)
+                loss = out.loss
+                if task is not None:  # this task's weight, and its share of the batch's rows
+                    loss = share * (cfg.data.tasks[task].loss_weight * out.task_loss + out.aux_loss)
+                (loss / t.grad_accum).backward()
+            task_loss = out.task_loss.detach() * share
+            totals += torch.stack([loss.detach(), task_loss, out.aux_loss.detach().float() * share])
+            if task is not None:
+                per_task.setdefault(data.names[task], []).append(out.task_loss.item())
+            if isinstance(out, DistillOutput):
+                distill = {k: distill.get(k, 0.0) + v for k, v in out.terms().items()}
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            if out.routing:
+                routing.append(flatten_routing(out.routing))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if experts is not None:  # expert parallelism: expert gradients over their replicas, the global norm
         experts.gradients.sync()
@@ -218,6 +297,7 @@ def train_step(
         "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens": tokens,
+        **{f"train/{name}/loss": sum(v) / len(v) for name, v in per_task.items()},
         **distill,
         **stats,
     }
@@ -359,7 +439,8 @@ def _train(
         if experts is not None:  # expert gradients are reduced over their replicas only (ExpertGradients)
             prefix = "student." if distiller is not None else ""
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trained, [prefix + n for n in experts.names])
-        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=isinstance(data, MultiTaskData))  # other tasks' heads
     last = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     start_step, elapsed_before = step, book["elapsed_s"]
     loop_start = time.perf_counter()
@@ -373,9 +454,12 @@ def _train(
     def run_eval(write: bool = True) -> dict[str, Any]:
         # under expert parallelism every rank runs every batch in step (its experts serve all ranks)
         result = evaluate(model, data, cfg, "val", ctx=ctx if experts is None else None)
+        flat = {k: v for k, v in result.items() if k in EVAL_KEYS}
+        for name, r in result.get("tasks", {}).items():  # multi-task: val/<task>/loss, val/<task>/accuracy, ...
+            flat.update({f"val/{name}/{k}": v for k, v in r.items() if k in EVAL_KEYS})
         if write:
-            metrics.write({"step": step, "split": "val", **{k: v for k, v in result.items() if k in EVAL_KEYS}})
-        log.info("step %d validation: %s", step, "  ".join(f"{k} {result[k]:.4f}" for k in EVAL_KEYS if k in result))
+            metrics.write({"step": step, "split": "val", **flat})
+        log.info("step %d validation: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in flat.items()))
         return result
 
     train_time, run_tokens, run_teacher = 0.0, 0, 0.0  # this invocation, for throughput
@@ -467,6 +551,8 @@ def _train(
         "val_loss": final["loss"],
         **({"val_bpb": final["bpb"]} if "bpb" in final else {}),
         **({"val_accuracy": final["accuracy"]} if "accuracy" in final else {}),
+        **({"tasks": {name: {f"val_{k}": v for k, v in r.items() if k in EVAL_KEYS} for name, r in final["tasks"].items()}}
+           if "tasks" in final else {}),
         "skipped_steps": book["skipped_steps"],
         "tokens_per_s": run_tokens / train_time if train_time > 0 else None,
         "train_tokens": book["tokens_seen"],

@@ -7,30 +7,29 @@ import torch
 
 from routelab.cli import main
 from routelab.config import Config
-from routelab.data.tokenizers import ByteTokenizer
-from routelab.model import RoutedTransformer
-from routelab.train.run import CONFIG_FILE, MODEL_DIR, load_run, save_config
+from routelab.train.run import load_run
 
 TASKS = ["prose", "code"]
 
 
 def _multi_task_run(tmp_path, router="task"):
-    """A run folder written by hand (training with task ids is the multi-task trainer's part)."""
+    """A two-task run (two LM tasks on two corpora, a task-level MoE), trained for two steps."""
+    from routelab.train import train
+
     tmp_path.mkdir(parents=True, exist_ok=True)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def add(a, b):\n    return a + b\n" * 60)
+    sources = {}
+    for name, text in zip(TASKS, ("The cat sat on the mat. " * 80, "def add(a, b):\n    return a + b\n" * 60)):
+        sources[name] = tmp_path / f"{name}.txt"
+        sources[name].write_text(text)
     cfg = Config.from_dict({
-        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32, "vocab_size": 260, "task_names": TASKS,
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32,
                   "ffn": {"kind": "moe", "num_experts": 4, "router": {"kind": router, "top_k": 2}}},
-        "data": {"source": str(corpus), "seq_len": 32, "val_fraction": 0.2},
-        "train": {"steps": 2, "batch_size": 2, "eval_batches": 2, "progress": False},
+        "data": {"seq_len": 32, "val_fraction": 0.2,
+                 "tasks": [{"name": n, "source": str(sources[n]), "head": "lm"} for n in TASKS]},
+        "train": {"steps": 2, "batch_size": 2, "eval_batches": 2, "progress": False, "warmup_steps": 1},
     })
     run = tmp_path / "multi"
-    (run / MODEL_DIR).mkdir(parents=True)
-    torch.manual_seed(0)
-    RoutedTransformer(cfg.model).save_pretrained(run / MODEL_DIR)
-    save_config(cfg, run / CONFIG_FILE)
-    ByteTokenizer().save(run)
+    train(cfg, run)
     return run
 
 
@@ -52,10 +51,11 @@ def test_extract_writes_a_run_that_eval_and_generate_read(tmp_path, capsys):
 
 def test_extract_failures_are_one_line(tmp_path, capsys):
     run = _multi_task_run(tmp_path)
+    topk = _multi_task_run(tmp_path / "topk", router="topk")
+    capsys.readouterr()  # the training runs' own lines
     assert main(["extract", str(run), "--task", "poetry", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown task 'poetry'; the model's tasks are: prose, code" in err and "\n" not in err
-    topk = _multi_task_run(tmp_path / "topk", router="topk")
     assert main(["extract", str(topk), "--task", "code", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip()
     assert "route by task" in err and "\n" not in err

@@ -334,3 +334,22 @@ def test_gain_kept_is_the_share_of_the_teachers_gain():
     assert gain_kept(student=2.7, twin=3.0, teacher=2.0) == pytest.approx(0.3)
     assert gain_kept(student=3.1, twin=3.0, teacher=2.0) == pytest.approx(-0.1)  # distillation hurt
     assert gain_kept(student=2.0, twin=2.0, teacher=2.5) is None  # no gain to keep
+
+
+def test_multitask_rows_get_a_column_group_per_task():
+    from routelab.report.compare_report import legend, markdown_table, table
+    from routelab.report.summary import Row
+
+    base = dict(total_params=1, active_params=1, attention_flops=0.0, ffn_flops=0.0, flops_per_token=0.0,
+                attention_density=1.0, tokens_per_s=None, peak_rss_mb=None, steps=1, seconds=None, val_loss=1.0,
+                val_bpb=None, val_accuracy=None, steps_to_target=None, seconds_to_target=None, expert_load_cv=None,
+                dead_experts=None)
+    rows = [
+        Row(variant="a", **base, tasks={"text": {"val_loss": 1.25, "val_bpb": 1.5}, "pkg": {"val_loss": 2.0, "val_accuracy": 0.5}}),
+        Row(variant="b", **base, tasks={"text": {"val_loss": 1.0, "val_bpb": 1.25}}),
+    ]
+    headers, cells = table(rows)
+    assert headers[-4:] == ["text loss", "text bpb", "pkg loss", "pkg acc"]  # empty columns (text acc, pkg bpb) left out
+    assert cells[0][-4:] == ["1.2500", "1.5000", "2.0000", "0.500"] and cells[1][-2:] == ["-", "-"]
+    assert "| text loss |" in markdown_table(rows)
+    assert any("text loss" in h for h, _ in legend(rows))
