@@ -155,12 +155,52 @@ def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[t
         if loads and len(steps) > 1:
             path = plots.expert_load_heatmap(loads, steps, f"{n}: share of tokens per expert", pdir / f"expert_load_{n}.png")
             figs.append((f"Expert load over training: {n}", path))
+    for n, (loads, task_names) in task_expert_maps(names, out).items():
+        path = plots.task_expert_map(loads, task_names, f"{n}: experts per task (validation)", pdir / f"task_experts_{n}.png")
+        figs.append((f"Experts per task: {n}", path))
     routes = attention_route_maps(names, out, cmp.eval_example)
     if routes:
         maps, tokens = routes
         figs.append(("Attention routes of one validation example (layer 0, mean over heads)",
                      plots.route_maps(maps, tokens, "who attends where", pdir / "attention_routes.png")))
     return figs
+
+
+def task_expert_maps(names: list[str], out: Path, batches: int = 2) -> dict[str, tuple[dict[str, np.ndarray], list[str]]]:
+    """For each multi-task variant with MoE layers: per layer, the (tasks, experts) load matrix over
+    the first ``batches`` validation batches of every task (each task's own inputs, routed as that task)."""
+    import torch
+
+    from routelab.data import LMData, lm_eval_batches
+    from routelab.data.classification import classification_eval_batches
+    from routelab.report.inspect import task_expert_loads
+    from routelab.train import load_run
+
+    maps = {}
+    for n in names:
+        run = load_run(out / n, with_data=True)
+        cfg = run.cfg
+        if not cfg.model.task_names or len(cfg.model.task_names) < 2 or cfg.model.ffn.kind != "moe":
+            continue
+        total: dict[str, np.ndarray] = {}
+        for t, (task, seq_len) in enumerate(zip(run.data.tasks, run.data.seq_lens)):
+            if isinstance(task, LMData):
+                inputs = [(x, None) for x in lm_eval_batches(task.val, cfg.train.batch_size, seq_len, batches)]
+            else:
+                inputs = []
+                for i, b in enumerate(classification_eval_batches(task.val, cfg.train.batch_size)):
+                    if i >= batches:
+                        break
+                    c = task.collate(b, seq_len, True)
+                    inputs.append((c["input_ids"], c["attention_mask"]))
+            for ids, mask in inputs:
+                with torch.no_grad():
+                    loads = task_expert_loads(run.model, ids, torch.full((ids.shape[0],), t, dtype=torch.long), mask)
+                for layer, load in loads.items():
+                    total[layer] = total.get(layer, 0) + load
+        if total:
+            maps[n] = (total, list(cfg.model.task_names))
+    return maps
 
 
 def attention_route_maps(names: list[str], out: Path, example: int) -> tuple[dict[str, np.ndarray], list[str]] | None:
@@ -179,7 +219,7 @@ def attention_route_maps(names: list[str], out: Path, example: int) -> tuple[dic
         except ValueError as e:  # eval_example beyond this data's validation split
             logging.getLogger("routelab.report").warning("no attention-route plot: %s", e)
             return None
-        routes = attention_routes(run.model, ids)
+        routes = attention_routes(run.model, ids, task=0 if run.cfg.model.task_names else None)  # a multi-task model: its first task
         if routes:
             maps[f"{n} ({run.cfg.model.attention.kind})"] = routes[0].mean(0)  # layer 0, mean over heads
             tokens = tokens or toks

@@ -353,3 +353,28 @@ def test_multitask_rows_get_a_column_group_per_task():
     assert cells[0][-4:] == ["1.2500", "1.5000", "2.0000", "0.500"] and cells[1][-2:] == ["-", "-"]
     assert "| text loss |" in markdown_table(rows)
     assert any("text loss" in h for h, _ in legend(rows))
+
+
+def test_a_multi_task_comparison_maps_experts_per_task(tmp_path):
+    """Task-level MoE (one expert per task): the report's tasks x experts map puts each task's
+    validation tokens on its own expert only."""
+    from routelab.report.compare_report import task_expert_maps
+
+    for name, text in (("prose", "The cat sat on the mat. " * 80), ("code", "def add(a, b):\n    return a + b\n" * 60)):
+        (tmp_path / f"{name}.txt").write_text(text)
+    base = {
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 32,
+                  "ffn": {"kind": "moe", "num_experts": 2, "router": {"kind": "task", "top_k": 1}}},
+        "data": {"seq_len": 32, "val_fraction": 0.2,
+                 "tasks": [{"name": n, "source": str(tmp_path / f"{n}.txt"), "head": "lm"} for n in ("prose", "code")]},
+        "train": {"batch_size": 4, "warmup_steps": 1, "eval_every": 2, "eval_batches": 2, "log_every": 1, "progress": False},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, variants=[{"name": "task-level"}])
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    (loads, names), = task_expert_maps(["task-level"], out).values()
+    assert names == ["prose", "code"]
+    load = loads["layers.0.ffn"]
+    assert load[0, 0] > 0 and load[1, 1] > 0 and load[0, 1] == 0 and load[1, 0] == 0
+    assert "Experts per task: task-level" in (out / "report.md").read_text()
+    assert "prose loss" in (out / "report.md").read_text()  # a column group per task
