@@ -85,15 +85,15 @@ class Block(nn.Module):
 
     def forward(self, x, padding_mask=None, cache=None, token_ids=None, return_routes=False, task_ids=None):
         """x: (B, T, D) -> (x (B, T, D), FFNOutput), plus the attention routes with ``return_routes``;
-        task_ids (B, T): each token's task, passed to the FFN only when given."""
+        task_ids (B, T): each token's task, passed to the attention and the FFN only when given."""
         post = self.post_norm
-        a = self.attn(x if post else self.attn_norm(x), padding_mask=padding_mask, cache=cache, return_routes=return_routes)
+        by_task = {"task_ids": task_ids} if task_ids is not None else {}
+        a = self.attn(x if post else self.attn_norm(x), padding_mask=padding_mask, cache=cache, return_routes=return_routes, **by_task)
         a, routes = a if return_routes else (a, None)
         x = self.combine(x, self.dropout(a))
         if post:
             x = self.attn_norm(x)
         ffn_pad = padding_mask[:, -x.shape[1] :] if padding_mask is not None else None
-        by_task = {"task_ids": task_ids} if task_ids is not None else {}
         out = self.ffn(x if post else self.ffn_norm(x), token_ids=token_ids, padding_mask=ffn_pad, **by_task)
         x = x + self.dropout(out.hidden)
         if post:

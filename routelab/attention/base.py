@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from routelab.errors import ConfigError
 from routelab.registry import ATTENTION
 
 
@@ -25,7 +26,38 @@ def build_attention(cfg, layer_idx: int = 0) -> nn.Module:
         layer_idx: index of the block, so kinds with per-layer randomness (BigBird) can seed by it.
     """
     entry = ATTENTION.get(cfg.attention.kind)
+    if getattr(cfg.attention, "task_conditioned", False):
+        check_task_conditioned(cfg, entry.module_class)
     return entry.module_class(cfg, layer_idx=layer_idx)
+
+
+def check_task_conditioned(cfg, module_class) -> None:
+    """``model.attention.task_conditioned`` needs a multi-task model and a kind with a learned router
+    input (``module_class.task_conditionable``); otherwise one ``ConfigError`` line."""
+    kind = cfg.attention.kind
+    if cfg.task_names is None:
+        raise ConfigError(
+            "model.attention.task_conditioned=True needs a multi-task model (model.task_names / data.tasks);"
+            " allowed for one task: false"
+        )
+    if not getattr(module_class, "task_conditionable", False):
+        allowed = sorted(n for n in ATTENTION.names() if getattr(ATTENTION.get(n).module_class, "task_conditionable", False))
+        raise ConfigError(
+            f"model.attention.task_conditioned=True is invalid for attention kind {kind!r}, which has no learned"
+            f" router input to condition; allowed with: {', '.join(allowed)}"
+        )
+
+
+def task_vectors(table: Tensor, task_ids: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """The rows of a per-task table (N, ...) for each token's task: task_ids (B, T) -> (B, T, ...);
+    None = task 0 (broadcast to ``shape`` = (B, T)), as the MoE routers' task conditioning."""
+    if task_ids is None:
+        return table[0].expand(*shape, *table.shape[1:])
+    if task_ids.shape != tuple(shape):
+        raise ValueError(f"task_ids has shape {tuple(task_ids.shape)}, expected one per token {tuple(shape)}")
+    if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= table.shape[0]):
+        raise ValueError(f"task ids must lie in 0..{table.shape[0] - 1} (the model's tasks)")
+    return table[task_ids]
 
 
 class RotaryEmbedding(nn.Module):
@@ -89,7 +121,13 @@ class QKVAttention(nn.Module):
     query heads. The heads are repeated right after RoPE (``_kv_heads``), so every kind, and the
     cache, see ``n_heads`` heads and need no change (the cache holds the repeated heads: simple, not
     the memory saving GQA allows at decoding).
+
+    Task conditioning (``task_conditioned``, kinds with ``task_conditionable``): ``task_embedding``
+    (num_tasks, H, hd), zero-initialised, added to the queries a kind routes with (not to those it
+    attends with); ``forward`` then passes ``task_ids`` on to ``attend_routes``.
     """
+
+    task_conditionable = False  # True for kinds whose routing reads the queries (moba, block_topp)
 
     def __init__(self, cfg, layer_idx: int = 0) -> None:
         super().__init__()
@@ -106,6 +144,18 @@ class QKVAttention(nn.Module):
         self.v_proj = nn.Linear(d, d_kv, bias=qkv_bias)
         self.o_proj = nn.Linear(d, d, bias=o_bias)
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.positions == "rope" else None
+        conditioned = getattr(self.cfg, "task_conditioned", False)
+        self.task_embedding = (
+            nn.Parameter(torch.zeros(cfg.num_tasks, self.n_heads, self.head_dim)) if conditioned else None
+        )  # (N, H, hd)
+
+    def routing_queries(self, q: Tensor, task_ids: Tensor | None) -> Tensor:
+        """q (B, H, T, hd) plus each token's task vector (task_ids (B, T); None = task 0); q itself
+        when the module is not task-conditioned."""
+        if self.task_embedding is None:
+            return q
+        B, H, T, _ = q.shape
+        return q + task_vectors(self.task_embedding, task_ids, (B, T)).transpose(1, 2).to(q.dtype)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -127,6 +177,7 @@ class QKVAttention(nn.Module):
         padding_mask: Tensor | None = None,
         cache: KVCache | None = None,
         return_routes: bool = False,
+        task_ids: Tensor | None = None,
     ):
         """Shapes: B batch, T new tokens, S keys (T, or cached + T), H heads, hd head dim, D model dim.
 
@@ -136,6 +187,7 @@ class QKVAttention(nn.Module):
                 all S keys.
             cache: a ``KVCache`` to read and extend (incremental decoding), or None.
             return_routes: also return what a learned kind chose (None for fixed patterns).
+            task_ids: (B, T) each token's task; read only by task-conditioned kinds (None = task 0).
         Returns:
             (B, T, D), or ((B, T, D), routes) with ``return_routes``.
         """
@@ -145,7 +197,8 @@ class QKVAttention(nn.Module):
         if self.rope is not None:
             q, k = self.rope.rotate(q, offset), self.rope.rotate(k, offset)
         k, v = self.repeat_kv(k), self.repeat_kv(v)  # (B, H, T, hd)
-        out, routes = self.attend_routes(q, k, v, padding_mask, cache)  # (B, H, T, hd)
+        by_task = {"task_ids": task_ids} if self.task_embedding is not None else {}
+        out, routes = self.attend_routes(q, k, v, padding_mask, cache, **by_task)  # (B, H, T, hd)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, D))
         return (out, routes) if return_routes else out
 

@@ -186,9 +186,16 @@ class KMeansAttention(QKVAttention):
 
     # ------------------------------------------------------------------------------------------
     def forward(
-        self, x: Tensor, padding_mask: Tensor | None = None, cache: KVCache | None = None, return_routes: bool = False
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_routes: bool = False,
+        task_ids: Tensor | None = None,
     ):
-        """x: (B, T, D) -> (B, T, D) [, ClusterRoutes]. Shapes: H heads, hd head dim, c clusters."""
+        """x: (B, T, D) -> (B, T, D) [, ClusterRoutes]. Shapes: H heads, hd head dim, c clusters.
+        task_ids is accepted and ignored: kmeans is not task-conditionable (queries and keys share
+        one clustering, so a query-only task vector would move the keys too)."""
         B, T, D = x.shape
         r = F.layer_norm(self._heads(self.q_proj(x)), (self.head_dim,))  # (B, H, T, hd), shared Q = K
         v = self.repeat_kv(self._kv_heads(self.v_proj(x)))  # (B, H, T, hd)

@@ -11,6 +11,10 @@ Models", eq. 1-6): the routing weights are synthesised, not computed from query-
 - ``mix_dot`` (sec. 3.2, mixture of synthesizers): logits alpha * synthesised + (1 - alpha) *
   q . k / sqrt(d), alpha = sigmoid(learned scalar).
 Dense over max_seq_len by definition: this kind builds (T x T) weights.
+
+Task conditioning (``task_conditioned``, dense and factorized variants): a learned, zero-initialised
+vector per task ``task_embedding`` (num_tasks, D) is added to x before the router MLP (W1), so the
+synthesised weights depend on the task; the values (and mix_dot's q, k) read x unchanged.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routelab.attention.base import KVCache, RotaryEmbedding
+from routelab.attention.base import KVCache, RotaryEmbedding, task_vectors
 from routelab.attention.routes import WeightRoutes
-from routelab.errors import check, check_positive
+from routelab.errors import ConfigError, check, check_positive
 from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
@@ -53,6 +57,8 @@ class SynthesizerAttentionConfig(AttentionConfig):
 class SynthesizerAttention(nn.Module):
     """Synthesised attention weights; heads split the value channels as in multi-head attention."""
 
+    task_conditionable = True  # the dense / factorized router MLP reads x (the random variant refuses)
+
     def __init__(self, cfg, layer_idx: int = 0) -> None:
         super().__init__()
         a = cfg.attention
@@ -78,6 +84,14 @@ class SynthesizerAttention(nn.Module):
                 self.random = nn.Parameter(R)
             else:
                 self.register_buffer("random", R)
+        self.task_embedding = None
+        if getattr(a, "task_conditioned", False):
+            if a.variant == "random":
+                raise ConfigError(
+                    "model.attention.task_conditioned=True is invalid for synthesizer variant 'random', whose"
+                    " weights read no input; allowed with variant: 'dense' or 'factorized'"
+                )
+            self.task_embedding = nn.Parameter(torch.zeros(cfg.num_tasks, D))  # (N, D), zero-init
         if a.values == "linear":
             self.v_proj, self.o_proj = nn.Linear(D, D), nn.Linear(D, D)
         if a.mix_dot:
@@ -91,11 +105,20 @@ class SynthesizerAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
 
-    def logits(self, x: Tensor, offset: int, S: int) -> Tensor:
-        """Synthesised logits of queries x (B, T, D) at positions offset.. over keys 0..S-1: (B, H, T, S)."""
+    def router_input(self, x: Tensor, task_ids: Tensor | None) -> Tensor:
+        """x (B, T, D) plus each token's task vector (task_ids (B, T); None = task 0); x itself when
+        the module is not task-conditioned."""
+        if self.task_embedding is None:
+            return x
+        return x + task_vectors(self.task_embedding, task_ids, tuple(x.shape[:2])).to(x.dtype)
+
+    def logits(self, x: Tensor, offset: int, S: int, task_ids: Tensor | None = None) -> Tensor:
+        """Synthesised logits of queries x (B, T, D) at positions offset.. over keys 0..S-1 (as tasks
+        task_ids (B, T), when task-conditioned): (B, H, T, S)."""
         B, T, _ = x.shape
         H, L = self.n_heads, self.max_len
         v = self.cfg.variant
+        x = self.router_input(x, task_ids)
         if v == "dense":
             out = self.w2(F.relu(self.w1(x))).view(B, T, H, L)[..., :S]
         elif v == "factorized":
@@ -126,14 +149,20 @@ class SynthesizerAttention(nn.Module):
         return flops
 
     @torch.no_grad()
-    def attention_weights(self, x: Tensor) -> Tensor:
-        """The synthesised weights for x (B, T, D): (B, H, T, T)."""
-        return self.forward(x, return_routes=True)[1].weights
+    def attention_weights(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        """The synthesised weights for x (B, T, D) (as tasks task_ids (B, T); None = task 0): (B, H, T, T)."""
+        return self.forward(x, return_routes=True, task_ids=task_ids)[1].weights
 
     def forward(
-        self, x: Tensor, padding_mask: Tensor | None = None, cache: KVCache | None = None, return_routes: bool = False
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_routes: bool = False,
+        task_ids: Tensor | None = None,
     ):
-        """x: (B, T, D) -> (B, T, D) [, WeightRoutes]. Shapes: S keys (cached + T), H heads, hd head dim."""
+        """x: (B, T, D) -> (B, T, D) [, WeightRoutes]. Shapes: S keys (cached + T), H heads, hd head dim.
+        task_ids (B, T): each new token's task, read by the router only when task-conditioned."""
         B, T, D = x.shape
         offset = cache.offset if cache is not None else 0
         if offset + T > self.max_len:
@@ -151,7 +180,7 @@ class SynthesizerAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         S = v.shape[2]
-        logits = self.logits(x, offset, S)  # (B, H, T, S)
+        logits = self.logits(x, offset, S, task_ids)  # (B, H, T, S)
         if q is not None:
             alpha = torch.sigmoid(self.mix)
             logits = alpha * logits + (1 - alpha) * (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)

@@ -87,7 +87,7 @@ NO_EFFECT_ON_RESULTS = (*DISPLAY_ONLY, "train.checkpoint_every", "train.keep_che
 # multi-task keys at their single-task values are left out of the fingerprint, so runs finished before
 # they existed keep their config_sha256 (a comparison does not retrain them)
 SINGLE_TASK = {"data.tasks": None, "data.task_temperature": 1.0, "data.task_mixing": "step", "model.task_names": None,
-               "model.task_heads": None, "model.task_num_labels": None}
+               "model.task_heads": None, "model.task_num_labels": None, "model.attention.task_conditioned": False}
 
 
 class RunError(ValueError):
