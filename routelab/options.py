@@ -25,7 +25,7 @@ class AttentionConfig:
     kind: str = "dense"  # registry key: routelab.attention (dense; sparse/learned kinds plug in)
     dropout: float = 0.0  # dropout on attention probabilities (training only)
     combine: Literal["add", "concat"] = "add"  # block output: x + a (residual), or a linear map of [x; a]
-    task_conditioned: bool = False  # a learned per-task vector (zero-init) added to the router input (multi-task models; learned kinds)
+    task_conditioned: bool = False  # a learned per-task vector (zero-init) added to the router input (multi-task models; synthesizer)
 
     def __post_init__(self) -> None:
         check_fraction(self, "dropout")

@@ -44,7 +44,8 @@ def check_task_conditioned(cfg, module_class) -> None:
         allowed = sorted(n for n in ATTENTION.names() if getattr(ATTENTION.get(n).module_class, "task_conditionable", False))
         raise ConfigError(
             f"model.attention.task_conditioned=True is invalid for attention kind {kind!r}, which has no learned"
-            f" router input to condition; allowed with: {', '.join(allowed)}"
+            f" router input to condition (moba, block_topp and kmeans route by hard choices from q and k, which would"
+            f" give a routing-only task vector no gradient); allowed with: {', '.join(allowed)}"
         )
 
 
@@ -122,12 +123,12 @@ class QKVAttention(nn.Module):
     cache, see ``n_heads`` heads and need no change (the cache holds the repeated heads: simple, not
     the memory saving GQA allows at decoding).
 
-    Task conditioning (``task_conditioned``, kinds with ``task_conditionable``): ``task_embedding``
-    (num_tasks, H, hd), zero-initialised, added to the queries a kind routes with (not to those it
-    attends with); ``forward`` then passes ``task_ids`` on to ``attend_routes``.
+    No kind built on it is task-conditionable: their routes (moba, block_topp blocks, kmeans
+    clusters) are hard choices from q and k, so a routing-only task vector would get no gradient.
+    ``forward`` accepts ``task_ids`` and ignores it.
     """
 
-    task_conditionable = False  # True for kinds whose routing reads the queries (moba, block_topp)
+    task_conditionable = False  # kinds with a learned router input (synthesizer) set True
 
     def __init__(self, cfg, layer_idx: int = 0) -> None:
         super().__init__()
@@ -144,18 +145,6 @@ class QKVAttention(nn.Module):
         self.v_proj = nn.Linear(d, d_kv, bias=qkv_bias)
         self.o_proj = nn.Linear(d, d, bias=o_bias)
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.positions == "rope" else None
-        conditioned = getattr(self.cfg, "task_conditioned", False)
-        self.task_embedding = (
-            nn.Parameter(torch.zeros(cfg.num_tasks, self.n_heads, self.head_dim)) if conditioned else None
-        )  # (N, H, hd)
-
-    def routing_queries(self, q: Tensor, task_ids: Tensor | None) -> Tensor:
-        """q (B, H, T, hd) plus each token's task vector (task_ids (B, T); None = task 0); q itself
-        when the module is not task-conditioned."""
-        if self.task_embedding is None:
-            return q
-        B, H, T, _ = q.shape
-        return q + task_vectors(self.task_embedding, task_ids, (B, T)).transpose(1, 2).to(q.dtype)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -187,7 +176,7 @@ class QKVAttention(nn.Module):
                 all S keys.
             cache: a ``KVCache`` to read and extend (incremental decoding), or None.
             return_routes: also return what a learned kind chose (None for fixed patterns).
-            task_ids: (B, T) each token's task; read only by task-conditioned kinds (None = task 0).
+            task_ids: (B, T) each token's task; ignored (no kind built on this class is task-conditioned).
         Returns:
             (B, T, D), or ((B, T, D), routes) with ``return_routes``.
         """
@@ -197,8 +186,7 @@ class QKVAttention(nn.Module):
         if self.rope is not None:
             q, k = self.rope.rotate(q, offset), self.rope.rotate(k, offset)
         k, v = self.repeat_kv(k), self.repeat_kv(v)  # (B, H, T, hd)
-        by_task = {"task_ids": task_ids} if self.task_embedding is not None else {}
-        out, routes = self.attend_routes(q, k, v, padding_mask, cache, **by_task)  # (B, H, T, hd)
+        out, routes = self.attend_routes(q, k, v, padding_mask, cache)  # (B, H, T, hd)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, D))
         return (out, routes) if return_routes else out
 

@@ -49,16 +49,7 @@ def block_means(k: Tensor, block_size: int, keep: Tensor | None) -> tuple[Tensor
 
 
 class BlockSelectAttention(QKVAttention):
-    """Each query block attends to its own block and the key blocks ``select`` picks (moba, block_topp).
-
-    Task conditioning (``task_conditioned``): each token's task vector ``task_embedding[task]``
-    (H, hd) is added to the queries the router reads (``routing_queries``), so the block scores, not
-    the attention over the chosen blocks, depend on the task. The choice is hard (not
-    differentiated), so the task loss gives ``task_embedding`` no gradient: it starts at zero and
-    moves only if set, or trained by other means.
-    """
-
-    task_conditionable = True
+    """Each query block attends to its own block and the key blocks ``select`` picks (moba, block_topp)."""
 
     def __init__(self, cfg, layer_idx: int = 0) -> None:
         super().__init__(cfg, layer_idx)
@@ -108,15 +99,12 @@ class BlockSelectAttention(QKVAttention):
             parts.append(Part(queries, keys))  # chosen blocks are all in the past when causal
         return parts
 
-    def attend_routes(
-        self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache | None, task_ids: Tensor | None = None
-    ):
-        """task_ids (B, T): each new token's task, read by the router when task-conditioned."""
+    def attend_routes(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache | None):
         if cache is not None:
-            return self._decode(q, k, v, padding_mask, cache, task_ids)
+            return self._decode(q, k, v, padding_mask, cache)
         T = q.shape[2]
         keep = ~padding_mask if padding_mask is not None else None
-        blocks = self._route_all(q, k, keep, task_ids)
+        blocks = self._route_all(q, k, keep)
         return self._attend_blocks(q, k, v, blocks, padding_mask), self._routes(blocks, keep, T)
 
     def _attend_blocks(self, q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -133,9 +121,9 @@ class BlockSelectAttention(QKVAttention):
             return reference_attention(q, k, v, BlockRoutes(blocks, self.block_size, self.causal).mask(T), padding_mask)
         return attend_parts(q, k, v, self.routed_parts(blocks, T), padding_mask=padding_mask, dropout_p=self.dropout_p)
 
-    def _route_all(self, q: Tensor, k: Tensor, keep: Tensor | None, task_ids: Tensor | None = None) -> Tensor:
+    def _route_all(self, q: Tensor, k: Tensor, keep: Tensor | None) -> Tensor:
         kmean, kvalid = block_means(k, self.block_size, keep)
-        rq = self.router_queries(self.routing_queries(q, task_ids), keep)
+        rq = self.router_queries(q, keep)
         return self.route(rq, kmean, kvalid, torch.arange(rq.shape[2], device=q.device))
 
     def _routes(self, blocks: Tensor, keep: Tensor | None, T: int) -> BlockRoutes:
@@ -160,30 +148,26 @@ class BlockSelectAttention(QKVAttention):
         return float((eligible.clamp(max=self.budget) * b * b + own).sum())
 
     @torch.no_grad()
-    def attention_weights(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
-        """softmax(q k^T / sqrt(d)) under the routes chosen for x (B, T, D) (as tasks task_ids (B, T);
-        None = task 0): (B, H, T, T)."""
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) under the routes chosen for x (B, T, D): (B, H, T, T)."""
         T = x.shape[1]
         q, k = self._heads(self.q_proj(x)), self.repeat_kv(self._kv_heads(self.k_proj(x)))
         if self.rope is not None:
             q, k = self.rope.rotate(q), self.rope.rotate(k)
-        mask = BlockRoutes(self._route_all(q, k, None, task_ids), self.block_size, self.causal).mask(T)
+        mask = BlockRoutes(self._route_all(q, k, None), self.block_size, self.causal).mask(T)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
     # -- decoding --------------------------------------------------------------------------------
-    def _decode(
-        self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache, task_ids: Tensor | None = None
-    ):
-        """Cached steps: complete blocks' key means and each block's route live in ``cache.extra``;
-        task_ids (B, T) are the new tokens' tasks (task-conditioned routing)."""
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache):
+        """Cached steps: complete blocks' key means and each block's route live in ``cache.extra``."""
         b = self.block_size
         offset, T = cache.offset, q.shape[2]
         k_all, v_all = cache.append(k, v)  # (B, H, S, hd), S = offset + T
         S = k_all.shape[2]
         keep = ~padding_mask[:, -S:] if padding_mask is not None else None
         if offset == 0:  # the prompt: the full block-sparse forward
-            out, routes = self.attend_routes(q, k_all, v_all, padding_mask, None, task_ids)
+            out, routes = self.attend_routes(q, k_all, v_all, padding_mask, None)
             cache.extra["blocks"] = routes.blocks
             cache.extra["kmean"], cache.extra["kvalid"] = block_means(
                 k_all[:, :, : S // b * b], b, None if keep is None else keep[:, : S // b * b]
@@ -200,7 +184,7 @@ class BlockSelectAttention(QKVAttention):
         have, need = blocks.shape[2], -(-S // b)
         if need > have:  # new blocks start inside these tokens: route them from their first query
             starts = torch.arange(have, need, device=q.device)
-            rq = self.routing_queries(q, task_ids)[:, :, starts * b - offset] if self.router_query == "first" else None
+            rq = q[:, :, starts * b - offset] if self.router_query == "first" else None
             new = self.route(rq, means[:, :, : need - 1], valid[:, : need - 1], starts)
             K = max(blocks.shape[-1], new.shape[-1])
             pad = lambda x: torch.nn.functional.pad(x, (0, K - x.shape[-1]), value=-1)  # noqa: E731
