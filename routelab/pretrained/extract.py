@@ -14,7 +14,6 @@ On task t it computes exactly what the source computes, with E - k fewer experts
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import torch
@@ -94,8 +93,8 @@ def write_extracted_run(run_dir: str | Path, task: str, out: str | Path) -> tupl
     """``routelab extract RUN --task NAME --out DIR``: task ``task``'s model written as a run folder
     (``config.yaml``, ``tokenizer.json``, ``model/``) that ``eval`` and ``generate`` read. ``out`` must
     not exist or be empty; it appears whole or not at all. Returns (out, source model, extracted)."""
-    from routelab.io import check_folder_target, make_temp_dir, replace_dir
-    from routelab.train.run import CONFIG_FILE, MODEL_DIR, RunError, load_run, save_config
+    from routelab.io import check_folder_target
+    from routelab.train.run import RunError, load_run, write_run_folder
 
     out = Path(out)
     check_folder_target(out)
@@ -107,16 +106,5 @@ def write_extracted_run(run_dir: str | Path, task: str, out: str | Path) -> tupl
     if data.tasks:  # the run's config names the one task left
         data = dataclasses.replace(data, tasks=[tc for tc in data.tasks if tc.name == small.cfg.task_names[0]])
     cfg: Config = dataclasses.replace(run.cfg, model=small.cfg, data=data)
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
-        save_config(cfg, tmp / CONFIG_FILE)
-        run.tokenizer.save(tmp)
-        small.save_pretrained(tmp / MODEL_DIR)
-        run.tokenizer.save(tmp / MODEL_DIR)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_run_folder(out, cfg, run.tokenizer, small)
     return out, run.model, small

@@ -8,14 +8,13 @@ whole, so DIR is never half-written.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from routelab.config import Config, DataConfig, TrainConfig
-from routelab.io import check_folder_target, make_temp_dir, replace_dir
+from routelab.io import check_folder_target
 from routelab.model import RoutedTransformer
 from routelab.pretrained.hf import load_hf_tokenizer
-from routelab.train.run import CONFIG_FILE, MODEL_DIR, RunError, save_config
+from routelab.train.run import CONFIG_FILE, RunError, write_run_folder
 
 IMPORT_SEQ_LEN = 256  # data.seq_len written for the imported run (at most the model's max_seq_len)
 FINETUNE_LR = 1e-4  # train.lr written: a fine-tuning rate, not the from-scratch default
@@ -42,13 +41,5 @@ def import_hf_run(path: str | Path, out: str | Path, force: bool = False) -> Con
         data=DataConfig(task=task, tokenizer="hf", seq_len=min(IMPORT_SEQ_LEN, mc.max_seq_len)),
         train=TrainConfig(lr=FINETUNE_LR),
     )
-    staging = make_temp_dir(out.parent, out.name)
-    try:
-        save_config(cfg, staging / CONFIG_FILE)
-        tokenizer.save(staging)
-        model.save_pretrained(staging / MODEL_DIR)
-        replace_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    write_run_folder(out, cfg, tokenizer, model)
     return cfg

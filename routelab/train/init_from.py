@@ -29,7 +29,7 @@ from routelab.config import Config, DataConfig, apply_overrides, to_dict
 from routelab.data import load_tokenizer
 from routelab.data.tokenizers import ByteTokenizer
 from routelab.errors import ConfigError
-from routelab.io import check_folder_target, make_temp_dir, replace_dir
+from routelab.io import check_folder_target
 from routelab.model import CONFIG_JSON, RoutedTransformer
 from routelab.pretrained.upcycle import (
     Conversion,
@@ -38,7 +38,14 @@ from routelab.pretrained.upcycle import (
     upcycle_into,
     upcycle_with_conversion,
 )
-from routelab.train.run import CONFIG_FILE, MODEL_DIR, TOKENIZER_FILE, RunError, load_run, load_run_config, save_config
+from routelab.train.run import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    RunError,
+    load_run,
+    load_run_config,
+    write_run_folder,
+)
 
 log = logging.getLogger("routelab.train")
 
@@ -167,16 +174,5 @@ def write_upcycled(
         tokenizer = ByteTokenizer()
     model, done = upcycle_with_conversion(source.model, cfg.model, noise, seed)
     cfg = dataclasses.replace(cfg, model=model.cfg)
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
-        save_config(cfg, tmp / CONFIG_FILE)
-        tokenizer.save(tmp)
-        model.save_pretrained(tmp / MODEL_DIR)
-        tokenizer.save(tmp / MODEL_DIR)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_run_folder(out, cfg, tokenizer, model)
     return out, done

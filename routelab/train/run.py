@@ -224,6 +224,27 @@ def save_config(cfg: Config, path: Path) -> None:
     atomic_write(path, lambda tmp: cfg.save(tmp))
 
 
+def write_run_folder(out: Path, cfg: Config, tokenizer: Any, model: RoutedTransformer) -> None:
+    """A model that was not trained here (imported, upcycled, extracted) written as a run folder that
+    ``eval``, ``generate`` and ``train --init-from`` read: ``config.yaml``, ``tokenizer.json`` and
+    ``model/`` (its own tokenizer copy too). It is built in a staging folder beside ``out`` and moved
+    into place whole, replacing ``out`` (which the caller has checked may be replaced)."""
+    import shutil
+
+    from routelab.io import make_temp_dir, replace_dir
+
+    staging = make_temp_dir(out.parent, out.name)
+    try:
+        save_config(cfg, staging / CONFIG_FILE)
+        tokenizer.save(staging)
+        model.save_pretrained(staging / MODEL_DIR)
+        tokenizer.save(staging / MODEL_DIR)
+        replace_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # checks before anything is read or allocated
 
