@@ -554,7 +554,21 @@ def run() -> None:
             sys.stderr.flush()
             with contextlib.suppress(OSError):  # cannot re-execute: train on, with OpenMP's own default
                 os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-    sys.exit(main(argv))
+    code = main(argv)
+    if code and launched():
+        exit_now(code)
+    sys.exit(code)
+
+
+def exit_now(code: int) -> None:
+    """End a failed process of a distributed run at once, its output flushed. A normal interpreter
+    exit would tear down the process group's C++ threads (gloo, the TCP store) while a peer may still
+    be connected, which now and then aborts (``terminate called without an active exception``,
+    SIGABRT) and turns the run's exit status 2 (bad input) into a crash report."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
