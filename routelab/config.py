@@ -324,6 +324,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # seeds init, dropout and batch order
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # forward autocast dtype; fp32 weights, optimizer and routing (routelab.precision)
     threads: int | None = None  # torch.set_num_threads; None = torch's default
     progress: bool = True  # show a progress bar
     tensorboard: bool = False  # also log metrics to RUN_DIR/tensorboard (needs the tensorboard package)
@@ -349,6 +350,13 @@ class TrainConfig:
             check_positive(self, "threads")
         check_positive(self, "dist_timeout", "expert_parallel")
         check(self.init_noise >= 0, "train.init_noise", self.init_noise, "a number >= 0")
+        check(
+            not (self.precision == "fp16" and self.expert_parallel > 1),
+            "train.precision",
+            self.precision,
+            "'fp32' or 'bf16' with train.expert_parallel > 1 (fp16's loss scaler would see each rank's own expert"
+            " gradients and could skip a step on one rank only)",
+        )
 
 
 @dataclass

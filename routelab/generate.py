@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from routelab.model import RoutedTransformer
+from routelab.precision import autocast
 
 log = logging.getLogger("routelab.generate")
 
@@ -65,8 +66,12 @@ def next_token(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator |
 
 
 @torch.no_grad()
-def generate(model: RoutedTransformer, input_ids: Tensor, cfg: SamplingConfig | None = None) -> Tensor:
+def generate(model: RoutedTransformer, input_ids: Tensor, cfg: SamplingConfig | None = None, precision: str = "fp32") -> Tensor:
     """Continue each prompt row. input_ids: (B, T) -> (B, T + n), n <= cfg.max_new_tokens.
+
+    ``precision``: the forward passes' autocast dtype ('fp32', 'bf16', 'fp16'; ``routelab.precision``);
+    the weights stay as they are, the KV cache holds what the projections compute (bf16/fp16 under
+    autocast: half the cache memory). Sampling reads float32 logits.
 
     Rows that emit a stop token are padded afterwards with that stop token; generation ends when all
     rows have stopped, after ``max_new_tokens``, or at ``model.cfg.max_seq_len`` (a warning says so
@@ -97,9 +102,18 @@ def generate(model: RoutedTransformer, input_ids: Tensor, cfg: SamplingConfig | 
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
+    try:
+        with autocast(input_ids.device, precision):
+            return _decode(model, input_ids, cfg, budget, generator)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model: RoutedTransformer, input_ids: Tensor, cfg: SamplingConfig, budget: int, generator) -> Tensor:
+    """The decoding loop of ``generate``: the prompt once, then one position per step."""
     stop = torch.tensor(cfg.stop_tokens, dtype=torch.long, device=input_ids.device)
     cache = model.new_cache()
-    logits = model(input_ids, cache=cache).logits[:, -1]  # (B, V)
+    logits = model(input_ids, cache=cache).logits[:, -1].float()  # (B, V)
     out = [input_ids]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     last = None
@@ -112,6 +126,5 @@ def generate(model: RoutedTransformer, input_ids: Tensor, cfg: SamplingConfig | 
         last = tok
         if bool(done.all()) or len(out) - 1 == budget:
             break
-        logits = model(tok[:, None], cache=cache).logits[:, -1]
-    model.train(was_training)
+        logits = model(tok[:, None], cache=cache).logits[:, -1].float()
     return torch.cat(out, dim=1)

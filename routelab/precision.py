@@ -55,6 +55,12 @@ def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradSca
     return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type`` now, or None when it is off (for code that
+    autocast cannot see: ``out=`` kernels, helper threads, custom autograd Functions)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 @contextlib.contextmanager
 def fp32_region(device_type: str) -> Iterator[bool]:
     """Autocast off on ``device_type`` inside; yields whether it had been on (then the caller

@@ -26,6 +26,7 @@ from routelab.attention.base import KVCache, QKVAttention
 from routelab.attention.engine import Part, Windows, attend_parts, reference_attention
 from routelab.attention.routes import BlockRoutes
 from routelab.errors import ConfigError
+from routelab.precision import in_fp32
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ class BlockSelectAttention(QKVAttention):
         """scores (B, H, n, nb) with -inf for ineligible blocks -> chosen blocks (B, H, n, K), -1 = none."""
         raise NotImplementedError(f"{type(self).__name__} must define select (abstract hook: moba/block_topp)")
 
+    @in_fp32
     def route(self, rq: Tensor, kmean: Tensor, kvalid: Tensor, qblocks: Tensor) -> Tensor:
         """Router queries rq (B, H, n, hd) of query blocks ``qblocks`` (n,) over key-block means
-        (B, H, nb, hd) -> chosen blocks (B, H, n, K), -1 = unused."""
+        (B, H, nb, hd) -> chosen blocks (B, H, n, K), -1 = unused. Scored in float32 under autocast:
+        near-ties in bfloat16 would flip block choices (``routelab.precision``)."""
         nb = kmean.shape[2]
         kb = torch.arange(nb, device=rq.device)
         eligible = kvalid[:, None, None, :] & (kb[None, :] != qblocks[:, None])[None, None]

@@ -390,7 +390,7 @@ class _FlashParts(torch.autograd.Function):
                 lse_all = torch.stack(lse_tok)  # (P, BH, Tq)
                 lse = torch.logsumexp(lse_all, dim=0)
                 w = torch.exp(lse_all - lse).nan_to_num_(0.0)  # rows with no key anywhere: weight 0
-                out = sum(wp[..., None] * op for wp, op in zip(w, outs))
+                out = sum(wp[..., None] * op for wp, op in zip(w, outs)).to(q.dtype)  # merged in fp32 (lse is)
             # a row that saw no key has out = 0 and no gradient: lse=+inf makes its P = exp(s - lse) = 0
             lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
             lses = [lq.take_rows(lse, p.queries) for p in plan.parts]  # the merged lse, per part
@@ -402,7 +402,7 @@ class _FlashParts(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out = ctx.saved_tensors
         plan, lq, lk = ctx.plan, ctx.plan.lq, ctx.plan.lk
-        dout = dout.contiguous()
+        dout = dout.to(q.dtype).contiguous()  # under autocast the incoming gradient may be float32
         gqs, dq, dk, dv = [], None, None, None
         for part, fmask, lp in zip(plan.parts, plan.fmasks, ctx.lses):
             qp, kp, vp = lq.take(q, part.queries), lk.take(k, part.keys), lk.take(v, part.keys)
@@ -436,7 +436,7 @@ def _math_parts(q, k, v, parts, masks, lq, lk, dropout_p, scale):
     scores, lses = [], []
     for part, mask in zip(parts, masks):
         qp, kp = lq.take(q, part.queries, True), lk.take(k, part.keys, True)
-        s = (qp @ kp.transpose(-1, -2)) * scale  # (BH, G, Lq, Lk): the part's own (sparse) scores
+        s = (qp @ kp.transpose(-1, -2)).float() * scale  # (BH, G, Lq, Lk): the part's own (sparse) scores, fp32
         if part.causal:
             tri = _causal_slots(s.shape[-2], s.shape[-1], q.device)
             mask = tri if mask is None else mask & tri
@@ -451,9 +451,10 @@ def _math_parts(q, k, v, parts, masks, lq, lk, dropout_p, scale):
         p = torch.exp(s - lq.take_rows(lse, part.queries)[..., None])
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
-        o = p @ lk.take(v, part.keys, True)
+        vp = lk.take(v, part.keys, True)
+        o = p.to(vp.dtype) @ vp
         out = out + lq.to_tokens(o, part.queries)
-    return out
+    return out.to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

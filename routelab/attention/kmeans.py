@@ -36,6 +36,7 @@ from routelab.attention.patterns import band, band_parts
 from routelab.attention.routes import ClusterRoutes
 from routelab.errors import ConfigError, check, check_fraction, check_positive
 from routelab.options import AttentionConfig
+from routelab.precision import in_fp32
 from routelab.registry import ATTENTION
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class KMeansAttention(QKVAttention):
         return (out, routes) if return_routes else out
 
     @torch.no_grad()
+    @in_fp32
     def assign(self, r: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
         """Routed heads' vectors r (B, Hr, T, hd), real (B, T) -> (nearest, routed) cluster ids (B, Hr, T)."""
         aff = F.normalize(r.float(), dim=-1) @ self.centroids.float().transpose(-1, -2)  # (B, Hr, T, c)
@@ -219,6 +221,7 @@ class KMeansAttention(QKVAttention):
         return nearest, balanced_clusters(aff, real, capacity)
 
     @torch.no_grad()
+    @in_fp32
     def update_centroids(self, r: Tensor, nearest: Tensor) -> None:
         """EMA step (training only): mu <- normalize(lambda mu + (1 - lambda) mean of assigned r)."""
         c = self.num_clusters

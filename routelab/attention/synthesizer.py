@@ -31,6 +31,7 @@ from routelab.attention.base import KVCache, RotaryEmbedding, task_vectors
 from routelab.attention.routes import WeightRoutes
 from routelab.errors import ConfigError, check, check_positive
 from routelab.options import AttentionConfig
+from routelab.precision import in_fp32
 from routelab.registry import ATTENTION
 
 
@@ -153,6 +154,29 @@ class SynthesizerAttention(nn.Module):
         """The synthesised weights for x (B, T, D) (as tasks task_ids (B, T); None = task 0): (B, H, T, T)."""
         return self.forward(x, return_routes=True, task_ids=task_ids)[1].weights
 
+    @in_fp32
+    def probabilities(
+        self, x: Tensor, q: Tensor | None, k: Tensor, offset: int, S: int, task_ids: Tensor | None, padding_mask: Tensor | None
+    ) -> Tensor:
+        """The router's distribution over keys 0..S-1 for queries x (B, T, D) at positions offset..:
+        (B, H, T, S), softmax over the allowed keys (eq. 2; with mix_dot, alpha R + (1 - alpha) q k^T /
+        sqrt(d)). Computed in float32 under autocast (``routelab.precision``)."""
+        T = x.shape[1]
+        logits = self.logits(x, offset, S, task_ids)  # (B, H, T, S)
+        if q is not None:
+            alpha = torch.sigmoid(self.mix)
+            logits = alpha * logits + (1 - alpha) * (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        allowed = torch.ones(T, S, dtype=torch.bool, device=x.device)
+        if self.causal:
+            allowed = (
+                torch.arange(S, device=x.device)[None, :] <= torch.arange(offset, offset + T, device=x.device)[:, None]
+            )
+        allowed = allowed[None, None]
+        if padding_mask is not None:
+            allowed = allowed & ~padding_mask[:, None, None, -S:]
+        p = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)  # renormalised over allowed
+        return p
+
     def forward(
         self,
         x: Tensor,
@@ -179,21 +203,9 @@ class SynthesizerAttention(nn.Module):
                 q, k = self.rope.rotate(q, offset), self.rope.rotate(k, offset)
         if cache is not None:
             k, v = cache.append(k, v)
-        S = v.shape[2]
-        logits = self.logits(x, offset, S, task_ids)  # (B, H, T, S)
-        if q is not None:
-            alpha = torch.sigmoid(self.mix)
-            logits = alpha * logits + (1 - alpha) * (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        allowed = torch.ones(T, S, dtype=torch.bool, device=x.device)
-        if self.causal:
-            allowed = (
-                torch.arange(S, device=x.device)[None, :] <= torch.arange(offset, offset + T, device=x.device)[:, None]
-            )
-        allowed = allowed[None, None]
-        if padding_mask is not None:
-            allowed = allowed & ~padding_mask[:, None, None, -S:]
-        p = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)  # renormalised over allowed
+        p = self.probabilities(x, q, k, offset, v.shape[2], task_ids, padding_mask)  # (B, H, T, S), fp32
         routes = WeightRoutes(p) if return_routes else None
+        p = p.to(v.dtype)
         if self.training and self.cfg.dropout > 0:
             p = F.dropout(p, self.cfg.dropout)
         out = (p @ v).transpose(1, 2).reshape(B, T, D)

@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from routelab.ffn.dense import activate
 from routelab.moe.threads import Workspace, WorkSplit
+from routelab.precision import autocast_dtype
 
 # ----------------------------------------------------------------------------------------------
 # capacity
@@ -301,6 +302,17 @@ def _swiglu_backward(ga: Tensor, h: Tensor, hg: Tensor, sg: Tensor, d_hg: Tensor
 GROUPED_IMPLS = ("auto", "loop", "grouped_mm")
 
 
+class _CastExperts:
+    """An experts module's stacked weights seen in another dtype (differentiable casts): what
+    autocast would have done to them, for ``grouped_experts`` under mixed precision."""
+
+    def __init__(self, experts, dtype: torch.dtype) -> None:
+        self.activation = experts.activation
+        for name in ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out"):
+            w = getattr(experts, name)
+            setattr(self, name, None if w is None else w.to(dtype))
+
+
 def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
@@ -354,6 +366,10 @@ def grouped_experts(
     if impl not in GROUPED_IMPLS:
         raise ValueError(f"impl={impl!r} is invalid; allowed: {', '.join(map(repr, GROUPED_IMPLS))}")
     on_cpu = x.device.type == "cpu"
+    low = autocast_dtype(x.device.type)  # autocast cannot see into the Function's out= kernels or helper threads
+    if low is not None and x.dtype != low:  # so the experts compute in its dtype explicitly (weights cast on the
+        with torch.autocast(x.device.type, enabled=False):  # way in; their gradients come back float32)
+            return grouped_experts(_CastExperts(experts, low), x.to(low), gates, plan, workspace, impl)
     if impl == "auto":
         impl = "grouped_mm" if not on_cpu and grouped_mm_available() else "loop"
     if impl == "grouped_mm":

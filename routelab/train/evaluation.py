@@ -27,6 +27,7 @@ from routelab.data import (
     classification_eval_batches,
     lm_eval_batches,
 )
+from routelab.precision import autocast
 from routelab.train.distributed import DistContext
 
 
@@ -42,6 +43,7 @@ def evaluate(
     split: str = "val",
     max_batches: int | None = None,
     ctx: DistContext | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``split`` of ``data``.
 
@@ -51,6 +53,8 @@ def evaluate(
             0 = the whole split.
         ctx: in a distributed run, each rank scores every world_size-th batch and the sums are
             all-reduced: every rank gets the result of the whole evaluation.
+        precision: the forward pass's autocast dtype ('fp32', 'bf16', 'fp16'; ``routelab.precision``);
+            None = ``cfg.train.precision``, the one the model trained in.
 
     Returns:
         LM: ``{"loss", "bpb" (val only), "tokens"}``; classification: ``{"loss", "accuracy", "examples"}``;
@@ -67,7 +71,7 @@ def evaluate(
     model.eval()
     fork_devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=fork_devices), autocast(device, precision or cfg.train.precision):
             ctx = ctx or DistContext()
             if isinstance(data, MultiTaskData):
                 return _evaluate_tasks(model, data, cfg, split, max_batches, device, ctx)

@@ -51,6 +51,7 @@ from routelab.moe.comm import STATS, add_step, over_layers, run_summary
 from routelab.moe.layer import MoE
 from routelab.moe.parallel import check_expert_parallel, expert_groups
 from routelab.moe.routers import Router
+from routelab.precision import autocast, grad_scaler
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from routelab.train.distill import DistillOutput, build_distiller, preflight_teacher, resume_distillation
 from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
@@ -205,8 +206,14 @@ def train_step(
     device: torch.device,
     ctx: DistContext | None = None,
     experts: ShardedExperts | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
     """Run update ``step``: ``grad_accum`` forward/backward passes, clip, AdamW step, zero grads.
+
+    Forward passes run under ``train.precision``'s autocast (``routelab.precision``); backward runs
+    outside it, on the float32 weights. ``scaler`` (fp16): the loss is scaled before backward and
+    the gradients unscaled before clipping; a step whose gradients overflowed is skipped (``skipped``
+    and ``overflow`` True, no error) while the scale backs off.
 
     In a distributed run ``model`` is the ``DistributedDataParallel`` wrapper: gradients are
     averaged once per update (not per micro-batch), and the reported losses, tokens and routing
@@ -217,7 +224,8 @@ def train_step(
 
     Returns:
         ``skipped``, ``loss``, ``task_loss``, ``aux_loss`` (means over micro-batches), ``lr``,
-        ``grad_norm`` (before clipping), ``tokens`` (non-padding input tokens) and flattened routing stats;
+        ``grad_norm`` (before clipping), ``tokens`` (non-padding input tokens), ``overflow`` (fp16: the
+        step's scaled gradients overflowed), ``loss_scale`` (fp16 only) and flattened routing stats;
         with distillation (``model`` a ``Distiller``) also ``kd_loss``, ``hidden_loss`` (means) and
         ``teacher_s`` (seconds in the teacher this update, mean over ranks);
         under expert parallelism the routing stats include each MoE layer's communication
@@ -225,6 +233,7 @@ def train_step(
     """
     t = cfg.train
     ctx = ctx or DistContext()
+    scaler = scaler or grad_scaler(device, "fp32")  # disabled: scale/unscale_/step/update pass through
     lr = lr_at(step, t)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -245,11 +254,12 @@ def train_step(
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
             last = micro == t.grad_accum - 1 and j == len(parts) - 1
             with contextlib.nullcontext() if last or not ctx.enabled else model.no_sync():  # all-reduce once per update
-                out = model(**batch)
+                with autocast(device, t.precision):
+                    out = model(**batch)
                 loss = out.loss
                 if task is not None:  # this task's weight, and its share of the batch's rows
                     loss = share * (cfg.data.tasks[task].loss_weight * out.task_loss + out.aux_loss)
-                (loss / t.grad_accum).backward()
+                scaler.scale(loss / t.grad_accum).backward()
             task_loss = out.task_loss.detach() * share
             totals += torch.stack([loss.detach(), task_loss, out.aux_loss.detach().float() * share])
             if task is not None:
@@ -261,6 +271,7 @@ def train_step(
             if out.routing:
                 routing.append(flatten_routing(out.routing))
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler.unscale_(optimizer)  # fp16: true gradients before clipping and the norm (a no-op otherwise)
     if experts is not None:  # expert parallelism: expert gradients over their replicas, the global norm
         experts.gradients.sync()
         grad_norm = experts.gradients.clip(params, t.grad_clip)
@@ -274,14 +285,16 @@ def train_step(
         kd, hidden, teacher_s = ctx.mean([float(distill["kd_loss"]) / t.grad_accum, float(distill["hidden_loss"]) / t.grad_accum, distill["teacher_s"]], device)
         distill = {"kd_loss": kd, "hidden_loss": hidden, "teacher_s": teacher_s}
     skipped = not (math.isfinite(loss) and math.isfinite(float(grad_norm)))  # grads are all-reduced: same on all ranks
-    if skipped and not t.skip_nonfinite:
+    overflow = skipped and scaler.is_enabled() and math.isfinite(loss)  # fp16 range exceeded: back off and go on
+    if skipped and not t.skip_nonfinite and not overflow:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(
             f"the training loss is {loss} (gradient norm {float(grad_norm)}) at step {step}. Try a lower train.lr,"
             " more train.warmup_steps or train.grad_clip > 0, or set train.skip_nonfinite=true to skip such steps"
         )
     if not skipped:  # a skipped step applies no update (AdamW's moments and step count stay as they were)
-        optimizer.step()
+        scaler.step(optimizer)
+    scaler.update()  # fp16: halve the scale after an overflow, double it after growth_interval clean steps
     optimizer.zero_grad(set_to_none=True)
     stats = mean_records(routing) if routing else {}
     comm = experts.communication() if experts is not None else {}
@@ -291,6 +304,8 @@ def train_step(
         stats["communication"] = over_layers([{k: stats[f"routing/{n}/{k}"] for k in STATS} for n in comm])
     return {
         "skipped": skipped,
+        "overflow": overflow,
+        **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
         "loss": loss,
         "task_loss": task_loss,
         "aux_loss": aux_loss,
@@ -409,6 +424,7 @@ def _train(
             state = load_checkpoint(ckpt, model, None, rng=True)
         experts = ShardedExperts(model, expert_groups(cfg.train.expert_parallel, ctx.rank, ctx.world_size))
     optimizer = build_optimizer(model, cfg.train)
+    scaler = grad_scaler(device, cfg.train.precision)  # fp16 only; its state is checkpointed with the bookkeeping
     if distiller is not None and distiller.projection is not None:  # the hidden-state projection trains too
         optimizer.add_param_group(distiller.optimizer_group(cfg.train.weight_decay))
     tensorboard = open_tensorboard(out / "tensorboard") if cfg.train.tensorboard and ctx.is_main else None
@@ -426,6 +442,8 @@ def _train(
         step = state["step"]
         resume_distillation(distiller, state["bookkeeping"].get("distill"), ckpt)  # same teacher? the projection
         book.update({k: v for k, v in state["bookkeeping"].items() if k != "distill"})  # the teacher as found now
+        if scaler.is_enabled() and "grad_scaler" in book:
+            scaler.load_state_dict(book["grad_scaler"])
         dropped = metrics.truncate_after(step)
         log.info("resuming from %s (step %d); dropped %d metrics lines past it", ckpt, step, dropped)
     trained = distiller if distiller is not None else model  # the teacher is in neither: each rank holds its own copy
@@ -447,6 +465,8 @@ def _train(
 
     def checkpoint() -> None:  # rank 0's model and optimizer state are every rank's (gradients are averaged)
         book["elapsed_s"] = elapsed_before + time.perf_counter() - loop_start
+        if scaler.is_enabled():
+            book["grad_scaler"] = scaler.state_dict()
         full = experts.full_states(optimizer) if experts else (None, None)  # every expert, from all ranks
         extra = distiller.extra_tensors() if distiller is not None else None  # the projection: not part of the model
         ctx.on_main(lambda: save_checkpoint(out, step, model, optimizer, {"bookkeeping": dict(book)}, cfg.train.keep_checkpoints, *full, extra))
@@ -477,7 +497,7 @@ def _train(
             t0 = time.perf_counter()
             if ctx.enabled:  # each rank's own stream (dropout, random routing) as a function of (seed, step, rank)
                 torch.manual_seed(batch_seed(cfg.train.seed + 1 + ctx.rank, step))
-            result = train_step(trained, optimizer, cfg, data, step, perms, device, ctx, experts)
+            result = train_step(trained, optimizer, cfg, data, step, perms, device, ctx, experts, scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -490,11 +510,15 @@ def _train(
             if result["skipped"]:
                 book["skipped_steps"] += 1
                 consecutive_skips += 1
-                log.warning("step %d: loss %s, gradient norm %s; update skipped (train.skip_nonfinite)", step, result["loss"], result["grad_norm"])
+                if result["overflow"]:  # expected now and then in fp16 (most at the start, while the scale settles)
+                    log.info("step %d: fp16 gradients overflowed; update skipped, loss scale now %g", step, result["loss_scale"])
+                else:
+                    log.warning("step %d: loss %s, gradient norm %s; update skipped (train.skip_nonfinite)", step, result["loss"], result["grad_norm"])
                 if consecutive_skips > MAX_CONSECUTIVE_SKIPS:
                     raise NonFiniteError(
                         f"the loss or gradient was non-finite for {consecutive_skips} steps in a row (up to step {step});"
                         " skipping does not help here: lower train.lr or check the data and model settings"
+                        + (" (or use train.precision=bf16: fp16 kept overflowing)" if cfg.train.precision == "fp16" else "")
                     )
             else:
                 consecutive_skips = 0
@@ -502,7 +526,7 @@ def _train(
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == last:
                 tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
-                record = {"step": step, **{k: v for k, v in result.items() if k not in ("tokens", "skipped", "communication")}}
+                record = {"step": step, **{k: v for k, v in result.items() if k not in ("tokens", "skipped", "overflow", "communication")}}
                 record["skipped_steps"] = book["skipped_steps"]
                 record["tokens_per_s"] = tokens_per_s
                 if distiller is not None:  # the teacher's forward passes are inside the step time (and tokens/s)
@@ -561,6 +585,7 @@ def _train(
         "num_parameters": experts.num_parameters(cfg.model) if experts else model.num_parameters(),
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),
+        "precision": cfg.train.precision,
         "world_size": ctx.world_size,
         **({"communication": {**run_summary(book["communication"]), "capacity": capacity_scope(cfg)}} if book.get("communication") else {}),
         **({"distill": {**book["distill"], "teacher_s_per_step": run_teacher / (step - start_step) if step > start_step else None,

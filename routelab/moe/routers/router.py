@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from routelab.config import from_dict, section_from_dict
 from routelab.errors import ConfigError
 from routelab.options import RouterConfig
+from routelab.precision import run_fp32
 from routelab.registry import ROUTERS
 
 
@@ -108,6 +109,11 @@ class Router(nn.Module):
         if self.learned:
             self.weight = nn.Parameter(torch.empty(self.num_weight_rows(), d_model))
             self.reset_parameters()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Routing | SoftRouting:
+        """Routing runs in float32 under autocast (``routelab.precision.run_fp32``): logits, softmax,
+        gates and everything the balance and z losses read (Switch Transformers' selective precision)."""
+        return run_fp32(super().__call__, *args, **kwargs)
 
     def check(self) -> None:
         """Validate options against the layer (e.g. top_k <= num_experts); raise ``ConfigError``."""
