@@ -1,10 +1,12 @@
 """Training throughput on a GPU: tokens/s of full optimizer steps (forward + backward + AdamW) of a
-RoutedTransformer with a routed attention kind and an MoE FFN, under bf16 autocast, against the
-same model with dense attention and a dense FFN of equal active width.
+RoutedTransformer with a routed attention kind and an MoE FFN, under ``--precision`` (bf16 by
+default: routelab's ``train.precision`` path), against the same model with dense attention and a
+dense FFN of equal active width.
 
     python benchmarks/gpu_step.py --device cuda [--seq-len 8192] [--attention moba] [--experts 64]
 
-fp32 master weights, bf16 autocast for the forward (the DESIGN's precision policy). Attention kinds
+fp32 master weights, autocast for the forward, float32 routing (``routelab.precision``); fp16 adds
+the loss scaler. Attention kinds
 with ``attention.backend`` run on FlexAttention on CUDA (``auto``). Writes JSON with ``--json``.
 """
 
@@ -22,6 +24,7 @@ from common import write_json
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routelab import ModelConfig, RoutedTransformer  # noqa: E402
+from routelab.precision import autocast, grad_scaler  # noqa: E402
 
 ATTENTION = {
     "dense": dict(kind="dense"),
@@ -53,14 +56,16 @@ def tokens_per_s(cfg: ModelConfig, args, device) -> dict:
     model = RoutedTransformer(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), device=device)
+    scaler = grad_scaler(device, args.precision)
     times = []
     for i in range(args.warmup + args.steps):
         torch.cuda.synchronize(device) if device.type == "cuda" else None
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, args.precision):
             out = model(ids, labels=ids)
-        (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
-        opt.step()
+        scaler.scale(out.loss).backward()  # out.loss includes the MoE auxiliary losses
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device) if device.type == "cuda" else None
         if i >= args.warmup:
@@ -80,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--attention", nargs="+", default=["moba", "local"], choices=list(ATTENTION))
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compiles happen here)")
     p.add_argument("--json", default=None)
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         r = dict(attention=attention, ffn=f"moe-e{args.experts}-top{args.top_k}" if moe else "dense")
-        r.update(seq_len=args.seq_len, batch=args.batch, d_model=args.d_model, layers=args.layers)
+        r.update(seq_len=args.seq_len, batch=args.batch, d_model=args.d_model, layers=args.layers, precision=args.precision)
         r.update(tokens_per_s(model_config(args, attention, moe), args, device))
         rows.append(r)
         print(

@@ -36,7 +36,7 @@ run() {  # name, timeout (s), command...: record the exit status, keep going
   [ "$rc" = 0 ] || status=1
 }
 
-run pytest_cuda 1800 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/attention tests/moe -rs \
+run pytest_cuda 1800 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests -rs \
   --junitxml "$WORK/pytest_cuda.xml"
 run attention 3600 "$PY" benchmarks/attention.py --device cuda --dtype bf16 --repeats 3 --sizes $SIZES \
   --kinds local strided fixed longformer bigbird kmeans moba block_topp --json "$WORK/attention.json"
