@@ -84,10 +84,12 @@ DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.d
 NO_EFFECT_ON_RESULTS = (*DISPLAY_ONLY, "train.checkpoint_every", "train.keep_checkpoints")
 
 
-# multi-task keys at their single-task values are left out of the fingerprint, so runs finished before
-# they existed keep their config_sha256 (a comparison does not retrain them)
+# keys added after runs existed (multi-task, precision), at the values that compute what those runs did,
+# are left out of the fingerprint, so older finished runs keep their config_sha256 (a comparison does
+# not retrain them)
 SINGLE_TASK = {"data.tasks": None, "data.task_temperature": 1.0, "data.task_mixing": "step", "model.task_names": None,
-               "model.task_heads": None, "model.task_num_labels": None, "model.attention.task_conditioned": False}
+               "model.task_heads": None, "model.task_num_labels": None, "model.attention.task_conditioned": False,
+               "train.precision": "fp32"}
 
 
 class RunError(ValueError):

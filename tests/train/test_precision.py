@@ -96,6 +96,14 @@ def test_a_run_that_keeps_overflowing_stops_with_one_line(lm_cfg, tmp_path, monk
         train(lm_cfg("train.precision=fp16"), tmp_path / "run")
 
 
+def test_a_bf16_run_is_a_different_run_of_the_same_config(lm_cfg):
+    """fp32 is left out of the fingerprint (runs from before train.precision keep theirs: see
+    test_single_task_fingerprint_has_no_multitask_keys); another precision computes something else."""
+    from routelab.train.run import config_sha256
+
+    assert config_sha256(lm_cfg("train.precision=bf16")) != config_sha256(lm_cfg())
+
+
 def test_precision_choices_and_refusals(lm_cfg):
     with pytest.raises(ConfigError, match="train.precision.*'fp32', 'bf16', 'fp16'"):
         lm_cfg("train.precision=fp8")
