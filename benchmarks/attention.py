@@ -307,7 +307,7 @@ def bench_size(n: int, kinds: list[str], causal: bool, repeats: int, limit_gb: f
             peak_mb=peaks.get(name),
         )
         if routes[name] is not None and getattr(routes[name], "stats", None):
-            row["stats"] = routes[name].stats
+            row["stats"] = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in routes[name].stats.items()}
         rows.append(row)
         print(format_row(row), flush=True)
     return rows

@@ -2,15 +2,17 @@
 
     routelab train CONFIG [--set k=v ...] [--out DIR] [--resume] [--init-from DIR] [--nproc N [--max-restarts K]]
     routelab upcycle RUN_OR_MODEL_DIR --out DIR [--set model.ffn.kind=moe ...] [--noise STD] [--seed N]
-    routelab eval RUN_DIR [--split val|test]
-    routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    routelab eval RUN_DIR [--split val|test] [--device DEV]
+    routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--device DEV]
     routelab data listops --out DIR [--set data.listops_train=...]
     routelab compare CONFIG [--out DIR] [--set k=v ...] [--steps N | --tokens N | --seconds S] [--force]
-    routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR] [--task NAME]
-    routelab import hf PATH --out DIR [--force]
+    routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR] [--task NAME] [--device DEV]
+    routelab import hf PATH --out DIR [--force] [--check [--device DEV]]
     routelab extract RUN_DIR --task NAME --out DIR
 
-Errors a user can cause (bad config, missing file, bad data) print one clear line and exit 2.
+Errors a user can cause (bad config, missing file, bad data, a --device this machine lacks) print
+one clear line and exit 2. Commands that run a saved model take ``--device`` (default: the run's own
+``train.device``, resolved as training does).
 
 ``main(argv)`` runs a command and changes nothing process-wide; ``run()``, the ``routelab`` command
 and ``python -m routelab``, first picks CPU-thread defaults a command line may choose and a library
@@ -93,18 +95,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from routelab.train import evaluate, load_run
 
-    run = load_run(args.run_dir, with_data=True)
+    run = load_run(args.run_dir, with_data=True, map_location=command_device(args))
     print(json.dumps(evaluate(run.model, run.data, run.cfg, split=args.split, max_batches=0), indent=2))
     return 0
 
 
-def sample_text(run_dir, prompt: str, **sampling) -> str:
+def sample_text(run_dir, prompt: str, device: str | None = None, **sampling) -> str:
     import torch
 
     from routelab.generate import SamplingConfig, generate
     from routelab.train import load_run
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, map_location=device)  # None: the run's own train.device
     model, tokenizer = run.model, run.tokenizer
     encode = getattr(tokenizer, "encode_with_specials", tokenizer.encode)  # an imported model's own template (<s> ...)
     ids = encode(prompt) if prompt else [tokenizer.eos_id]
@@ -124,6 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
+            device=command_device(args),
         )
     )
     return 0
@@ -161,7 +164,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from routelab.report.inspect_report import inspect_run
 
-    out = inspect_run(args.run_dir, text=args.text, example=args.example, out=args.out, task=args.task)
+    out = inspect_run(args.run_dir, text=args.text, example=args.example, out=args.out, task=args.task, device=command_device(args))
     print(f"wrote {out / 'experts.html'} and the heatmaps beside it")
     return 0
 
@@ -169,6 +172,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_import_hf(args: argparse.Namespace) -> int:
     from routelab.pretrained.run_folder import import_hf_run
 
+    device = command_device(args) if args.check else None  # a bad --device fails before the import
     cfg = import_hf_run(args.path, args.out, force=args.force)
     m = cfg.model
     print(f"imported {args.path} into {args.out}: {m.n_layers} layers, d_model {m.d_model}, ffn {m.ffn.kind}, head {m.head}")
@@ -176,7 +180,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         from routelab.pretrained.check import check_against_transformers, describe
         from routelab.train import load_run
 
-        run = load_run(args.out)  # the folder as written, read back
+        run = load_run(args.out, map_location=device)  # the folder as written, read back
         print(describe(check_against_transformers(args.path, run.model, run.tokenizer)))
     return 0
 
@@ -195,6 +199,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
     out, source, small = write_extracted_run(args.run_dir, args.task, args.out)
     print(f"extracted task {args.task!r} -> {out}: {small.num_parameters():,} parameters of {source.num_parameters():,}")
     return 0
+
+
+def command_device(args: argparse.Namespace):
+    """``--device`` checked (a name torch does not know, or one this machine lacks, is a ``ConfigError``:
+    one line, exit 2), or None when not given: ``load_run`` then uses the run's own ``train.device``."""
+    from routelab.train.run import resolve_device
+
+    return resolve_device(args.device, "--device") if args.device is not None else None
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", metavar="DEV", help="where the model runs: auto, cpu, cuda, cuda:N "
+                   "(default: the run's own train.device)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run", description="Evaluate a run directory's model.")
     e.add_argument("run_dir", help="run directory written by `routelab train`")
     e.add_argument("--split", default="val", choices=["val", "test"], help="split to evaluate (test: classification only)")
+    add_device_argument(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text from a trained LM", description="Sample a continuation with a KV cache.")
@@ -231,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_device_argument(g)
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("data", help="generate or convert data sets", description="Data utilities.")
@@ -284,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--example", type=int, help="index of a validation example (default 0)")
     i.add_argument("--out", help="output folder (default: RUN_DIR/inspect)")
     i.add_argument("--task", help="multi-task runs: the task the input is routed as (default: the first of model.task_names)")
+    add_device_argument(i)
     i.set_defaults(func=cmd_inspect)
 
     im = sub.add_parser("import", help="import pretrained weights as a run folder", description="Convert pretrained checkpoints into routelab run folders.")
@@ -296,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the new folder is complete)")
     hf.add_argument("--check", action="store_true", help="then compare the written model with transformers' own on a few texts"
                     " (hidden states, logits, pooled embeddings; needs transformers)")
+    add_device_argument(hf)  # for --check
     hf.set_defaults(func=cmd_import_hf)
     return p
 

@@ -333,8 +333,8 @@ class RoutedTransformer(nn.Module):
         weights = directory / WEIGHTS_FILE
         verify_sha256(weights, digest)
         check_weights_file(cfg, weights, str(cfg_path))
-        model = cls(cfg)
-        model.load_state_dict(load_state_dict(weights, map_location))
+        model = cls(cfg)  # built on the CPU: read the weights there, then move them once
+        model.load_state_dict(load_state_dict(weights))
         return model.to(map_location).eval()
 
     @classmethod

@@ -60,6 +60,11 @@ def _no_model(run: Path) -> None:  # an unfinished run: only checkpoints
 
 # name -> (prepare the copied run folder, arguments with RUN / CFG / TMP placeholders, expected message)
 CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
+    "eval-unknown-device": (None, ["eval", "RUN", "--device", "tpu"], r"--device='tpu' is invalid .*allowed: 'auto', 'cpu'"),
+    "generate-unknown-device": (None, ["generate", "RUN", "--prompt", "def ", "--device", "tpu"], r"--device='tpu' is invalid"),
+    "inspect-unknown-device": (None, ["inspect", "RUN", "--out", "TMP/inspect", "--device", "gpu0"], r"--device='gpu0' is invalid"),
+    "import-check-unknown-device": (None, ["import", "hf", "TMP", "--out", "TMP/imported", "--check", "--device", "tpu"],
+                                    r"--device='tpu' is invalid"),
     "resume-all-checkpoints-damaged": (
         lambda r: [_truncate(_ckpt(r, s) / "model.safetensors") for s in (3, 6)],
         ["train", "CFG", "--out", "RUN", "--resume", "--set", "train.steps=9", "--no-sample"],
@@ -187,3 +192,26 @@ def test_messages_the_run_emits_reach_stderr(finished, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "routelab: resuming from" in err and "(step 6)" in err
     assert "routelab: step 8/8  loss" in err and "routelab: step 8 validation: loss" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("command", [["eval", "RUN"], ["generate", "RUN", "--prompt", "def "]])
+def test_cuda_device_without_a_gpu_is_one_line(finished, capsys, command):
+    argv = [str(finished / "run") if a == "RUN" else a for a in command]
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("routelab: error:") == 1 and "Traceback" not in err
+    assert "--device='cuda' but CUDA is not available" in err
+
+
+def test_eval_and_generate_on_device_cpu(finished, capsys):
+    run = str(finished / "run")
+    assert main(["eval", run]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["eval", run, "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) == default  # the run's own device (auto) is the CPU here
+    args = ["generate", run, "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main([*args, "--device", "cpu"]) == 0
+    cpu = capsys.readouterr().out
+    assert main(args) == 0
+    assert cpu.startswith("def ") and capsys.readouterr().out == cpu

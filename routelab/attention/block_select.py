@@ -136,7 +136,7 @@ class BlockSelectAttention(QKVAttention):
             mean = (used * real[:, None]).sum() / (real.sum() * used.shape[1]).clamp(min=1)
         else:
             mean = used.mean()
-        return BlockRoutes(blocks, self.block_size, self.causal, {"mean_blocks": float(mean)})
+        return BlockRoutes(blocks, self.block_size, self.causal, {"mean_blocks": mean.detach()})  # 0-d: no host sync
 
     # -- inspection and reports --------------------------------------------------------------
     budget: int = 0  # key blocks a query block may choose besides its own (top_k, or max_blocks)

@@ -55,5 +55,6 @@ class BlockTopPAttention(BlockSelectAttention):
         before = top.values.cumsum(-1) - top.values  # mass of the better blocks
         take = (before < self.top_p) & (top.values > 0)
         chosen = torch.where(take, top.indices, -1)
-        used = int(take.sum(-1).max()) if take.numel() else 0  # trim slots no block uses
+        # trim slots no block uses: K is a shape, so this host sync stays (fewer gathered blocks is the point)
+        used = int(take.sum(-1).max()) if take.numel() else 0
         return chosen[..., : max(used, 1)] if used < k else chosen

@@ -76,7 +76,7 @@ def balanced_clusters(aff: Tensor, real: Tensor, capacity: Tensor) -> Tensor:
     pos = torch.arange(T, device=aff.device)
     for rnd in range(c):  # at most c rounds: a token proposes to each centroid once
         un = live & (assigned < 0)
-        if not bool(un.any()):
+        if not bool(un.any()):  # a host sync per round, but usually ends in 1-2 of the c rounds
             break
         cand = pref[..., rnd]  # (B, H, T)
         a = aff.gather(-1, cand[..., None])[..., 0]
@@ -129,6 +129,7 @@ def group_slots(groups: Tensor, size: int, min_size: int = 16) -> tuple[list[Ten
     dense_sorted = new.long().cumsum(-1) - 1  # dense group index in sorted order
     pos = torch.arange(T, device=device).expand(BH, T)
     slot_sorted = pos - torch.where(new, pos, 0).cummax(-1).values  # rank inside the group
+    # n and count below size tensors (host syncs that cannot go): the buckets hold exactly the groups there are
     n = int(torch.where(real, dense_sorted + 1, 0).max()) if T else 0
     dense = torch.full_like(groups, -1).scatter_(1, order, torch.where(real, dense_sorted, -1))
     if n == 0:
@@ -262,7 +263,7 @@ class KMeansAttention(QKVAttention):
             m = (
                 self.group_size
                 if self.assignment == "nearest"
-                else int((real.sum(-1).max() + self.num_clusters - 1) // self.num_clusters)
+                else int((real.sum(-1).max() + self.num_clusters - 1) // self.num_clusters)  # a shape: host sync
             )
             buckets, dense = group_slots(groups.reshape(B * Hr, T), max(m, 1))
             qr, vr = q[:, lh:], v[:, lh:]
@@ -290,7 +291,7 @@ class KMeansAttention(QKVAttention):
             sizes = torch.zeros(B * (H - lh), T + 1, dtype=torch.long, device=q.device)
             sizes.scatter_add_(1, torch.where(dense >= 0, dense, T), torch.ones_like(dense))
             sizes = sizes[:, :T]
-            stats = {"max_group": int(sizes.max()), "mean_groups": float((sizes > 0).sum(-1).float().mean())}
+            stats = {"max_group": sizes.max(), "mean_groups": (sizes > 0).sum(-1).float().mean()}  # 0-d: no sync
         return out, ClusterRoutes(full_groups, full_clusters, self.causal, lh, self.window, stats)
 
     # ------------------------------------------------------------------------------------------

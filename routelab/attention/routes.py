@@ -21,7 +21,8 @@ class BlockRoutes:
         blocks: (B, H, nqb, K) long, chosen key blocks, -1 = unused slot.
         block_size: tokens per block.
         causal: whether j <= i was also required.
-        stats: e.g. ``{"mean_blocks": 2.4}`` (blocks attended per query block, own block included).
+        stats: e.g. ``{"mean_blocks": tensor(2.4)}`` (blocks attended per query block, own block
+            included), 0-d tensors on the routes' device, so the forward pass does not wait for them.
     """
 
     blocks: Tensor
@@ -52,6 +53,7 @@ class ClusterRoutes:
         clusters: (B, H, T) long centroid each token was assigned to.
         causal: whether j <= i was also required.
         local_heads: the first heads use a local window of ``window`` instead of groups.
+        stats: ``max_group``, ``mean_groups``: 0-d tensors on the routes' device (no host sync).
     """
 
     groups: Tensor

@@ -334,12 +334,14 @@ class MoE(nn.Module):
             flat = r.expert_idx.reshape(-1)
             w_active = None if active is None else active.reshape(-1).float()
             per_expert = torch.bincount(flat, weights=w_active, minlength=E).float()  # (E,)
-            n_chosen = flat.numel() if chosen is None else int(chosen.sum())
-            n_active = flat.numel() if active is None else int(active.sum())
+            # pair counts stay 0-d device tensors: no host sync per forward
+            every = torch.full((), flat.numel(), dtype=torch.long, device=dev)
+            n_chosen = every if chosen is None else chosen.sum()
+            n_active = every if active is None else active.sum()
             routed = torch.ones(T, dtype=torch.bool, device=dev) if active is None else active.any(1)
             stats["tokens_per_expert"] = per_expert
-            stats["dropped_fraction"] = torch.tensor((n_chosen - n_active) / max(n_chosen, 1))
-            stats["unrouted_fraction"] = (1.0 - routed.float().mean()) if T else torch.tensor(0.0)
+            stats["dropped_fraction"] = (n_chosen - n_active).float() / n_chosen.clamp(min=1).float()
+            stats["unrouted_fraction"] = (1.0 - routed.float().mean()) if T else torch.zeros((), device=dev)
             if r.probs is not None and T:
                 stats["router_entropy"] = losses.router_entropy(r.probs.detach())
             stats["max_load"] = per_expert.max()
@@ -389,15 +391,13 @@ class MoE(nn.Module):
         with torch.no_grad():
             real = r.combine if pad is None else r.combine * (~pad).unsqueeze(-1)
             per_expert = real.view(B, T, E, S).sum((0, 1, 3)).float()  # (E,) combine mass per expert
-            n_real = T * B if pad is None else int((~pad).sum())
-            probs = r.combine.reshape(-1, E * S)
-            if pad is not None:
-                probs = probs[~pad.reshape(-1)]
+            probs = r.combine.reshape(-1, E * S)  # (B*T, E*S)
+            weights = None if pad is None else (~pad).reshape(-1).to(probs.dtype)  # (B*T,) weights, not an index: no sync
             stats = {
                 "tokens_per_expert": per_expert,
-                "dropped_fraction": torch.tensor(0.0),
-                "unrouted_fraction": torch.tensor(0.0),
-                "router_entropy": losses.router_entropy(probs) if n_real else torch.tensor(0.0),
+                "dropped_fraction": torch.zeros((), device=x.device),
+                "unrouted_fraction": torch.zeros((), device=x.device),
+                "router_entropy": losses.router_entropy(probs, weights) if probs.shape[0] else torch.zeros((), device=x.device),
                 "max_load": per_expert.max(),
                 "mean_load": per_expert.mean(),
                 "unused_experts": (per_expert == 0).sum(),

@@ -64,7 +64,13 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
-def router_entropy(probs: Tensor) -> Tensor:
+def router_entropy(probs: Tensor, weights: Tensor | None = None) -> Tensor:
     """Mean entropy (nats) of the routing distributions; probs (T, E). Minimised as Huang et al.'s
-    dynamic loss for top-p routing and reported as a statistic."""
-    return -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
+    dynamic loss for top-p routing and reported as a statistic.
+
+    ``weights`` (T,): a weighted mean instead (e.g. 0 for padding tokens; 0 if all weights are 0),
+    which needs no boolean indexing and so no host sync."""
+    h = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)  # (T,)
+    if weights is None:
+        return h.mean()
+    return (h * weights).sum() / weights.sum().clamp(min=1e-20)

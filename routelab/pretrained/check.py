@@ -64,7 +64,9 @@ def check_against_transformers(path: str | Path, model: RoutedTransformer, token
     causal = model.cfg.head == "lm"
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     ref = auto.from_pretrained(folder, attn_implementation="eager").float().eval()
-    ids, mask = padded_batch(tokenizer, texts, model.cfg.max_seq_len)  # (B, T) each
+    device = next(model.parameters()).device  # transformers' model runs beside ours
+    ref = ref.to(device)
+    ids, mask = (t.to(device) for t in padded_batch(tokenizer, texts, model.cfg.max_seq_len))  # (B, T) each
     model = model.float().eval()
     ours = model(ids, attention_mask=mask)
     theirs = ref(input_ids=ids, attention_mask=mask)

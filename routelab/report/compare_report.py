@@ -178,7 +178,7 @@ def task_expert_maps(names: list[str], out: Path, batches: int = 2) -> dict[str,
 
     maps = {}
     for n in names:
-        run = load_run(out / n, with_data=True)
+        run = load_run(out / n, with_data=True, map_location=None)  # on the variant's own train.device
         cfg = run.cfg
         if not cfg.model.task_names or len(cfg.model.task_names) < 2 or cfg.model.ffn.kind != "moe":
             continue
@@ -210,7 +210,7 @@ def attention_route_maps(names: list[str], out: Path, example: int) -> tuple[dic
 
     maps, tokens, kinds = {}, None, set()
     for n in names:
-        run = load_run(out / n, with_data=True)
+        run = load_run(out / n, with_data=True, map_location=None)  # on the variant's own train.device
         if run.cfg.model.attention.kind in kinds:
             continue  # one map per attention kind
         kinds.add(run.cfg.model.attention.kind)

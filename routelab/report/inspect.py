@@ -75,9 +75,17 @@ def text_example(run: Any, text: str) -> tuple[Tensor, list[str]]:
     return torch.tensor([ids]), [tok.id_to_token(i) for i in ids]
 
 
+def _device_of(model: Any) -> torch.device:
+    """Where the model's weights are: the inputs built here on the CPU go there (outputs come back as NumPy)."""
+    return next(model.parameters()).device
+
+
 def _capture_inputs(model: Any, ids: Tensor, attr: str, task_ids: Tensor | None = None) -> list[Tensor]:
     """Run the model once (with ``task_ids`` (B,) if given) and return the input of ``layer.<attr>`` for every layer."""
     seen: list[Tensor] = []
+    device = _device_of(model)
+    ids = ids.to(device)
+    task_ids = task_ids.to(device) if task_ids is not None else None
     hooks = [getattr(layer, attr).register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["x"]), with_kwargs=True) for layer in model.layers]
     try:
         with torch.no_grad():
@@ -105,7 +113,7 @@ def attention_routes(model: Any, ids: Tensor, task: int | None = None) -> list[n
                 w = attn.attention_weights(x)
             else:
                 w = _explicit_weights(attn, x)
-        maps.append(w[0].float().numpy())
+        maps.append(w[0].float().cpu().numpy())
     return maps
 
 
@@ -131,7 +139,7 @@ def _explicit_weights(attn: Any, x: Tensor) -> Tensor:
     if attn.rope is not None:
         q, k = attn.rope.rotate(q), attn.rope.rotate(k)
     scores = q @ k.transpose(-1, -2) / attn.head_dim**0.5  # (1, H, T, T)
-    allowed = attn.mask(T) if hasattr(attn, "mask") else torch.ones(T, T, dtype=torch.bool)
+    allowed = attn.mask(T) if hasattr(attn, "mask") else torch.ones(T, T, dtype=torch.bool, device=x.device)
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
@@ -140,13 +148,15 @@ def expert_routes(model: Any, ids: Tensor, task: int | None = None) -> dict[str,
     was sent to (0 elsewhere). Uses the layer's ``route(x, token_ids)`` decision, as in training;
     ``task``: the task index the input is routed as (multi-task models)."""
     task_ids = torch.tensor([task]) if task is not None else None
-    return {k: v[0].float().numpy() for k, v in _gate_matrices(model, ids, task_ids).items()}
+    return {k: v[0].float().cpu().numpy() for k, v in _gate_matrices(model, ids, task_ids).items()}
 
 
 def _gate_matrices(model: Any, ids: Tensor, task_ids: Tensor | None) -> dict[str, Tensor]:
     """Per MoE layer, the (B, T, E) gate matrix of ``ids`` (B, T) routed as tasks ``task_ids`` (B,)."""
     model.eval()
     out = {}
+    ids = ids.to(_device_of(model))
+    task_ids = task_ids.to(ids.device) if task_ids is not None else None
     per_token = task_ids.reshape(-1, 1).expand(ids.shape) if task_ids is not None else None  # (B, T)
     for i, (layer, x) in enumerate(zip(model.layers, _capture_inputs(model, ids, "ffn", task_ids))):
         ffn = layer.ffn
@@ -165,13 +175,14 @@ def task_expert_loads(model: Any, ids: Tensor, task_ids: Tensor, attention_mask:
     ``routelab.moe.task_stats.task_overlap`` and ``plots.task_expert_map``."""
     from routelab.moe.task_stats import task_expert_load
 
-    real = attention_mask.reshape(-1).bool() if attention_mask is not None else None
-    tasks = task_ids.reshape(-1, 1).expand(ids.shape).reshape(-1)  # (B*T,)
+    device = _device_of(model)
+    real = attention_mask.reshape(-1).bool().to(device) if attention_mask is not None else None
+    tasks = task_ids.to(device).reshape(-1, 1).expand(ids.shape).reshape(-1)  # (B*T,)
     out = {}
     for name, gates in _gate_matrices(model, ids, task_ids).items():
         routed = (gates.reshape(-1, gates.shape[-1]) > 0).float()  # (B*T, E)
         t = tasks
         if real is not None:
             routed, t = routed[real], t[real]
-        out[name] = task_expert_load(routed, t, model.cfg.num_tasks).numpy()
+        out[name] = task_expert_load(routed, t, model.cfg.num_tasks).cpu().numpy()
     return out

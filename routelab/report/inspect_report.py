@@ -46,10 +46,12 @@ def token_html(tokens: list[str], gates: np.ndarray) -> str:
 
 
 def inspect_run(
-    run_dir: str | Path, text: str | None = None, example: int | None = None, out: str | Path | None = None, task: str | None = None
+    run_dir: str | Path, text: str | None = None, example: int | None = None, out: str | Path | None = None, task: str | None = None,
+    device: str | None = None,
 ) -> Path:
     """Write the inspection pages and images of one input; returns the output folder. ``task``: the
-    task the per-token views route the input as (multi-task models; default the first task)."""
+    task the per-token views route the input as (multi-task models; default the first task).
+    ``device``: where the model runs (None: the run's own ``train.device``)."""
     from routelab.io import check_folder_target
     from routelab.train import load_run
 
@@ -57,7 +59,7 @@ def inspect_run(
     check_folder_target(out)
     if text is not None and not text:
         raise ValueError("--text is empty (no tokens to route); give at least one character")
-    run = load_run(run_dir, with_data=text is None)
+    run = load_run(run_dir, with_data=text is None, map_location=device)
     ids, tokens = text_example(run, text) if text is not None else validation_example(run, example or 0)
     out.mkdir(parents=True, exist_ok=True)
     names = run.cfg.model.task_names or []

@@ -267,13 +267,17 @@ def load_checkpoint(
     """Load weights into ``model`` (and state into ``optimizer``, and the RNG states if ``rng``),
     after ``verify_checkpoint`` (checksums, and the weights' shapes against ``model``).
 
+    The weights are read straight onto the model's device, whichever device wrote them (safetensors
+    records none), so a run resumes on another device; the optimizer's moments follow their
+    parameters (``Optimizer.load_state_dict``) and the RNG states stay host tensors.
+
     Returns:
         the checkpoint's ``state.json`` (step and bookkeeping).
     """
     path = Path(path)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = verify_checkpoint(path, shapes)
-    model.load_state_dict(load_state_dict(path / MODEL_FILE))
+    model.load_state_dict(load_state_dict(path / MODEL_FILE, map_location=_device_of(model)))
     if optimizer is not None or rng:
         load_optimizer_state(path, optimizer, state, device=_device_of(model) if rng else None)
     return state

@@ -253,17 +253,36 @@ def write_run_folder(out: Path, cfg: Config, tokenizer: Any, model: RoutedTransf
 SUPPORTED_TASKS = ("lm", "classification", "token_classification")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; anything else is passed to ``torch.device``."""
+def resolve_device(name: str | torch.device, what: str = "train.device") -> torch.device:
+    """'auto' -> cuda if available else cpu; anything else is passed to ``torch.device``. A name torch
+    does not know, or CUDA where there is none, raises a ``ConfigError`` naming ``what`` (the config
+    key, or a command's ``--device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"train.device={name!r} is invalid ({e}); allowed: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{what}={name!r} is invalid ({e}); allowed: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what}={name!r} but CUDA is not available; use 'auto' or 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{what}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def run_device(cfg: Config, requested: str | torch.device | None = None) -> torch.device:
+    """The device a command runs a loaded run on: ``requested`` (``--device``) when given, else the
+    run's own ``train.device`` resolved as training does. A run trained on a device this machine lacks
+    (its ``cuda`` opened on a CPU-only machine) falls back to the CPU with a warning, so a run folder
+    stays readable anywhere; an explicit ``requested`` device that is not there is an error."""
+    if requested is not None:
+        return resolve_device(requested, "--device")
+    try:
+        return resolve_device(cfg.train.device)
+    except ConfigError as e:
+        log.warning("%s; running on the CPU (pass --device to choose)", e)
+        return torch.device("cpu")
 
 
 def preflight(cfg: Config, world_size: int | None = None) -> None:
@@ -396,15 +415,20 @@ class LoadedRun(NamedTuple):
     data: LMData | ClassificationData | None
 
 
-def load_run(run_dir: str | Path, with_data: bool = False, map_location: str = "cpu") -> LoadedRun:
+def load_run(
+    run_dir: str | Path, with_data: bool = False, map_location: str | torch.device | None = "cpu"
+) -> LoadedRun:
     """Read a run: its config, tokenizer, and model from ``model/`` (a finished run) or else from
-    the newest checkpoint; the data too if ``with_data``. The model is returned in eval mode.
+    the newest checkpoint; the data too if ``with_data``. The model is returned in eval mode, on
+    ``map_location`` (None: the run's own ``train.device``, see ``run_device``).
     A damaged file (checksum, truncation, sizes that do not match the config) raises an error naming it."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise RunError(f"{str(run_dir)!r} is not a routelab run folder: {CONFIG_FILE} is missing")
     cfg = load_run_config(cfg_path)
+    if map_location is None:
+        map_location = run_device(cfg)
     tokenizer = load_tokenizer(run_dir)
     if (run_dir / MODEL_DIR / "config.json").is_file():
         model = RoutedTransformer.from_pretrained(run_dir / MODEL_DIR, map_location=map_location)

@@ -69,3 +69,10 @@ def test_router_z_loss_hand_example():
 def test_router_entropy():
     probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
     assert math.isclose(float(losses.router_entropy(probs)), math.log(2) / 2, rel_tol=1e-6)
+
+
+def test_router_entropy_weighted_mean_skips_zero_weight_rows():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]])
+    w = torch.tensor([1.0, 1.0, 0.0])  # the last row is padding
+    assert math.isclose(float(losses.router_entropy(probs, w)), math.log(2) / 2, rel_tol=1e-6)
+    assert float(losses.router_entropy(probs, torch.zeros(3))) == 0.0  # no real token: 0, not nan

@@ -88,6 +88,9 @@ def balanced_hash_table(token_counts: Tensor, num_experts: int) -> Tensor:
 
     token_counts (V,) -> table (V,) int64 of expert indices. Unseen tokens (count 0) are dealt
     round-robin over the experts with the fewest ids, so every expert keeps ~V/E ids.
+
+    A greedy heap over Python numbers, so the counts are read on the host once (when a run starts);
+    the table comes back on the counts' device, where the router's buffer and its lookups live.
     """
     counts = token_counts.detach().to("cpu", torch.float64).tolist()
     seen = sorted((t for t, c in enumerate(counts) if c > 0), key=lambda t: (-counts[t], t))
@@ -104,4 +107,4 @@ def balanced_hash_table(token_counts: Tensor, num_experts: int) -> Tensor:
         n, e = heapq.heappop(by_ids)
         table[t] = e
         heapq.heappush(by_ids, (n + 1, e))
-    return torch.tensor(table, dtype=torch.long)
+    return torch.tensor(table, dtype=torch.long, device=token_counts.device)
