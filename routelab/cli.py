@@ -96,11 +96,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from routelab.train import evaluate, load_run
 
     run = load_run(args.run_dir, with_data=True, map_location=command_device(args))
-    print(json.dumps(evaluate(run.model, run.data, run.cfg, split=args.split, max_batches=0), indent=2))
+    result = evaluate(run.model, run.data, run.cfg, split=args.split, max_batches=0, precision=args.dtype)
+    print(json.dumps(result, indent=2))
     return 0
 
 
-def sample_text(run_dir, prompt: str, device: str | None = None, **sampling) -> str:
+def sample_text(run_dir, prompt: str, device: str | None = None, precision: str | None = None, **sampling) -> str:
+    """Generate from a run folder's model on ``device`` (None: the run's train.device) in ``precision``
+    (None: the run's train.precision)."""
     import torch
 
     from routelab.generate import SamplingConfig, generate
@@ -112,7 +115,7 @@ def sample_text(run_dir, prompt: str, device: str | None = None, **sampling) -> 
     ids = encode(prompt) if prompt else [tokenizer.eos_id]
     device = next(model.parameters()).device
     cfg = SamplingConfig(stop_tokens=(tokenizer.eos_id,), **sampling)
-    out = generate(model, torch.tensor([ids], device=device), cfg)
+    out = generate(model, torch.tensor([ids], device=device), cfg, precision=precision or run.cfg.train.precision)
     return prompt + tokenizer.decode(out[0, len(ids) :].tolist())
 
 
@@ -127,6 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
             device=command_device(args),
+            precision=args.dtype,
         )
     )
     return 0
@@ -209,6 +213,11 @@ def command_device(args: argparse.Namespace):
     return resolve_device(args.device, "--device") if args.device is not None else None
 
 
+def add_dtype_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="the forward passes' autocast dtype; weights and routing stay float32 (default: the run's train.precision)")
+
+
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", metavar="DEV", help="where the model runs: auto, cpu, cuda, cuda:N "
                    "(default: the run's own train.device)")
@@ -239,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="run directory written by `routelab train`")
     e.add_argument("--split", default="val", choices=["val", "test"], help="split to evaluate (test: classification only)")
     add_device_argument(e)
+    add_dtype_argument(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text from a trained LM", description="Sample a continuation with a KV cache.")
@@ -250,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     add_device_argument(g)
+    add_dtype_argument(g)
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("data", help="generate or convert data sets", description="Data utilities.")

@@ -215,3 +215,17 @@ def test_eval_and_generate_on_device_cpu(finished, capsys):
     cpu = capsys.readouterr().out
     assert main(args) == 0
     assert cpu.startswith("def ") and capsys.readouterr().out == cpu
+
+
+def test_eval_and_generate_take_a_dtype(finished, capsys):
+    run = str(finished / "run")
+    assert main(["eval", run, "--split", "val"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert main(["eval", run, "--split", "val", "--dtype", "bf16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["loss"] != fp32["loss"] and abs(bf16["loss"] / fp32["loss"] - 1) < 0.02  # rounded, not broken
+    assert main(["generate", run, "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0", "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", run, "--dtype", "fp8"])
+    assert e.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from routelab.data import (
     lm_eval_batches,
 )
 from routelab.precision import autocast
+from routelab.train.device import to_device
 from routelab.train.distributed import DistContext
 
 
@@ -160,9 +161,9 @@ def _evaluate_classification(
             break
         if i % ctx.world_size != ctx.rank:  # this rank's share of the batches
             continue
-        b = data.collate(batch, cfg.data.seq_len, cfg.data.truncate)
-        labels = b["labels"].to(device)  # (B,) or, per token, (B, T)
-        out = model(b["input_ids"].to(device), labels=labels, attention_mask=b["attention_mask"].to(device))
+        b = to_device(data.collate(batch, cfg.data.seq_len, cfg.data.truncate), device)
+        labels = b["labels"]  # (B,) or, per token, (B, T)
+        out = model(b["input_ids"], labels=labels, attention_mask=b["attention_mask"])
         scored = labels != IGNORE_INDEX  # the positions the loss averages over
         n = int(scored.sum())
         if n:  # a batch without a scored token has a NaN mean loss and adds nothing

@@ -53,6 +53,7 @@ from routelab.moe.parallel import check_expert_parallel, expert_groups
 from routelab.moe.routers import Router
 from routelab.precision import autocast, grad_scaler
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
+from routelab.train.device import to_device
 from routelab.train.distill import DistillOutput, build_distiller, preflight_teacher, resume_distillation
 from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
 from routelab.train.evaluation import evaluate
@@ -251,7 +252,7 @@ def train_step(
         else:
             parts = [(None, 1.0, micro_batch(cfg, data, step, micro, perms, ctx))]
         for j, (task, share, cpu_batch) in enumerate(parts):
-            batch = {k: v.to(device) for k, v in cpu_batch.items()}
+            batch = to_device(cpu_batch, device)  # pinned, non-blocking copies on CUDA
             last = micro == t.grad_accum - 1 and j == len(parts) - 1
             with contextlib.nullcontext() if last or not ctx.enabled else model.no_sync():  # all-reduce once per update
                 with autocast(device, t.precision):
