@@ -255,6 +255,32 @@ def test_training_run_on_cuda_fp32(tmp_path, ffn):
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cuda(tmp_path, precision):
+    """train.precision on the GPU with MoE experts (grouped_mm under autocast) and moba attention
+    (FlexAttention, head dim 16): it learns, stays near fp32, and writes float32 weights."""
+    from routelab.io import load_state_dict
+    from routelab.train import read_metrics, train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 120)
+    ffn = {"kind": "moe", "num_experts": 4, "router": {"kind": "topk", "top_k": 2}}
+    runs = {}
+    for p in ("fp32", precision):
+        cfg = _train_config(corpus, ffn)
+        cfg = Config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "n_heads": 2,  # head dim 16 for FlexAttention
+                                "attention": {"kind": "moba", "block_size": 8, "top_k": 2}},
+                                "train": {**cfg.to_dict()["train"], "precision": p}})
+        runs[p] = train(cfg, tmp_path / p)
+    low = runs[precision]
+    assert low["completed"] and low["precision"] == precision
+    assert abs(low["val_loss"] / runs["fp32"]["val_loss"] - 1) < 0.05
+    weights = load_state_dict(tmp_path / precision / "model" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    scales = [r.get("loss_scale") for r in read_metrics(tmp_path / precision) if "split" not in r]
+    assert (None not in scales) == (precision == "fp16")
+
+
 def test_cli_eval_and_generate_with_device_cuda(tmp_path, capsys):
     from routelab.cli import main
     from routelab.train import train
@@ -304,3 +330,13 @@ def test_moe_benchmark_runs_on_cuda(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert rows and rows[0]["device"] == "cuda"
+
+
+def test_gpu_step_benchmark_runs_in_bf16(tmp_path):
+    out = tmp_path / "step.json"
+    done = _script("benchmarks/gpu_step.py", "--device", "cuda", "--seq-len", "256", "--batch", "1", "--d-model", "128",
+                   "--layers", "1", "--experts", "8", "--steps", "1", "--warmup", "1", "--attention", "local",
+                   "--precision", "bf16", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["attention"] for r in rows] == ["dense", "local"] and all(r["tokens_per_s"] > 0 for r in rows)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from routelab.attention.engine import Part, spec_positions
+from routelab.precision import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     """(B, H, T, hd) -> (B, H, T, hd) through compiled FlexAttention (differentiable on CUDA)."""
     if q.device.type == "cpu":  # forward only there (``choose_backend`` sends autograd to the engine)
         q, k, v = q.detach(), k.detach(), v.detach()
+    # one dtype for all three, as SDPA gets under autocast (which does not see FlexAttention): on CUDA
+    # autocast returns layer_norm in float32, so k-means' normed q/k would meet bf16 values
+    dtype = autocast_dtype(q.device.type) or v.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return _compiled_flex()(q, k, v, block_mask=block_mask)
 
 

@@ -367,8 +367,8 @@ def grouped_experts(
         raise ValueError(f"impl={impl!r} is invalid; allowed: {', '.join(map(repr, GROUPED_IMPLS))}")
     on_cpu = x.device.type == "cpu"
     low = autocast_dtype(x.device.type)  # autocast cannot see into the Function's out= kernels or helper threads
-    if low is not None and x.dtype != low:  # so the experts compute in its dtype explicitly (weights cast on the
-        with torch.autocast(x.device.type, enabled=False):  # way in; their gradients come back float32)
+    if low is not None:  # so the experts compute in its dtype explicitly (weights cast on the way in; their
+        with torch.autocast(x.device.type, enabled=False):  # gradients come back float32)
             return grouped_experts(_CastExperts(experts, low), x.to(low), gates, plan, workspace, impl)
     if impl == "auto":
         impl = "grouped_mm" if not on_cpu and grouped_mm_available() else "loop"

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from routelab.errors import ConfigError
 from routelab.moe.comm import CommCounters, now
 from routelab.moe.dispatch import grouped_experts, plan_dispatch
+from routelab.precision import autocast_dtype
 
 EXPERT_PARAMS = ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out")  # stacked (E, ...) tensors of ``Experts``
 
@@ -115,10 +116,14 @@ class ExpertParallel:
         self.counters = CommCounters()  # what this layer sent and how long it took, since the trainer last read it
 
     def __call__(self, experts: nn.Module, x: Tensor, expert_idx: Tensor, gates: Tensor, active: Tensor | None, workspace) -> Tensor:
-        """x (T, D), expert_idx / gates / active (T, K) -> y (T, D) = sum_k gates * expert(x)."""
+        """x (T, D), expert_idx / gates / active (T, K) -> y (T, D) = sum_k gates * expert(x).
+
+        Under autocast the rows travel and the experts compute in its dtype (bf16: half the bytes of
+        every exchange), and y comes back in it."""
         T, K = expert_idx.shape
         P, L, group, me, c = self.groups.size, self.local, self.groups.group, self.groups.index, self.counters
         dev = x.device
+        x = x.to(autocast_dtype(dev.type) or x.dtype)
         chosen = torch.arange(T * K, device=dev) if active is None else active.reshape(-1).nonzero().squeeze(1)  # (N,)
         token = torch.div(chosen, K, rounding_mode="floor")  # (N,)
         expert = expert_idx.reshape(-1)[chosen]  # (N,)

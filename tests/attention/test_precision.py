@@ -94,3 +94,24 @@ def test_fused_engine_merges_parts_and_backpropagates_in_low_precision(precision
     for a, b in zip(grads, ref_grads):
         assert a.dtype == dtype
         torch.testing.assert_close(a.float(), b, rtol=0, atol=0.1)
+
+
+@pytest.mark.slow
+def test_flex_attention_gets_one_dtype_under_autocast(monkeypatch):
+    """FlexAttention is outside autocast's op lists: flex_attend casts q/k/v to the autocast dtype
+    itself (on CUDA k-means' layer-normed queries come back float32 beside bf16 values).
+    Compiles FlexAttention (several seconds): deselect with -m 'not slow'."""
+    import routelab.attention.flex as flex
+    from routelab.attention.patterns import band
+
+    compiled, seen = flex._compiled_flex(), []
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or compiled(q, k, v, **kw))
+    T, w = 128, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, T, 16, generator=g) for _ in range(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flex.flex_local(q, k, v.bfloat16(), w, True)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+    pos = torch.arange(T)
+    ref = reference_attention(*(t.bfloat16().float() for t in (q, k, v)), band(pos[:, None], pos[None], w, True))
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.03)

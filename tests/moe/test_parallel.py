@@ -22,6 +22,9 @@ LAYER_CHECK = textwrap.dedent(
     from routelab.moe.parallel import apply_expert_parallel, expert_groups, gather_experts
 
     router, opts, training = sys.argv[1], eval(sys.argv[2]), sys.argv[3] == "train"
+    low = len(sys.argv) > 4 and sys.argv[4] == "bf16"  # under bf16 autocast: rows travel and experts run in bf16
+    tol = dict(atol=2e-2, rtol=2e-2) if low else dict(atol=1e-5, rtol=1e-5)
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=low)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -40,23 +43,31 @@ LAYER_CHECK = textwrap.dedent(
     full.train(training); ep.train(training)
     # one process: all ranks' tokens (capacity is per group of tokens, so per rank here too)
     xs = x.clone().requires_grad_(True)
-    outs = [full(xs[r], token_ids=ids[r]) for r in range(world)]
-    loss = sum((o.hidden * gy[r]).sum() + o.aux_loss for r, o in enumerate(outs))
+    with amp():
+        outs = [full(xs[r], token_ids=ids[r]) for r in range(world)]
+    loss = sum((o.hidden.float() * gy[r]).sum() + o.aux_loss for r, o in enumerate(outs))
     loss.backward()
     groups = expert_groups(world, rank, world)
     names = apply_expert_parallel(ep, groups)
     xr = x[rank].clone().requires_grad_(True)
-    out = ep(xr, token_ids=ids[rank])
-    ((out.hidden * gy[rank]).sum() + out.aux_loss).backward()
-    torch.testing.assert_close(out.hidden, outs[rank].hidden, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(xr.grad, xs.grad[rank], atol=1e-5, rtol=1e-5)
+    with amp():
+        out = ep(xr, token_ids=ids[rank])
+    ((out.hidden.float() * gy[rank]).sum() + out.aux_loss).backward()
+    assert out.hidden.dtype == (torch.bfloat16 if low else torch.float32)
+    torch.testing.assert_close(out.hidden.float(), outs[rank].hidden.float(), **tol)
+    torch.testing.assert_close(xr.grad, xs.grad[rank], **tol)
     g = ep.router.weight.grad.clone() if ep.router.learned else None
     if g is not None:
         dist.all_reduce(g)  # each rank holds its tokens' share of the router gradient
-        torch.testing.assert_close(g, full.router.weight.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, full.router.weight.grad, **tol)
     for n in names:
         local = dict(ep.named_parameters())[n].grad
-        torch.testing.assert_close(gather_experts(local, groups), dict(full.named_parameters())[n].grad, atol=1e-5, rtol=1e-5, msg=n)
+        torch.testing.assert_close(gather_experts(local, groups), dict(full.named_parameters())[n].grad, msg=n, **tol)
+    if low:  # the same exchange in fp32 sends more: the rows and gates are half as many bytes in bf16
+        bf16_bytes = ep.expert_parallel.counters.take()["a2a_sent_bytes"]
+        ep(x[rank].clone().requires_grad_(True), token_ids=ids[rank]).hidden.sum().backward()
+        fp32_bytes = ep.expert_parallel.counters.take()["a2a_sent_bytes"]
+        assert fp32_bytes / 2 < bf16_bytes < fp32_bytes, (bf16_bytes, fp32_bytes)
     print("ok", rank)
     dist.destroy_process_group()
     """
@@ -81,6 +92,16 @@ def test_expert_parallel_layer_equals_one_process(tmp_path, nproc, router, opts,
     ran = _torchrun(nproc, script, router, repr(opts), mode)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert ran.stdout.count("ok") == nproc  # every rank got through its checks (lines may interleave)
+
+
+def test_expert_parallel_layer_in_bf16_equals_one_process_in_bf16(tmp_path):
+    """Under bf16 autocast the rows cross in bf16 (2 bytes per value) and the result is the one-process
+    bf16 layer's (to bf16 rounding; routing itself is float32 and identical)."""
+    script = tmp_path / "check.py"
+    script.write_text(LAYER_CHECK)
+    ran = _torchrun(2, script, "topk", repr({"top_k": 2}), "train", "bf16")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("ok") == 2
 
 
 def test_routers_that_rank_the_whole_batch_refuse_expert_parallelism():
