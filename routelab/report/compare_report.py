@@ -17,6 +17,7 @@ from routelab.train.metrics import read_metrics
 
 COLUMNS = [  # (header, Row attribute, format)
     ("variant", "variant", "{}"),
+    ("precision", "precision", "{}"),
     ("params", "total_params", "{:,}"),
     ("active", "active_params", "{:,}"),
     ("attn MFLOP/tok", "attention_flops", "{:.2f}", 1e-6),
@@ -43,6 +44,7 @@ COLUMNS = [  # (header, Row attribute, format)
 
 
 LEGEND = {  # header -> what it means, for the report's readers
+    "precision": "train.precision: the forward pass's autocast dtype (weights, optimizer state and routing stay float32)",
     "active": "parameters a token uses (the chosen experts only)",
     "attn MFLOP/tok": "forward attention FLOPs per token, all layers, counting only the pairs the kind computes",
     "ffn MFLOP/tok": "forward FFN FLOPs per token (router + the active experts)",

@@ -48,6 +48,7 @@ class Row:
     teacher_share: float | None = None  # share of training time inside the teacher's forward passes
     gain_kept: float | None = None  # share of the teacher's gain over the undistilled twin that the student kept
     tasks: dict[str, dict[str, float]] | None = None  # multi-task: {task: {val_loss, val_bpb or val_accuracy}}
+    precision: str | None = None  # train.precision, when the variants do not all train in fp32
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +142,7 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
         teacher_val_loss=teacher_loss,
         teacher_share=distill.get("teacher_share"),
         tasks=summary.get("tasks"),
+        precision=summary.get("precision", "fp32"),  # runs from before the key trained in fp32
     )
 
 
@@ -178,4 +180,7 @@ def collect_rows(variant_names: list[str], out: Path, reference: str | None) -> 
             twin = undistilled_twin(name, configs) if row.teacher_val_loss is not None else None
             if twin is not None:
                 row.gain_kept = gain_kept(row.val_loss, rows[twin].val_loss, row.teacher_val_loss)
+    if all(r.precision == "fp32" for r in rows.values()):  # the column appears only when precision varies
+        for row in rows.values():
+            row.precision = None
     return list(rows.values())

@@ -378,3 +378,19 @@ def test_a_multi_task_comparison_maps_experts_per_task(tmp_path):
     assert load[0, 0] > 0 and load[1, 1] > 0 and load[0, 1] == 0 and load[1, 0] == 0
     assert "Experts per task: task-level" in (out / "report.md").read_text()
     assert "prose loss" in (out / "report.md").read_text()  # a column group per task
+
+
+def test_a_precision_comparison_shows_each_variants_precision(base_yaml, tmp_path, capsys):
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2},
+                        variants=[{"name": "fp32"}, {"name": "bf16", "set": ["train.precision=bf16"]}])
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["precision"] for r in results] == ["fp32", "bf16"]
+    printed = capsys.readouterr().out
+    assert re.search(r"^variant\s+precision\s", printed, re.M) and re.search(r"^bf16\s+bf16\s", printed, re.M)
+    assert "train.precision: the forward pass's autocast dtype" in (out / "report.md").read_text()
+    # all-fp32 comparisons keep the table they had: no precision column
+    only = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, variants=[{"name": "fp32"}])
+    out2 = compare(only, out=tmp_path / "out2", isolate=False)
+    assert json.loads((out2 / "results.json").read_text())[0]["precision"] is None
+    assert not re.search(r"^variant\s+precision\s", capsys.readouterr().out, re.M)
