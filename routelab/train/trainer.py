@@ -426,6 +426,9 @@ def _train(
         experts = ShardedExperts(model, expert_groups(cfg.train.expert_parallel, ctx.rank, ctx.world_size))
     optimizer = build_optimizer(model, cfg.train)
     scaler = grad_scaler(device, cfg.train.precision)  # fp16 only; its state is checkpointed with the bookkeeping
+    if cfg.train.precision == "fp16" and device.type == "cpu":
+        log.warning("train.precision=fp16 on the CPU runs many times slower than fp32 (CPUs have few fp16 kernels);"
+                    " bf16 is the CPU's low precision")
     if distiller is not None and distiller.projection is not None:  # the hidden-state projection trains too
         optimizer.add_param_group(distiller.optimizer_group(cfg.train.weight_decay))
     tensorboard = open_tensorboard(out / "tensorboard") if cfg.train.tensorboard and ctx.is_main else None
