@@ -58,3 +58,38 @@ def test_expert_gradients_match_a_float32_pass_on_the_rounded_weights():
     moe.impl = "reference"
     y_ref = moe(x).hidden
     torch.testing.assert_close(y.float(), y_ref, rtol=0.02, atol=0.02)
+
+
+def test_row_pieces_cover_each_run_in_bucketed_sizes():
+    from routelab.moe.threads import ROW_BUCKET, _pieces
+
+    low, full = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    for s, t in [(0, 0), (3, 3 + ROW_BUCKET), (5, 5 + 3 * ROW_BUCKET + 7), (10, 10 + 2 * ROW_BUCKET), (0, 1000)]:
+        pieces = _pieces(s, t, low)
+        assert pieces[0][0] == s and pieces[-1][1] == t and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        assert all((b - a) % ROW_BUCKET == 0 for a, b in pieces[:-1]) and len(pieces) <= 2
+        assert pieces[-1][1] - pieces[-1][0] < ROW_BUCKET or len(pieces) == 1
+        assert _pieces(s, t, full) == [(s, t)]  # fp32: one call, as before
+
+
+def test_bucketed_expert_matmuls_equal_one_call_per_expert(monkeypatch):
+    """Hundreds of rows per expert (so every run is cut in pieces): outputs and every gradient equal
+    the same bf16 pass with one matmul per run of rows, to bf16 rounding of the pieces' sums."""
+    import routelab.moe.threads as threads
+
+    torch.manual_seed(0)
+    moe = MoE(d_model=32, num_experts=4, hidden=48, router="topk", top_k=2, activation="swiglu")
+    moe._workspace.min_macs = 0  # also run the helper threads
+    x = torch.randn(2, 301, 32)
+
+    def run():
+        torch.manual_seed(1)
+        out, _, grads = _run(moe, x.clone().requires_grad_(True), None, torch.bfloat16)
+        return out.hidden.float(), grads
+
+    cut, cut_grads = run()
+    monkeypatch.setattr(threads, "ROW_BUCKET", 10**9)
+    whole, whole_grads = run()
+    torch.testing.assert_close(cut, whole, rtol=0, atol=1e-2)
+    for n, g in whole_grads.items():
+        assert (cut_grads[n] - g).abs().max() <= 1e-2 * g.abs().max(), n
