@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from routelab.ffn.dense import activate
+from routelab.moe.experts import EXPERT_PARAMS
 from routelab.moe.threads import Workspace, WorkSplit
 from routelab.precision import autocast_dtype
 
@@ -308,7 +309,7 @@ class _CastExperts:
 
     def __init__(self, experts, dtype: torch.dtype) -> None:
         self.activation = experts.activation
-        for name in ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out"):
+        for name in EXPERT_PARAMS:
             w = getattr(experts, name)
             setattr(self, name, None if w is None else w.to(dtype))
 

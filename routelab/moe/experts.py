@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from routelab.errors import check
 from routelab.ffn.dense import ACTIVATIONS, activate
 
+EXPERT_PARAMS = ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out")  # stacked (E, ...) tensors of ``Experts`` (None if absent)
+
 
 class Experts(nn.Module):
     """E expert FFNs as stacked parameters ``w_in`` (E, D, H), ``b_in`` (E, H), ``w_gate`` (E, D, H)

@@ -43,9 +43,8 @@ from torch import Tensor, nn
 from routelab.errors import ConfigError
 from routelab.moe.comm import CommCounters, now
 from routelab.moe.dispatch import grouped_experts, plan_dispatch
+from routelab.moe.experts import EXPERT_PARAMS
 from routelab.precision import autocast_dtype
-
-EXPERT_PARAMS = ("w_in", "b_in", "w_gate", "b_gate", "w_out", "b_out")  # stacked (E, ...) tensors of ``Experts``
 
 
 class AllToAll(torch.autograd.Function):

@@ -89,12 +89,11 @@ def _weights_mm(tasks: list[Task], out, a: Tensor, b: Tensor, bias_out=None, bia
                 torch.mm(a[s:t].t(), b[s:t], out=out[e])
             else:
                 out[e].addmm_(a[s:t].t(), b[s:t])
-        s, t = s0, t0
         if bias_out is not None:
             if bias_weight is None:
-                torch.sum(b[s:t], 0, out=bias_out[e])
+                torch.sum(b[s0:t0], 0, out=bias_out[e])
             else:
-                torch.mv(b[s:t].t(), bias_weight[s:t], out=bias_out[e])
+                torch.mv(b[s0:t0].t(), bias_weight[s0:t0], out=bias_out[e])
 
 
 def _rows_apply(tasks: list[Task], fn, *tensors) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor
 from routelab.errors import ConfigError
 from routelab.model import RoutedTransformer
 from routelab.pretrained.hf import resolve_folder
+from routelab.train.device import device_of
 
 CHECK_TEXTS = (  # prose, code, numbers, non-ASCII and a long line: different lengths, so padding is exercised
     "The quick brown fox jumps over the lazy dog.",
@@ -64,7 +65,7 @@ def check_against_transformers(path: str | Path, model: RoutedTransformer, token
     causal = model.cfg.head == "lm"
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     ref = auto.from_pretrained(folder, attn_implementation="eager").float().eval()
-    device = next(model.parameters()).device  # transformers' model runs beside ours
+    device = device_of(model)  # transformers' model runs beside ours
     ref = ref.to(device)
     ids, mask = (t.to(device) for t in padded_batch(tokenizer, texts, model.cfg.max_seq_len))  # (B, T) each
     model = model.float().eval()

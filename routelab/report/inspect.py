@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from routelab.train.device import device_of
+
 INSPECT_TOKENS = 128  # an LM example's length: long enough to show a window, short enough to read
 
 
@@ -75,15 +77,10 @@ def text_example(run: Any, text: str) -> tuple[Tensor, list[str]]:
     return torch.tensor([ids]), [tok.id_to_token(i) for i in ids]
 
 
-def _device_of(model: Any) -> torch.device:
-    """Where the model's weights are: the inputs built here on the CPU go there (outputs come back as NumPy)."""
-    return next(model.parameters()).device
-
-
 def _capture_inputs(model: Any, ids: Tensor, attr: str, task_ids: Tensor | None = None) -> list[Tensor]:
     """Run the model once (with ``task_ids`` (B,) if given) and return the input of ``layer.<attr>`` for every layer."""
     seen: list[Tensor] = []
-    device = _device_of(model)
+    device = device_of(model)
     ids = ids.to(device)
     task_ids = task_ids.to(device) if task_ids is not None else None
     hooks = [getattr(layer, attr).register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["x"]), with_kwargs=True) for layer in model.layers]
@@ -155,7 +152,7 @@ def _gate_matrices(model: Any, ids: Tensor, task_ids: Tensor | None) -> dict[str
     """Per MoE layer, the (B, T, E) gate matrix of ``ids`` (B, T) routed as tasks ``task_ids`` (B,)."""
     model.eval()
     out = {}
-    ids = ids.to(_device_of(model))
+    ids = ids.to(device_of(model))
     task_ids = task_ids.to(ids.device) if task_ids is not None else None
     per_token = task_ids.reshape(-1, 1).expand(ids.shape) if task_ids is not None else None  # (B, T)
     for i, (layer, x) in enumerate(zip(model.layers, _capture_inputs(model, ids, "ffn", task_ids))):
@@ -175,7 +172,7 @@ def task_expert_loads(model: Any, ids: Tensor, task_ids: Tensor, attention_mask:
     ``routelab.moe.task_stats.task_overlap`` and ``plots.task_expert_map``."""
     from routelab.moe.task_stats import task_expert_load
 
-    device = _device_of(model)
+    device = device_of(model)
     real = attention_mask.reshape(-1).bool().to(device) if attention_mask is not None else None
     tasks = task_ids.to(device).reshape(-1, 1).expand(ids.shape).reshape(-1)  # (B*T,)
     out = {}

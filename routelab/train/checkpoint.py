@@ -39,6 +39,7 @@ from routelab.io import (
     save_state_dict,
     verify_sha256,
 )
+from routelab.train.device import device_of
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -131,10 +132,6 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict, device: torch.devi
 # save / load
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -163,7 +160,7 @@ def save_checkpoint(
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         if optimizer_tensors is not None:
             opt_tensors = optimizer_tensors
-        rng_tensors, rng_meta = capture_rng(_device_of(model))
+        rng_tensors, rng_meta = capture_rng(device_of(model))
         extra = extra_tensors or {}
         if any(k.startswith(("state.", "rng.")) for k in extra):
             raise ValueError(f"extra checkpoint tensor names must not start with 'state.' or 'rng.': {sorted(extra)}")
@@ -277,9 +274,9 @@ def load_checkpoint(
     path = Path(path)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = verify_checkpoint(path, shapes)
-    model.load_state_dict(load_state_dict(path / MODEL_FILE, map_location=_device_of(model)))
+    model.load_state_dict(load_state_dict(path / MODEL_FILE, map_location=device_of(model)))
     if optimizer is not None or rng:
-        load_optimizer_state(path, optimizer, state, device=_device_of(model) if rng else None)
+        load_optimizer_state(path, optimizer, state, device=device_of(model) if rng else None)
     return state
 
 

@@ -12,6 +12,11 @@ import torch
 from torch import Tensor
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights are (its first parameter's device): inputs built on the host go there."""
+    return next(model.parameters()).device
+
+
 def to_device(batch: dict[str, Tensor], device: str | torch.device) -> dict[str, Tensor]:
     """A new dict of ``batch``'s tensors on ``device`` (values that are not tensors are kept as they are).
 

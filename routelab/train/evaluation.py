@@ -28,12 +28,8 @@ from routelab.data import (
     lm_eval_batches,
 )
 from routelab.precision import autocast
-from routelab.train.device import to_device
+from routelab.train.device import device_of, to_device
 from routelab.train.distributed import DistContext
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -67,7 +63,7 @@ def evaluate(
     """
     if max_batches is None:
         max_batches = cfg.train.eval_batches
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     fork_devices = [device] if device.type == "cuda" else []

@@ -271,13 +271,11 @@ def resolve_device(name: str | torch.device, what: str = "train.device") -> torc
     return device
 
 
-def run_device(cfg: Config, requested: str | torch.device | None = None) -> torch.device:
-    """The device a command runs a loaded run on: ``requested`` (``--device``) when given, else the
-    run's own ``train.device`` resolved as training does. A run trained on a device this machine lacks
-    (its ``cuda`` opened on a CPU-only machine) falls back to the CPU with a warning, so a run folder
-    stays readable anywhere; an explicit ``requested`` device that is not there is an error."""
-    if requested is not None:
-        return resolve_device(requested, "--device")
+def run_device(cfg: Config) -> torch.device:
+    """The device a loaded run opens on when no ``--device`` is given: the run's own ``train.device``
+    resolved as training does. A run trained on a device this machine lacks (its ``cuda`` opened on a
+    CPU-only machine) falls back to the CPU with a warning, so a run folder stays readable anywhere;
+    an explicit ``--device`` that is not there is an error (``resolve_device``)."""
     try:
         return resolve_device(cfg.train.device)
     except ConfigError as e:
