@@ -137,7 +137,7 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
         None, ["upcycle", "RUN", "--out", "TMP/up", "--set", "model.ffn.kind=moe", "--set", "model.ffn.hidden=16"],
         r"FFN width is 128 in the source but 16 in the target.*model\.ffn\.hidden=128",
     ),
-    "upcycle-out-is-the-run": (None, ["upcycle", "RUN", "--out", "RUN"], r"is not empty; choose a new --out"),
+    "upcycle-out-is-the-run": (None, ["upcycle", "RUN", "--out", "RUN"], r"--out .* is the source folder"),
     "train-init-from-not-a-run": (
         None, ["train", "CFG", "--out", "TMP/new", "--init-from", "TMP/file", "--no-sample"],
         r"train\.init_from: '.*/file' is not a run folder",

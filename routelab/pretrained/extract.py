@@ -93,13 +93,12 @@ def write_extracted_run(run_dir: str | Path, task: str, out: str | Path) -> tupl
     """``routelab extract RUN --task NAME --out DIR``: task ``task``'s model written as a run folder
     (``config.yaml``, ``tokenizer.json``, ``model/``) that ``eval`` and ``generate`` read. ``out`` must
     not exist or be empty; it appears whole or not at all. Returns (out, source model, extracted)."""
-    from routelab.io import check_folder_target
+    from routelab.outputs import check_run_target, is_empty
     from routelab.train.run import RunError, load_run, write_run_folder
 
-    out = Path(out)
-    check_folder_target(out)
-    if out.is_dir() and any(out.iterdir()):
-        raise RunError(f"output folder {str(out)!r} is not empty; choose a new --out")
+    out = check_run_target(out, [("the run folder", run_dir)])
+    if not is_empty(out):
+        raise RunError(f"output folder {str(out)!r} already holds a run; choose a new or empty --out")
     run = load_run(run_dir)
     small = extract_task(run.model, task)
     data = run.cfg.data

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from routelab.config import Config, DataConfig, TrainConfig
-from routelab.io import check_folder_target
+from routelab.lock import locked
 from routelab.model import RoutedTransformer
+from routelab.outputs import check_run_target, is_empty
 from routelab.pretrained.hf import load_hf_tokenizer
-from routelab.train.run import CONFIG_FILE, RunError, write_run_folder
+from routelab.train.run import RunError, write_run_folder
 
 IMPORT_SEQ_LEN = 256  # data.seq_len written for the imported run (at most the model's max_seq_len)
 FINETUNE_LR = 1e-4  # train.lr written: a fine-tuning rate, not the from-scratch default
@@ -23,13 +24,17 @@ FINETUNE_LR = 1e-4  # train.lr written: a fine-tuning rate, not the from-scratch
 def import_hf_run(path: str | Path, out: str | Path, force: bool = False) -> Config:
     """Import the Hugging Face folder ``path`` into the run folder ``out``; return its config.
 
-    A non-empty ``out`` is refused unless ``force``; with ``force`` it is replaced only once the new
-    folder is complete."""
-    out = Path(out)
-    check_folder_target(out)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        what = "a run" if (out / CONFIG_FILE).is_file() else "files"
-        raise RunError(f"output folder {str(out)!r} already holds {what}; pass --force to replace it, or choose another --out")
+    ``out`` may not be ``path``, contain it or lie inside it, and may hold nothing but a routelab run
+    (``routelab.outputs``). A run there is refused unless ``force``; with ``force`` it is replaced only
+    once the new folder is complete, and not while another process holds its lock (trains in it)."""
+    out = check_run_target(out, [("the checkpoint folder", path)])
+    if not is_empty(out) and not force:
+        raise RunError(f"output folder {str(out)!r} already holds a run; pass --force to replace it, or choose another --out")
+    with locked(out, "routelab import hf", enabled=out.is_dir()):
+        return _import(path, out)
+
+
+def _import(path: str | Path, out: Path) -> Config:
     model = RoutedTransformer.from_hf(path)
     tokenizer = load_hf_tokenizer(path)
     mc = model.cfg

@@ -52,11 +52,10 @@ def inspect_run(
     """Write the inspection pages and images of one input; returns the output folder. ``task``: the
     task the per-token views route the input as (multi-task models; default the first task).
     ``device``: where the model runs (None: the run's own ``train.device``)."""
-    from routelab.io import check_folder_target
+    from routelab.outputs import check_inspect_target
     from routelab.train import load_run
 
-    out = Path(out) if out else Path(run_dir) / "inspect"
-    check_folder_target(out)
+    out = check_inspect_target(Path(out) if out else Path(run_dir) / "inspect")  # never among a user's files
     if text is not None and not text:
         raise ValueError("--text is empty (no tokens to route); give at least one character")
     run = load_run(run_dir, with_data=text is None, map_location=device)

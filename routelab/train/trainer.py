@@ -45,13 +45,14 @@ from routelab.data import (
     sample_lm_batch,
     task_probabilities,
 )
-from routelab.io import atomic_write_json, make_temp_dir, replace_dir
+from routelab.io import atomic_write_json, check_folder_target, make_temp_dir, replace_dir
+from routelab.lock import FolderLock, held_by_launcher
 from routelab.model import RoutedTransformer
 from routelab.moe.comm import STATS, add_step, over_layers, run_summary
 from routelab.moe.layer import MoE
 from routelab.moe.parallel import check_expert_parallel, expert_groups
 from routelab.moe.routers import Router
-from routelab.precision import autocast, grad_scaler
+from routelab.precision import autocast, grad_scaler, slow_precision_warning
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from routelab.train.device import to_device
 from routelab.train.distill import DistillOutput, build_distiller, preflight_teacher, resume_distillation
@@ -342,7 +343,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
 
     Args:
         cfg: the run's config; ``model.vocab_size`` / ``model.num_labels`` may be None (from the data).
-        out_dir: run folder. A fresh run refuses a folder holding a checkpoint or finished model.
+        out_dir: run folder. A fresh run refuses a folder holding a checkpoint or finished model, or
+            files that are not a run's. While the run lasts, rank 0 holds the folder's lock
+            (``routelab.lock``): another run or resume there is refused, naming this process.
         resume: continue from the newest intact checkpoint in ``out_dir``; the config must match
             the saved one except ``routelab.train.run.RESUMABLE_CHANGES``.
         stop_after: stop once global step ``stop_after`` is done (checkpointing there) although the
@@ -367,7 +370,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, stop_after: in
     out = Path(out_dir)
     device = resolve_device(cfg.train.device)
     ctx = init_distributed(cfg.train.dist_backend, cfg.train.dist_timeout, device)
-    summary = _train(cfg, out, resume, stop_after, rank_device(device, ctx), ctx, start_time)
+    lock = FolderLock(out, "routelab train")  # one writer per run folder; rank 0 writes (and holds it)
+    ctx.on_main(lambda: None if held_by_launcher(out) else (check_folder_target(out), lock.acquire()))
+    try:
+        summary = _train(cfg, out, resume, stop_after, rank_device(device, ctx), ctx, start_time)
+    finally:
+        lock.release()
     shutdown(ctx)  # not after an error: this rank exits at once, and the launcher stops the others
     return summary
 
@@ -423,12 +431,13 @@ def _train(
         check_expert_parallel(model, cfg.train.expert_parallel, ctx.world_size)
         if ckpt is not None:  # the checkpoint holds every expert: load it whole, then slice
             state = load_checkpoint(ckpt, model, None, rng=True)
-        experts = ShardedExperts(model, expert_groups(cfg.train.expert_parallel, ctx.rank, ctx.world_size))
+        groups = expert_groups(cfg.train.expert_parallel, ctx.rank, ctx.world_size, timeout_s=cfg.train.dist_timeout)
+        experts = ShardedExperts(model, groups)
     optimizer = build_optimizer(model, cfg.train)
     scaler = grad_scaler(device, cfg.train.precision)  # fp16 only; its state is checkpointed with the bookkeeping
-    if cfg.train.precision == "fp16" and device.type == "cpu":
-        log.warning("train.precision=fp16 on the CPU runs many times slower than fp32 (CPUs have few fp16 kernels);"
-                    " bf16 is the CPU's low precision")
+    slow = slow_precision_warning(device, cfg.train.precision)  # fp16 on a CPU, bf16 on one without bf16 instructions
+    if slow:
+        log.warning(slow)
     if distiller is not None and distiller.projection is not None:  # the hidden-state projection trains too
         optimizer.add_param_group(distiller.optimizer_group(cfg.train.weight_decay))
     tensorboard = open_tensorboard(out / "tensorboard") if cfg.train.tensorboard and ctx.is_main else None
