@@ -12,6 +12,9 @@ the tensor names; ``FAMILIES`` is keyed by the config's ``model_type``:
 - Mixtral (``mixtral``; Jiang et al. 2024): the Llama block with a top-2 MoE, imported into
   routelab's MoE layer (``topk`` router, renormalised, dropless).
 
+Every ``config.json`` key is mapped, known to leave the computation alone, or refused, so an import
+never runs a checkpoint with a feature it silently dropped (``routelab.pretrained.hf_keys``).
+
 RoPE layouts: Hugging Face rotates channel i with channel i + hd/2 ("halves", ``rotate_half``);
 routelab rotates pairs (2i, 2i+1) (RoFormer eq. 34). Both rotate by the same angle m * theta_i, so
 reordering the rows of each head of ``q_proj``/``k_proj`` (``halves_to_pairs``) makes routelab's
@@ -33,6 +36,7 @@ from torch import Tensor
 from routelab.config import ModelConfig, model_config_from_dict
 from routelab.errors import ConfigError
 from routelab.io import DamagedFileError
+from routelab.pretrained.hf_keys import KEYS, check_layer_types, require, rope_base
 
 log = logging.getLogger("routelab.pretrained")
 
@@ -133,14 +137,24 @@ def read_config(folder: Path) -> dict:
     return data
 
 
+def hf_model_type(path: str | Path) -> str | None:
+    """The ``model_type`` (else the first of ``architectures``) when ``path`` is a Hugging Face model
+    folder or hub cache entry, else None: routelab's own ``config.json`` has neither key."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    try:
+        c = read_config(resolve_folder(folder))
+    except (OSError, ValueError):
+        return None
+    found = c.get("model_type") or c.get("architectures")
+    if isinstance(found, list):
+        found = found[0] if found else None
+    return str(found) if found else None
+
+
 # ----------------------------------------------------------------------------------------------
 # helpers shared by the families
-
-
-def require(ok: bool, key: str, found: Any, supported: str) -> None:
-    """Refuse a checkpoint feature routelab does not import: one line naming it and what is supported."""
-    if not ok:
-        raise ConfigError(f"config.json {key}={found!r} is not supported by the import; supported: {supported}")
 
 
 def halves_to_pairs(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
@@ -150,18 +164,10 @@ def halves_to_pairs(w: Tensor, n_heads: int, head_dim: int) -> Tensor:
     return w.reshape(n_heads, head_dim, *w.shape[1:])[:, perm].reshape(w.shape)
 
 
-def rope_theta(c: dict) -> float:
-    """RoPE base from ``rope_theta`` / ``rope_parameters`` (transformers >= 5); scaling is refused."""
-    params = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
-    require(kind == "default", "rope_scaling", kind, "plain RoPE (rope_type 'default'); scaled RoPE (linear, dynamic, yarn, llama3, ...) is not imported")
-    return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
-
-
 def head_dim_of(c: dict, d: int, n_heads: int) -> int:
+    require(d % n_heads == 0, "hidden_size", d, f"a multiple of num_attention_heads={n_heads}")
     hd = c.get("head_dim") or d // n_heads
-    require(hd * n_heads == d, "head_dim", hd, f"hidden_size / num_attention_heads = {d // n_heads}")
+    require(hd * n_heads == d, "head_dim", hd, f"hidden_size / num_attention_heads = {d // n_heads} (routelab's heads split d_model)")
     return hd
 
 
@@ -169,21 +175,24 @@ def head_dim_of(c: dict, d: int, n_heads: int) -> int:
 # BERT-style encoders
 
 
+BERT_ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}  # transformers' name -> routelab's (gelu: exact, erf)
+
+
 def bert_config(c: dict) -> ModelConfig:
-    require(c.get("hidden_act", "gelu") == "gelu", "hidden_act", c.get("hidden_act"), "'gelu' (exact, erf)")
-    pos = c.get("position_embedding_type", "absolute")
+    act = c["hidden_act"]
+    require(act in BERT_ACTIVATIONS, "hidden_act", act, "'gelu' (exact, erf) or 'relu'")
+    pos = c["position_embedding_type"]
     require(pos == "absolute", "position_embedding_type", pos, "'absolute'")
-    require(not c.get("is_decoder", False), "is_decoder", True, "false (an encoder)")
     d, H = c["hidden_size"], c["num_attention_heads"]
     head_dim_of(c, d, H)
     labels = len(c["id2label"]) if isinstance(c.get("id2label"), dict) else c.get("num_labels", 2)
     return model_config_from_dict({
         "vocab_size": c["vocab_size"], "d_model": d, "n_layers": c["num_hidden_layers"], "n_heads": H,
-        "max_seq_len": c["max_position_embeddings"], "norm": "layernorm", "norm_eps": c.get("layer_norm_eps", 1e-12),
-        "norm_position": "post", "embed_norm": True, "positions": "learned", "type_vocab_size": c.get("type_vocab_size", 2),
+        "max_seq_len": c["max_position_embeddings"], "norm": "layernorm", "norm_eps": c["layer_norm_eps"],
+        "norm_position": "post", "embed_norm": True, "positions": "learned", "type_vocab_size": c["type_vocab_size"],
         "head": "classification", "num_labels": max(2, int(labels)), "causal": False, "tie_embeddings": False,
-        "init_std": c.get("initializer_range", 0.02), "attn_bias": "all",
-        "ffn": {"kind": "dense", "hidden": c["intermediate_size"], "activation": "gelu", "bias": True},
+        "init_std": c["initializer_range"], "attn_bias": "all",
+        "ffn": {"kind": "dense", "hidden": c["intermediate_size"], "activation": BERT_ACTIVATIONS[act], "bias": True},
     })
 
 
@@ -221,20 +230,28 @@ def bert_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Tensor]:
 
 
 def sliding_window(c: dict, family: str) -> int | None:
-    """The attention window a decoder uses, or None for full causal attention."""
+    """The attention window a decoder uses, or None for full causal attention. Llama has none (a
+    ``sliding_window`` key is unknown there); Qwen2's is off unless ``use_sliding_window``."""
     if family == "qwen2":
-        use = c.get("use_sliding_window", False)
+        use = c["use_sliding_window"]
         require(not use, "use_sliding_window", use, "false (Qwen2's per-layer windows are not imported)")
         return None
     w = c.get("sliding_window")
     return w if w is not None and w < c["max_position_embeddings"] else None
 
 
+def num_experts(c: dict) -> int:
+    """Mixtral's expert count: ``num_local_experts``, unless its alias ``num_experts`` is given (then
+    that, as in transformers, which sets the alias after the field)."""
+    return c["num_experts"] if c["num_experts"] is not None else c["num_local_experts"]
+
+
 def decoder_config(c: dict, family: str) -> ModelConfig:
-    require(c.get("hidden_act", "silu") == "silu", "hidden_act", c.get("hidden_act"), "'silu' (SwiGLU)")
+    """A Llama-style decoder; ``c`` is checked and completed by ``KEYS[family]``."""
+    require(c["hidden_act"] in ("silu", "swish"), "hidden_act", c["hidden_act"], "'silu' (SwiGLU)")
     d, H = c["hidden_size"], c["num_attention_heads"]
     head_dim_of(c, d, H)
-    n_kv = c.get("num_key_value_heads") or H
+    n_kv = c["num_key_value_heads"] or H
     if family == "qwen2":
         attn_bias = "qkv"  # Qwen2: biases on q, k, v; none on o
     else:
@@ -242,23 +259,23 @@ def decoder_config(c: dict, family: str) -> ModelConfig:
     ffn: dict[str, Any] = {"kind": "dense", "hidden": c["intermediate_size"], "activation": "swiglu", "bias": bool(c.get("mlp_bias", False))}
     if family == "mixtral":
         ffn = {
-            "kind": "moe", "num_experts": c["num_local_experts"], "hidden": c["intermediate_size"],
+            "kind": "moe", "num_experts": num_experts(c), "hidden": c["intermediate_size"],
             "activation": "swiglu", "bias": False, "capacity_factor": None,
-            "router": {"kind": "topk", "top_k": c.get("num_experts_per_tok", 2), "renormalize": True},
-            "balance_loss_weight": float(c.get("router_aux_loss_coef", 0.001)), "z_loss_weight": 0.0,
+            "router": {"kind": "topk", "top_k": c["num_experts_per_tok"], "renormalize": True},
+            "balance_loss_weight": float(c["router_aux_loss_coef"]), "z_loss_weight": 0.0,
         }
     window = sliding_window(c, family)
+    check_layer_types(c, windowed=window is not None)
     # HF's window W lets query i see keys i-W+1 .. i (W keys); routelab's local window w sees i-w .. i
     attention = {"kind": "local", "window": window - 1} if window is not None else {"kind": "dense"}
     if window is not None:
         require(window >= 2, "sliding_window", window, "an integer >= 2 (or null)")
-    tied = c.get("tie_word_embeddings")
     return model_config_from_dict({
         "vocab_size": c["vocab_size"], "d_model": d, "n_layers": c["num_hidden_layers"], "n_heads": H,
         "n_kv_heads": n_kv if n_kv != H else None, "attn_bias": attn_bias, "max_seq_len": c["max_position_embeddings"],
-        "norm": "rmsnorm", "norm_eps": c.get("rms_norm_eps", 1e-6), "norm_position": "pre", "positions": "rope",
-        "rope_base": rope_theta(c), "head": "lm", "causal": True, "tie_embeddings": bool(tied) if tied is not None else False,
-        "init_std": c.get("initializer_range", 0.02), "attention": attention, "ffn": ffn,
+        "norm": "rmsnorm", "norm_eps": c["rms_norm_eps"], "norm_position": "pre", "positions": "rope",
+        "rope_base": rope_base(c, family), "head": "lm", "causal": True, "tie_embeddings": bool(c["tie_word_embeddings"]),
+        "init_std": c["initializer_range"], "attention": attention, "ffn": ffn,
     })
 
 
@@ -297,7 +314,8 @@ def decoder_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class Family:
-    """How one ``model_type`` is imported: its ``ModelConfig`` and its tensors under routelab's names."""
+    """How one ``model_type`` is imported: its ``ModelConfig`` (from a config checked and completed
+    by ``KEYS``) and its tensors under routelab's names."""
 
     config: Callable[[dict], ModelConfig]
     weights: Callable[[dict, ModelConfig, Tensors], dict[str, Tensor]]
@@ -320,10 +338,17 @@ def family_of(c: dict) -> str:
     raise ConfigError(f"unsupported architecture ({found}); the import supports model_type {', '.join(sorted(FAMILIES))}")
 
 
+def checked_config(c: dict) -> tuple[Family, dict]:
+    """The family of ``config.json`` ``c`` and ``c`` checked key by key and completed with
+    transformers' defaults (``hf_keys.Keys.complete``)."""
+    model_type = family_of(c)
+    return FAMILIES[model_type], KEYS[model_type].complete(c, model_type)
+
+
 def hf_model_config(path: str | Path) -> ModelConfig:
     """The ``ModelConfig`` an import of ``path`` builds (nothing else is read)."""
-    c = read_config(resolve_folder(path))
-    return FAMILIES[family_of(c)].config(c)
+    family, c = checked_config(read_config(resolve_folder(path)))
+    return family.config(c)
 
 
 def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
@@ -335,8 +360,7 @@ def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
     config.json or safetensors weights) or ``DamagedFileError`` (a tensor missing), each one line
     naming what was found and what is supported."""
     folder = resolve_folder(path)
-    c = read_config(folder)
-    family = FAMILIES[family_of(c)]
+    family, c = checked_config(read_config(folder))
     cfg = family.config(c)
     tensors = Tensors.open(folder)
     state = family.weights(c, cfg, tensors)

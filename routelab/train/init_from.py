@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import shutil
 import typing
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from routelab.config import Config, DataConfig, apply_overrides, to_dict
 from routelab.data import load_tokenizer
 from routelab.data.tokenizers import ByteTokenizer
 from routelab.errors import ConfigError
-from routelab.io import check_folder_target
 from routelab.model import CONFIG_JSON, RoutedTransformer
+from routelab.outputs import check_run_target, is_empty
+from routelab.pretrained.hf import hf_model_type
 from routelab.pretrained.upcycle import (
     Conversion,
     check_convertible,
@@ -61,12 +63,18 @@ class InitSource:
     config: Config | None
 
 
-def read_init_source(path: str | Path) -> InitSource:
-    """Read a run folder or a ``save_pretrained`` folder; anything else raises ``RunError`` (one line)."""
+def read_init_source(path: str | Path, then: str = "upcycle DIR") -> InitSource:
+    """Read a run folder or a ``save_pretrained`` folder; anything else raises ``RunError`` (one line).
+    A Hugging Face folder is refused with the import command to run first, and ``then`` the step
+    that reads the imported ``DIR``."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         run = load_run(path)
         return InitSource(path, run.model, path / TOKENIZER_FILE, run.cfg)
+    model_type = hf_model_type(path)
+    if model_type is not None:
+        raise RunError(f"{str(path)!r} is a Hugging Face checkpoint (model_type {model_type!r}), not a routelab model; run "
+                       f"`routelab import hf {shlex.quote(str(path))} --out DIR` first, then {then}")
     if (path / CONFIG_JSON).is_file():
         tokenizer = path / TOKENIZER_FILE
         return InitSource(path, RoutedTransformer.from_pretrained(path), tokenizer if tokenizer.is_file() else None, None)
@@ -99,7 +107,7 @@ def start_from(cfg: Config) -> tuple[Config, InitSource]:
     its tokenizer fits, before any data is read. Returns the config to train and the source."""
     try:
         with torch.random.fork_rng(devices=[]):  # reading builds a model: leave the run's RNG stream alone
-            source = read_init_source(cfg.train.init_from)
+            source = read_init_source(cfg.train.init_from, then="train --init-from DIR")
     except RunError as e:
         raise RunError(f"train.init_from: {e}") from None
     model = fill_from_source(cfg.model, source.model.cfg)
@@ -152,10 +160,9 @@ def write_upcycled(
     applied, its weights upcycled onto that model, written as a run folder (``config.yaml``,
     ``tokenizer.json``, ``model/``) that ``generate``, ``eval`` and ``train --init-from`` read.
     ``out`` must not exist or be empty; it appears whole or not at all."""
-    out = Path(out)
-    check_folder_target(out)
-    if out.is_dir() and any(out.iterdir()):
-        raise RunError(f"output folder {str(out)!r} is not empty; choose a new --out")
+    out = check_run_target(out, [("the source folder", source_dir)])
+    if not is_empty(out):
+        raise RunError(f"output folder {str(out)!r} already holds a run; choose a new or empty --out")
     source = read_init_source(source_dir)
     tokenizer = load_tokenizer(source.tokenizer_file) if source.tokenizer_file else None
     if source.config is not None:

@@ -192,7 +192,7 @@ def test_unknown_architecture(tmp_path):
 
 def test_unsupported_feature_is_named(tmp_path):
     save_decoder("llama", tmp_path, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    with pytest.raises(ConfigError, match="rope_scaling='linear' is not supported.*plain RoPE"):
+    with pytest.raises(ConfigError, match=r"rope_parameters.rope_type='linear' is not supported.*'default' \(plain RoPE\)"):
         RoutedTransformer.from_hf(tmp_path)
 
 
@@ -234,6 +234,11 @@ def test_hub_cache_entry_resolves_to_its_snapshot(tmp_path):
     (entry / "refs").mkdir()
     (entry / "refs" / "main").write_text("abc123")
     assert RoutedTransformer.from_hf(entry).cfg.attn_bias == "qkv"
+    from routelab.pretrained.hf import hf_model_type  # upcycle and init_from name such a folder as one
+
+    assert hf_model_type(entry) == "qwen2" and hf_model_type(tmp_path) is None
+    RoutedTransformer.from_hf(entry).save_pretrained(tmp_path / "ours")  # routelab's own config.json is not one
+    assert hf_model_type(tmp_path / "ours") is None
 
 
 def test_imported_run_evaluates_on_text_files(tmp_path, capsys):

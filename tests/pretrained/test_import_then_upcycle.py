@@ -29,3 +29,21 @@ def test_an_imported_llama_upcycled_to_top2_moe_is_the_same_function_at_step_0(t
         torch.testing.assert_close(upcycle(dense, local).eval()(ids).logits, want, atol=1e-5, rtol=1e-5)
         narrow = dataclasses.replace(dense.cfg, attention={"kind": "local", "window": 2, "block_size": 4})
         assert not torch.allclose(upcycle(dense, narrow).eval()(ids).logits, want, atol=1e-3)
+
+
+def test_upcycle_and_init_from_of_a_hugging_face_folder_say_to_import_it_first(tmp_path, capsys):
+    """A Hugging Face folder given where a routelab model is read (``upcycle``, ``train --init-from``)
+    is named as one, with the import command to run first (it used to fail on 'model.architectures')."""
+    from routelab.cli import main
+
+    hf = tmp_path / "hf"
+    save_decoder("llama", hf)
+    for argv, then in ((["upcycle", str(hf), "--out", str(tmp_path / "up"), "--set", "model.ffn.kind=moe"], "upcycle DIR"),
+                       (["train", "lm-tiny", "--init-from", str(hf), "--out", str(tmp_path / "run")], "train --init-from DIR")):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("routelab: error:")]
+        assert len(err) == 1 and err[0].endswith(
+            f"{str(hf)!r} is a Hugging Face checkpoint (model_type 'llama'), not a routelab model; "
+            f"run `routelab import hf {hf} --out DIR` first, then {then}"), err
+        assert not (tmp_path / "up").exists()

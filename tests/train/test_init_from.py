@@ -104,8 +104,11 @@ def test_a_source_that_does_not_fit_is_one_line_before_any_data(dense_run, lm_cf
 
 
 def test_a_folder_that_is_no_source_is_refused(lm_cfg, tmp_path):
+    (tmp_path / "source").mkdir()
     with pytest.raises(RunError, match=r"is not a run folder \(config.yaml\) nor a saved model folder"):
-        train(lm_cfg(f"train.init_from={tmp_path}"), tmp_path / "run")
+        train(lm_cfg(f"train.init_from={tmp_path / 'source'}"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"--out '.*source/run' is inside train.init_from"):  # never inside the source
+        train(lm_cfg(f"train.init_from={tmp_path / 'source'}"), tmp_path / "source" / "run")
     with pytest.raises(RunError, match="does not exist"):
         read_init_source(tmp_path / "missing")
 
