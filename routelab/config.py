@@ -21,7 +21,6 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +52,20 @@ BUILTIN_SOURCES = {  # data.source -> the data.task it serves (re-exported by ro
     "stdlib-packages": "classification",
     "stdlib-tokens": "token_classification",
 }
+
+
+def _task_source_error(source: str, where: str) -> str:
+    """Why a task with this ``source`` and no ``head`` cannot be built: a file/folder or ``hf:`` source
+    must name its head; any other name is a built-in source mistyped."""
+    if source.startswith("hf:") or Path(source).expanduser().exists():
+        return f"{where}.head is unset; source {source!r} is not built in, so set {where}.head: one of {', '.join(HEADS)}"
+    hint = difflib.get_close_matches(source, list(BUILTIN_SOURCES), n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return (
+        f"{where}.source={source!r} is invalid{did_you_mean}; allowed: a built-in source"
+        f" ({', '.join(map(repr, BUILTIN_SOURCES))}), or an existing file/folder path or 'hf:NAME'"
+        f" with {where}.head set"
+    )
 
 
 @dataclass
@@ -195,7 +208,8 @@ class TaskConfig:
         check(bool(self.source), f"{where}.source", self.source, "'stdlib', 'listops', a path, or 'hf:NAME'")
         own = BUILTIN_SOURCES.get(self.source)
         if self.head is None:
-            check(own is not None, f"{where}.head", None, f"one of {', '.join(HEADS)} (source {self.source!r} is not built in)")
+            if own is None:
+                raise ConfigError(_task_source_error(self.source, where))
             self.head = own
         check(own is None or own == self.head, f"{where}.head", self.head,
               f"{own!r}: the head matching source {self.source!r}")
@@ -603,7 +617,7 @@ def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, f"{what} {str(path)!r}")
     except yaml.YAMLError as e:
         raise ConfigError(f"{str(path)!r} {yaml_error_position(e, text)}") from None
     if data is None:
@@ -611,6 +625,58 @@ def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {str(path)!r} must hold a mapping (section: value), got {type(data).__name__}")
     return data
+
+
+MAX_YAML_VALUES = 100_000  # values a YAML document may hold once its aliases are expanded (a config holds hundreds)
+
+
+def load_yaml(text: str, name: str) -> Any:
+    """``yaml.safe_load(text)``, refusing (``ConfigError`` naming ``name``) a document that expands to
+    more than ``MAX_YAML_VALUES`` values through its aliases, one whose alias contains itself, or one
+    nested too deeply for the parser. Anchors and aliases (``&base`` / ``*base``) stay usable.
+
+    A "billion laughs" file (nine levels of nine aliases, about 300 bytes) loads as a graph of shared
+    nodes but expands to 9^9 values wherever it is copied or walked; the expanded size is counted on
+    the composed node graph, each anchored node once, so the check costs what the file's length does."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values = _expanded_size(node, {}, set(), name)
+        if values > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{name} expands to {values:,} values through its aliases (*name); at most {MAX_YAML_VALUES:,}"
+                " are allowed: repeat fewer aliases"
+            )
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{name} is nested too deeply to read (more than several hundred levels)") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int], name: str) -> int:
+    """Values under ``node`` (itself included) with every alias spelled out; ``sizes`` memoises the
+    nodes already counted (an alias is the same node object as its anchor), ``open_nodes`` are the
+    ones being counted, so an alias inside its own anchor is found."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        line = node.start_mark.line + 1 if node.start_mark else "?"
+        raise ConfigError(f"{name} line {line}: an alias refers to a value that contains it (a recursive alias)")
+    open_nodes.add(key)
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes, name) for child in children)
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
 
 
 def yaml_error_position(e: yaml.YAMLError, text: str) -> str:
@@ -648,7 +714,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     (``router: topk``) opens as ``{kind: topk}`` when a key below it is set
     (``model.ffn.router=topk`` then ``model.ffn.router.top_k=3``).
     """
-    data = json.loads(json.dumps(data))  # deep copy of plain data
+    data = _copy_tree(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. model.d_model=256)")
@@ -669,13 +735,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _copy_tree(value: Any) -> Any:
+    """A copy of nested mappings and lists, each alias of the YAML its own copy (so an override
+    changes one place), leaves kept as YAML read them (a date stays a date for the type check)."""
+    if isinstance(value, dict):
+        return {k: _copy_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_tree(v) for v in value]
+    return value
+
+
 def parse_scalar(raw: str) -> Any:
     """A ``--set`` value: YAML (``true``, ``[1, 2]``, ``null``), plus numbers YAML 1.1 reads as
     strings (``1e-6``, ``3E4``), so ``--set train.lr=1e-3`` is a float."""
     if not raw.strip():
         return ""
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw, f"--set value {raw!r}")
     except yaml.YAMLError:
         return raw
     if isinstance(value, str):

@@ -55,6 +55,29 @@ def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradSca
     return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN finds bf16 instructions on this CPU (AVX512-BF16 or AMX). Without them it
+    emulates bf16 matmuls, far slower than fp32; if the check itself is missing, assume they exist."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def slow_precision_warning(device: torch.device | str, precision: str) -> str | None:
+    """A warning when ``precision`` trains much slower than fp32 on ``device``, else None: fp16 on
+    any CPU (few fp16 kernels), bf16 on a CPU without bf16 instructions (``cpu_has_bf16``)."""
+    if torch.device(device).type != "cpu":
+        return None
+    if precision == "fp16":
+        return ("train.precision=fp16 on the CPU runs many times slower than fp32 (CPUs have few fp16 kernels);"
+                " bf16 is the CPU's low precision")
+    if precision == "bf16" and not cpu_has_bf16():
+        return ("train.precision=bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 runs several"
+                " times slower than fp32 here; use train.precision=fp32")
+    return None
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes in on ``device_type`` now, or None when it is off (for code that
     autocast cannot see: ``out=`` kernels, helper threads, custom autograd Functions)."""

@@ -9,8 +9,11 @@
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and only a folder
 with ``state.json`` counts, so a run killed mid-write leaves the previous checkpoint as the newest
-complete one. ``state.json`` records the SHA-256 of both tensor files, so a checkpoint damaged after
-it was written (a truncated copy, a bad disk) is detected before it is used: ``verify_checkpoint``.
+complete one. A checkpoint that the disk cannot hold is refused before anything is written, and one
+that fills the disk while writing removes its temporary folder: both raise ``DiskFullError``
+(``routelab.io``), and the older checkpoints stay as they were. ``state.json`` records the SHA-256
+of both tensor files, so a checkpoint damaged after it was written (a truncated copy, a bad disk) is
+detected before it is used: ``verify_checkpoint``.
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
 """
 
@@ -31,11 +34,13 @@ from torch import nn
 from routelab.io import (
     DamagedFileError,
     atomic_write_json,
+    check_free_space,
     load_state_dict,
     make_temp_dir,
     read_json,
     read_shapes,
     replace_dir,
+    safetensors_size,
     save_state_dict,
     verify_sha256,
 )
@@ -154,17 +159,23 @@ def save_checkpoint(
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
+    weights = model_state if model_state is not None else model.state_dict()
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    if optimizer_tensors is not None:
+        opt_tensors = optimizer_tensors
+    rng_tensors, rng_meta = capture_rng(device_of(model))
+    extra = extra_tensors or {}
+    if any(k.startswith(("state.", "rng.")) for k in extra):
+        raise ValueError(f"extra checkpoint tensor names must not start with 'state.' or 'rng.': {sorted(extra)}")
+    optimizer_file = {**opt_tensors, **rng_tensors, **extra}
+    # the whole checkpoint (tensors, and state.json within 256 KiB) must fit beside the older ones, which are
+    # pruned only once it is written: checked before any write
+    needed = safetensors_size(weights) + safetensors_size(optimizer_file) + (1 << 18)
+    check_free_space(root, needed, f"checkpoint {final.name}")
     tmp = make_temp_dir(root, final.name)
     try:
-        files = {MODEL_FILE: save_state_dict(model_state if model_state is not None else model.state_dict(), tmp / MODEL_FILE)}
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-        if optimizer_tensors is not None:
-            opt_tensors = optimizer_tensors
-        rng_tensors, rng_meta = capture_rng(device_of(model))
-        extra = extra_tensors or {}
-        if any(k.startswith(("state.", "rng.")) for k in extra):
-            raise ValueError(f"extra checkpoint tensor names must not start with 'state.' or 'rng.': {sorted(extra)}")
-        files[OPTIMIZER_FILE] = save_state_dict({**opt_tensors, **rng_tensors, **extra}, tmp / OPTIMIZER_FILE)
+        files = {MODEL_FILE: save_state_dict(weights, tmp / MODEL_FILE)}
+        files[OPTIMIZER_FILE] = save_state_dict(optimizer_file, tmp / OPTIMIZER_FILE)
         state = {
             "format": FORMAT_VERSION, "step": step, **bookkeeping,
             "optimizer": opt_meta, "rng": rng_meta, "sha256": files,

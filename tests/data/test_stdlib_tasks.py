@@ -175,3 +175,27 @@ def test_packages_refusals() -> None:
         load_labelled_data(packages_cfg(task="token_classification"))
     with pytest.raises(DataError, match="lower data.seq_len"):
         load_labelled_data(packages_cfg(seq_len=200_000))
+
+
+def test_a_task_with_an_unknown_source_names_the_key_the_value_and_the_sources(tmp_path, capsys) -> None:
+    """A mistyped built-in source in ``data.tasks``: one line naming ``data.tasks[NAME].source``, the
+    value, the built-in sources (and the nearest one); a file source without a head asks for the head."""
+    from routelab.cli import main
+    from routelab.config import ConfigError, TaskConfig
+
+    with pytest.raises(ConfigError) as e:
+        TaskConfig(name="code", source="stdlb")
+    assert str(e.value).startswith("data.tasks[code].source='stdlb' is invalid (did you mean 'stdlib'?); allowed: a built-in")
+    assert all(repr(s) in str(e.value) for s in ("stdlib", "listops", "stdlib-packages", "stdlib-tokens"))
+    text = tmp_path / "text.txt"
+    text.write_text("some text\n")
+    with pytest.raises(ConfigError, match=r"data.tasks\[code\].head is unset; source '.*text.txt' is not built in, so set data.tasks\[code\].head: one of"):
+        TaskConfig(name="code", source=str(text))
+    code = main(["train", "multitask-tiny", "--set", "data.tasks=[{name: a, source: stdlb}]", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("routelab: error:")] == [
+        "routelab: error: data.tasks[a].source='stdlb' is invalid (did you mean 'stdlib'?); allowed: a built-in source"
+        " ('stdlib', 'listops', 'stdlib-packages', 'stdlib-tokens'), or an existing file/folder path or 'hf:NAME' with"
+        " data.tasks[a].head set"
+    ]

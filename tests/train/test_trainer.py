@@ -103,6 +103,9 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(lm_cfg, tmp_path):
 
 
 def test_fresh_run_clears_leftovers_of_a_run_without_checkpoint(lm_cfg, tmp_path):
+    """A run that died before its first checkpoint left its config, tokenizer and metrics."""
+    lm_cfg("train.steps=7").save(tmp_path / "config.yaml")
+    (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 0.0}) + "\n")
     train(lm_cfg("train.steps=2"), tmp_path)
     assert train_steps(tmp_path) == [1, 2]
