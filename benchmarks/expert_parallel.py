@@ -72,7 +72,7 @@ def step_worker(steps: int, warmup: int, max_ranks: int | None, out: str) -> Non
     cfg = resolve_config(cfg, data)
     model = RoutedTransformer(cfg.model)
     layers = [m for m in model.modules() if isinstance(m, MoE)]
-    experts = ShardedExperts(model, expert_groups(world, ctx.rank, world)) if world > 1 else None
+    experts = ShardedExperts(model, expert_groups(world, ctx.rank, world, timeout_s=120)) if world > 1 else None
     optimizer = build_optimizer(model, cfg.train)
     trained = model
     if world > 1:

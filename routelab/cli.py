@@ -37,8 +37,11 @@ from routelab import __version__
 from routelab.config import Config, DataConfig, apply_overrides, from_dict
 from routelab.errors import ERROR_FILE_ENV, ConfigError
 from routelab.io import check_folder_target
+from routelab.lock import HELD_ENV, locked
+from routelab.outputs import check_run_target
 from routelab.presets import resolve_config_path
 from routelab.train.distributed import (
+    LAUNCHER_VAR,
     LOST_PEER_STATUS,
     CollectiveFailure,
     RankZeroError,
@@ -59,6 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init_from is not None:
         cfg.train.init_from = args.init_from
     out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
+    check_nproc(args.nproc)
     nproc = args.nproc if args.nproc is not None and args.nproc > 1 and not launched() else None
     if args.max_restarts and not nproc:
         raise ConfigError(
@@ -67,9 +71,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts {args.max_restarts} is invalid; allowed: 0 or more")
+    if not args.resume:  # (train() checks again) before anything is written: a user's folder, or the config itself
+        check_run_target(out, [("the config file", cfg_path)])
     preflight(cfg, nproc)  # (train() checks again) a config that cannot train fails with its error line alone
-    if nproc:
-        return launch_local(args.nproc, cfg.train.batch_size, without_launch_options(args.argv), args.max_restarts)
+    if nproc:  # the launcher holds the run folder's lock for its processes, across restarts
+        with locked(out, "routelab train --nproc"), launcher_holds(out):
+            return launch_local(args.nproc, cfg.train.batch_size, without_launch_options(args.argv), args.max_restarts)
     log.info(describe_threads(cfg.train.threads))
     resume = args.resume
     if restart_count():  # torchrun --max-restarts started this process again after a failure: continue the run
@@ -90,6 +97,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         text = sample_text(out, args.prompt, max_new_tokens=200, temperature=0.8, top_k=0, top_p=0.95, seed=0)
         print(f"\n--- sample (prompt {args.prompt!r}) ---\n{text}")
     return 0
+
+
+@contextlib.contextmanager
+def launcher_holds(folder: Path):
+    """Tell the processes started in this block that this process holds ``folder``'s lock."""
+    os.environ[HELD_ENV] = str(folder.resolve())
+    try:
+        yield
+    finally:
+        os.environ.pop(HELD_ENV, None)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -143,13 +160,17 @@ def cmd_data_listops(args: argparse.Namespace) -> int:
     cfg = from_dict(DataConfig, apply_overrides({"source": "listops"}, [s.removeprefix("data.") for s in args.set]), "data")
     out = Path(args.out)
     check_folder_target(out)
+    targets = [out / f"basic_{split}.tsv" for split in ("train", "val", "test")]
+    existing = [t.name for t in targets if t.exists()]
+    if existing:  # e.g. Long Range Arena's own ListOps files, which have these names
+        raise ConfigError(f"--out {str(out)!r} already holds {', '.join(existing)}; routelab never overwrites data files:"
+                          " choose another --out, or move them away first")
     splits = listops_splits(
         cfg.listops_train, cfg.listops_val, cfg.listops_test, cfg.listops_min_len, cfg.listops_max_len,
         cfg.listops_max_depth, cfg.listops_max_args, cfg.seed,
     )
     out.mkdir(parents=True, exist_ok=True)
-    for split, examples in zip(("train", "val", "test"), splits):
-        path = out / f"basic_{split}.tsv"
+    for path, examples in zip(targets, splits):
         write_lra_tsv(path, examples)
         print(f"wrote {len(examples)} examples to {path}")
     return 0
@@ -161,8 +182,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     budget = {k: getattr(args, k) for k in ("steps", "tokens", "seconds") if getattr(args, k) is not None}
     if len(budget) > 1:
         raise ConfigError(f"give at most one of --steps, --tokens, --seconds (got {', '.join('--' + k for k in budget)})")
+    check_nproc(args.nproc)
     compare(args.config, out=args.out, overrides=args.set, budget=budget or None, force=args.force, nproc=args.nproc)
     return 0
+
+
+def check_nproc(nproc: int | None) -> None:
+    """``--nproc N`` (train, compare) counts processes: 1 or more."""
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc {nproc} is invalid; allowed: 1 or more (the number of processes on this machine)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -181,11 +209,13 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     m = cfg.model
     print(f"imported {args.path} into {args.out}: {m.n_layers} layers, d_model {m.d_model}, ffn {m.ffn.kind}, head {m.head}")
     if args.check:
-        from routelab.pretrained.check import check_against_transformers, describe
+        from routelab.pretrained.check import check_against_transformers, describe, require_agreement
         from routelab.train import load_run
 
         run = load_run(args.out, map_location=device)  # the folder as written, read back
-        print(describe(check_against_transformers(args.path, run.model, run.tokenizer)))
+        result = check_against_transformers(args.path, run.model, run.tokenizer)
+        print(describe(result))
+        require_agreement(result, args.out)  # past a tolerance: one line, exit 2
     return 0
 
 
@@ -326,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--out", required=True, help="run folder to write")
     hf.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the new folder is complete)")
     hf.add_argument("--check", action="store_true", help="then compare the written model with transformers' own on a few texts"
-                    " (hidden states, logits, pooled embeddings; needs transformers)")
+                    " (hidden states, logits, pooled embeddings; needs transformers); a difference past its"
+                    " tolerance fails the command (exit 2)")
     add_device_argument(hf)  # for --check
     hf.set_defaults(func=cmd_import_hf)
     return p
@@ -402,8 +433,10 @@ def first_failure(exitcodes: Mapping[int, int]) -> int:
 
 class _LauncherLog(logging.Filter):
     """Sits on two of torch's launcher loggers while ``launch_local`` runs: drops the line it logs for
-    each failed attempt (the final report names the failed process in routelab's words) and turns a
-    restart (``--max-restarts``) into one warning naming what failed."""
+    each failed attempt (the final report names the failed process in routelab's words), turns a
+    restart (``--max-restarts``) into one warning naming what failed, and continues (SIGCONT) each
+    process the launcher says it is stopping: one that was stopped (SIGSTOP) would otherwise act on the
+    launcher's SIGTERM only when it kills it, 30 seconds later."""
 
     def __init__(self, nproc: int) -> None:
         super().__init__()
@@ -411,6 +444,10 @@ class _LauncherLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
+        if msg.startswith("Sending process") and record.args:  # its SIGTERM (or the interrupting signal) follows
+            with contextlib.suppress(OSError, TypeError):  # it ended meanwhile
+                os.killpg(record.args[0], signal.SIGCONT)  # each process leads a session and group of its own
+            return False
         if msg.startswith("failed (exitcode") and len(record.args or ()) >= 2:
             self.failure = describe_exit(record.args[1], self.nproc, record.args[0])  # local rank = rank on one machine
             return False
@@ -423,6 +460,10 @@ class _LauncherLog(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+# the signals torch's launcher handles (TORCHELASTIC_SIGNALS_TO_HANDLE): it stops the processes and raises SignalException
+LAUNCHER_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
+
+
 def launch_local(nproc: int, batch_size: int, argv: list[str], max_restarts: int = 0) -> int:
     """``routelab train ... --nproc N``: the same command in N processes on this machine, started by
     torch's launcher (``torch.distributed.run``, i.e. torchrun --standalone); returns the exit status.
@@ -430,7 +471,12 @@ def launch_local(nproc: int, batch_size: int, argv: list[str], max_restarts: int
     others, whose collectives fail when it ends, stop without a line of their own (``lost_peer``). With
     ``max_restarts`` K > 0 the launcher starts all N again after a failure, up to K times (each
     resumes from the newest checkpoint: see ``cmd_train``). Unless ``OMP_NUM_THREADS`` is set, each
-    process gets an equal share of this machine's cores (``train.threads`` still overrides it)."""
+    process gets an equal share of this machine's cores (``train.threads`` still overrides it).
+
+    Interrupted (Ctrl-C, SIGINT) or stopped (SIGTERM, SIGHUP, SIGQUIT), torch's launcher passes the
+    signal on to the processes, which end at once (``end_with_launcher``), and this returns
+    ``interrupted``'s status after one line."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
@@ -448,11 +494,16 @@ def launch_local(nproc: int, batch_size: int, argv: list[str], max_restarts: int
     report = _LauncherLog(nproc)
     watched = [logging.getLogger(f"torch.distributed.elastic.{m}.api") for m in ("multiprocessing", "agent.server")]
     levels = [logger.level for logger in watched]
+    watched[0].setLevel(logging.WARNING)  # its line before it stops a process is a WARNING
     watched[1].setLevel(logging.INFO)  # its restart line is INFO
     for logger in watched:
         logger.addFilter(report)
+    handlers = {s: signal.getsignal(s) for s in LAUNCHER_SIGNALS}  # torch's launcher sets its own and leaves them
+    os.environ[LAUNCHER_VAR] = str(os.getpid())  # the processes end with this one (end_with_launcher)
     try:
         torchrun(launcher)
+    except SignalException as e:  # the launcher has stopped the processes with the same signal
+        return interrupted(e.sigval)
     except ChildFailedError as e:
         exitcodes = {rank: failure.exitcode for rank, failure in e.failures.items()}
         rank = first_failure(exitcodes)
@@ -464,10 +515,37 @@ def launch_local(nproc: int, batch_size: int, argv: list[str], max_restarts: int
         print(f"routelab: error: {line}", file=sys.stderr)
         return 2 if exitcodes[rank] == 2 else 1
     finally:
+        os.environ.pop(LAUNCHER_VAR, None)
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: not set from Python
+                signal.signal(sig, handler)
         for logger, level in zip(watched, levels):
             logger.removeFilter(report)
             logger.setLevel(level)
     return 0
+
+
+def interrupted(sig: int = signal.SIGINT) -> int:
+    """A run interrupted or stopped from outside: one line, and the status a shell gives a process
+    that the signal ended, 128 + its number (Ctrl-C's SIGINT 130, SIGTERM 143)."""
+    how = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+    print(f"routelab: {how}; a training run continues from its last checkpoint with --resume", file=sys.stderr)
+    return 128 + int(sig)
+
+
+def out_of_resources(error: BaseException) -> str | None:
+    """One line for memory or disk space that ran out where no check foresaw it (an allocation that
+    failed, a write that found the disk full), else None. A ``DiskFullError`` already says it all."""
+    from routelab.io import DiskFullError, is_disk_full
+    from routelab.train.memory import out_of_memory_message
+
+    if isinstance(error, DiskFullError):
+        return None
+    if is_disk_full(error):
+        what = f" writing {error.filename!r}" if getattr(error, "filename", None) else ""
+        return (f"no space left on the disk{what}; free some space (checkpoints already written stay intact), then"
+                " continue a training run with --resume")
+    return out_of_memory_message(error)
 
 
 def user_error(message: str) -> int:
@@ -502,8 +580,10 @@ def lost_peer(failure: CollectiveFailure) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. Errors a user can cause end as one line on stderr and exit status 2: bad
     config or data (``ValueError``: ``ConfigError``, ``DataError``, ``RunError``, ``DamagedFileError``),
-    missing or unwritable files (``OSError``). Ctrl-C exits 130. In a distributed run, a collective that
-    failed because another process ended or hung: see ``lost_peer``. Anything else is a bug: traceback."""
+    missing or unwritable files (``OSError``), memory or disk space that ran out (``out_of_resources``).
+    Ctrl-C exits 130 (in a process of a distributed run without a line: its launcher reports it). In a
+    distributed run, a collective that failed because another process ended or hung: see ``lost_peer``.
+    Anything else is a bug: traceback."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     rank = process_rank()
@@ -514,15 +594,18 @@ def main(argv: list[str] | None = None) -> int:
     except RankZeroError:
         return 2  # rank 0 failed first and reports it
     except (ValueError, OSError) as e:
-        return user_error(str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.strerror}: {e.filename!r}")
+        return user_error(out_of_resources(e) or (
+            str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.strerror}: {e.filename!r}"))
     except Exception as e:
+        exhausted = out_of_resources(e)  # memory or disk ran out where no check foresaw it
+        if exhausted is not None:
+            return user_error(exhausted)
         failure = collective_failure(e) if launched() else None
         if failure is None:
             raise
         return lost_peer(failure)
-    except KeyboardInterrupt:
-        print("routelab: interrupted; a training run continues from its last checkpoint with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # (a process of a distributed run: its launcher reports it, once)
+        return 128 + signal.SIGINT if launched() else interrupted()
 
 
 # -- CPU threads ---------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from routelab.config import Config, from_dict, read_yaml_mapping, resolve_base
 from routelab.data import DataError
 from routelab.errors import ERROR_FILE_ENV, ConfigError, check
 from routelab.io import atomic_write, check_folder_target, replace_dir
+from routelab.lock import locked
+from routelab.outputs import check_only, check_run_target, is_run_entry
 from routelab.presets import resolve_config_path
 from routelab.train.metrics import format_duration
 
@@ -245,7 +247,7 @@ def plan_variant(name: str, cfg: Config, run_dir: Path, force: bool) -> str:
         load_run_config,
     )
 
-    check_folder_target(run_dir, f"variant {name!r} folder")
+    check_run_target(run_dir, what=f"variant {name!r} folder")  # never a folder of the user's own files
     if not (run_dir / CONFIG_FILE).is_file():
         return "fresh"
     differing = config_differences(load_run_config(run_dir / CONFIG_FILE), cfg, ignore=NO_EFFECT_ON_RESULTS)
@@ -293,7 +295,8 @@ def run_variant(cfg: Config, out: Path, plan: str = "fresh", isolate: bool = Tru
             shutil.rmtree(target, ignore_errors=True)  # an unfinished rerun of another config
     _train(cfg, target, resume, isolate, nproc)
     if target != out:
-        replace_dir(target, out)
+        with locked(out, "routelab compare"):  # not while another process trains in the old run
+            replace_dir(target, out)
     return finished_summary(out) or {}
 
 
@@ -374,15 +377,33 @@ def compare(
     Every variant's config is checked, and every existing variant folder compared with its config,
     before the first one trains. A variant that fails does not stop the others: the report covers
     those that finished, then ``VariantError`` names the ones that failed and why."""
-    from routelab.report.compare_report import write_report
-
     out = Path(out) if out else default_out(config_path)
     cmp, configs = load_compare_config(config_path, overrides, budget, nproc, out)
     if not isolate and cmp.nproc > 1:
         raise ConfigError(f"compare.nproc={cmp.nproc} needs each variant in its own processes; allowed in-process: 1")
+    check_compare_target(out, configs)
+    with locked(out, "routelab compare"):  # one comparison at a time in OUT (each variant also locks its own run)
+        return _compare(cmp, configs, out, force, isolate)
+
+
+COMPARE_ENTRIES = frozenset({"report.md", "report.html", "results.json", "plots", PREPARE_DIR})
+
+
+def check_compare_target(out: Path, configs: dict[str, Config]) -> None:
+    """``OUT`` holds nothing but a comparison's own files: its report, plots and results, run folders
+    (its variants, or another comparison's), inspection output, and routelab's staging and lock."""
+    def known(p: Path) -> bool:
+        return (p.name in COMPARE_ENTRIES or p.name in configs or is_run_entry(p.name) or p.name.startswith("inspect")
+                or (p.is_dir() and (p / "config.yaml").is_file()))
+
     check_folder_target(out)
+    check_only(out, known, "a comparison folder")
+
+
+def _compare(cmp: CompareConfig, configs: dict[str, Config], out: Path, force: bool, isolate: bool) -> Path:
+    from routelab.report.compare_report import write_report
+
     plans = {name: plan_variant(name, cfg, out / name, force) for name, cfg in configs.items()}
-    out.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
     progress = CompareProgress(plans)
     for name in configs:

@@ -127,7 +127,7 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
         r"listops lengths 5000\.\.6000 are out of reach.*lower listops_min_len to <= \d+",
     ),
     "upcycle-not-a-run-folder": (
-        None, ["upcycle", "TMP", "--out", "TMP/up"], r"is not a run folder \(config.yaml\) nor a saved model folder",
+        lambda r: (r.parent / "notrun").mkdir(), ["upcycle", "TMP/notrun", "--out", "TMP/up"], r"is not a run folder \(config.yaml\) nor a saved model folder",
     ),
     "upcycle-incompatible-size": (
         None, ["upcycle", "RUN", "--out", "TMP/up", "--set", "model.d_model=64"],

@@ -32,6 +32,7 @@ Shape legend: T tokens of this rank, K slots per token, N chosen pairs sent, U r
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -98,10 +99,18 @@ class ExpertGroups:
     world_size: int
 
 
-def expert_groups(size: int, rank: int, world_size: int) -> ExpertGroups:
-    """Create the process groups (every rank calls this with the same arguments, in the same order)."""
-    groups = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(world_size // size)]
-    replica_groups = [dist.new_group(list(range(i, world_size, size))) for i in range(size)] if world_size > size else None
+def expert_groups(size: int, rank: int, world_size: int, *, timeout_s: float) -> ExpertGroups:
+    """Create the process groups (every rank calls this with the same arguments, in the same order).
+
+    ``timeout_s`` (the trainer passes ``train.dist_timeout``) bounds each collective of these groups,
+    as ``init_process_group``'s bounds the default group's: a group made without one waits torch's
+    default of 30 minutes, so a rank that hangs (stopped, deadlocked) would hang its peers in an
+    all-to-all that long instead of ending the run."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = [dist.new_group(list(range(g * size, (g + 1) * size)), timeout=timeout) for g in range(world_size // size)]
+    replica_groups = (
+        [dist.new_group(list(range(i, world_size, size)), timeout=timeout) for i in range(size)] if world_size > size else None
+    )
     index = rank % size
     return ExpertGroups(size, index, groups[rank // size], replica_groups[index] if replica_groups else None, world_size)
 
@@ -158,6 +167,12 @@ class ExpertParallel:
         return torch.zeros_like(x).index_add(0, row_token, y_out)  # (T, D)
 
 
+def check_divides_experts(size: int, num_experts: int) -> None:
+    """Each rank of an expert-parallel group holds ``num_experts / size`` experts of every MoE layer."""
+    if num_experts % size:
+        raise ConfigError(f"train.expert_parallel={size} is invalid: it must divide model.ffn.num_experts={num_experts}")
+
+
 def check_expert_parallel(model: nn.Module, size: int, world_size: int) -> list[nn.Module]:
     """The model's MoE layers, after checking that expert parallelism of ``size`` can run them."""
     from routelab.moe.layer import MoE
@@ -168,8 +183,7 @@ def check_expert_parallel(model: nn.Module, size: int, world_size: int) -> list[
     if not layers:
         raise ConfigError(f"train.expert_parallel={size} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
     for m in layers:
-        if m.num_experts % size:
-            raise ConfigError(f"train.expert_parallel={size} is invalid: it must divide model.ffn.num_experts={m.num_experts}")
+        check_divides_experts(size, m.num_experts)
         if m.router.whole_batch or m.router.soft:
             raise ConfigError(
                 f"router {m.router.kind!r} ranks the whole batch together, which expert parallelism splits between"

@@ -14,14 +14,21 @@ instead of hanging it too. A rank that dies (an exception, or a signal such as t
 killer's SIGKILL) is seen by the launcher, which stops the others; their collectives fail first, with
 the backend's "connection closed" error, which ``collective_failure`` recognises so that they wait
 quietly for the launcher to stop them, and its report names the process that failed first.
-Relaunched by ``torchrun --max-restarts``, the processes see ``restart_count() > 0``.
+Relaunched by ``torchrun --max-restarts``, the processes see ``restart_count() > 0``. The processes
+end with their launcher, even one killed with SIGKILL, and end at once and silently on SIGINT, which the
+launcher forwards on Ctrl-C and reports itself (``end_with_launcher``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import re
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -35,6 +42,9 @@ T = TypeVar("T")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set by torchrun
 RESTART_VAR = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun: how often it has restarted the processes
 LOST_PEER_STATUS = 3  # exit status of a process that stopped because another one ended (not the cause)
+LAUNCHER_VAR = "ROUTELAB_LAUNCHER_PID"  # set by ``routelab train --nproc``: the process its processes end with
+LAUNCHER_POLL_S = 1.0  # how often a process checks that its launcher is still there where the kernel cannot tell it
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal the kernel sends a process when its parent ends
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,7 @@ def init_distributed(backend: str, timeout_s: float, device: torch.device) -> Di
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError(f"train.dist_backend='nccl' needs a CUDA device, but train.device is {str(device)!r}; use gloo")
     if not dist.is_initialized():
+        end_with_launcher()
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _store_of_this_attempt(ctx, timeout)
         if store is None:
@@ -185,6 +196,39 @@ def _store_of_this_attempt(ctx: DistContext, timeout: datetime.timedelta) -> dis
     agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ctx.world_size, is_master=False,
                           timeout=timeout)
     return dist.PrefixStore(f"routelab/restart_{restart_count()}", agent)
+
+
+def end_with_launcher(launcher: int | None = None) -> None:
+    """Make this process of a distributed run end when its launcher ends, and at once on SIGINT.
+
+    torch's launcher (torchrun, or ``routelab train --nproc``, which runs it in its own process) starts
+    each process in a session of its own and stops them itself when it is interrupted or stopped; a
+    launcher killed with SIGKILL stops nothing, and its processes would train on unseen. So this
+    process gets SIGTERM, which ends it, when its parent ``launcher`` (default: ``LAUNCHER_VAR``, else
+    the parent now) ends: from the kernel on Linux (``prctl(PR_SET_PDEATHSIG)``), and from a daemon
+    thread that checks every ``LAUNCHER_POLL_S`` seconds where that is missing (macOS) or came late.
+    SIGINT, which the launcher forwards on Ctrl-C and reports in one line, ends the process at once
+    without a word, even inside a collective (Python's KeyboardInterrupt would wait for it to return,
+    and could surface as a traceback anywhere). Either way a checkpoint being written stays a hidden
+    temporary folder (checkpoints are renamed into place complete; ``prune_checkpoints`` removes it).
+    Changes the process's SIGINT handler: call it from the main thread of a launched process."""
+    launcher = launcher or int(os.environ.get(LAUNCHER_VAR) or os.getppid())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this C library: the thread below still watches
+            pass
+    threading.Thread(target=_stop_without, args=(launcher,), name="routelab-launcher-watch", daemon=True).start()
+
+
+def _stop_without(launcher: int) -> None:
+    """SIGTERM to this process once its parent is no longer ``launcher`` (it ended: the process was
+    handed to init or a subreaper), as the kernel's parent-death signal does."""
+    while os.getppid() == launcher:
+        time.sleep(LAUNCHER_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def rank_device(device: torch.device, ctx: DistContext) -> torch.device:

@@ -35,6 +35,8 @@ from routelab.data import (
 from routelab.errors import ConfigError
 from routelab.io import DamagedFileError, atomic_write, check_folder_target, load_state_dict, read_json
 from routelab.model import RoutedTransformer, state_shapes
+from routelab.moe.parallel import check_divides_experts
+from routelab.outputs import check_run_target
 from routelab.train.checkpoint import (
     CHECKPOINTS_DIR,
     MODEL_FILE,
@@ -45,6 +47,7 @@ from routelab.train.checkpoint import (
     set_aside,
     verify_checkpoint,
 )
+from routelab.train.memory import check_training_memory
 from routelab.train.metrics import METRICS_FILE, tensorboard_writer_class
 
 log = logging.getLogger("routelab.train")
@@ -112,7 +115,9 @@ def load_run_config(path: Path) -> Config:
 def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
     """Check that ``out`` can be used and return the checkpoint to resume from (None for a fresh run).
 
-    A fresh run refuses a folder holding a checkpoint or a finished model; leftovers of a run that
+    A fresh run refuses a folder holding anything but a run's files (``routelab.outputs``: a Hugging
+    Face checkpoint, a user's own ``config.yaml``), a folder holding a checkpoint or a finished model,
+    and a folder overlapping ``train.init_from`` or the distillation teacher; leftovers of a run that
     died before its first checkpoint (metrics, tokenizer, config, partial checkpoints) are removed.
     A resumed run needs the same config (except ``RESUMABLE_CHANGES``) and an intact checkpoint: the
     newest one whose files pass their checksums. Newer damaged ones are set aside
@@ -121,6 +126,8 @@ def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
     """
     check_folder_target(out)
     if not resume:
+        sources = [("train.init_from", cfg.train.init_from), ("train.distill.teacher", cfg.train.distill.teacher or None)]
+        check_run_target(out, sources)  # nothing but a run's own files: a leftover run's are removed below
         ckpt = latest_checkpoint(out)
         if ckpt is not None or (out / MODEL_DIR).exists() or (out / SUMMARY_FILE).exists():
             what = f"checkpoint {ckpt.name}" if ckpt is not None else "a finished run"
@@ -301,6 +308,8 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.expert_parallel={P} is invalid with {world} processes; allowed: a divisor of {world}")
     if cfg.train.expert_parallel > 1 and getattr(cfg.model.ffn, "kind", "dense") != "moe":
         raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
+    if P > 1:  # before any process starts (the trainer checks the built model again: check_expert_parallel)
+        check_divides_experts(P, cfg.model.ffn.num_experts)
     if cfg.train.tensorboard:
         tensorboard_writer_class()
     tasks = cfg.data.tasks
@@ -317,7 +326,9 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         placeholder["task_num_labels"] = [n or (None if h == "lm" else 2) for h, n in zip(cfg.model.task_heads, cfg.model.task_num_labels)]
     elif cfg.model.head != "lm":
         placeholder["num_labels"] = cfg.model.num_labels or 2
-    state_shapes(dataclasses.replace(cfg.model, **placeholder))
+    model_cfg = dataclasses.replace(cfg.model, **placeholder)
+    state_shapes(model_cfg)
+    check_training_memory(cfg, model_cfg, resolve_device(cfg.train.device), world_size)  # sizes that cannot fit
 
 
 # ----------------------------------------------------------------------------------------------

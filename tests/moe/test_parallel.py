@@ -47,7 +47,7 @@ LAYER_CHECK = textwrap.dedent(
         outs = [full(xs[r], token_ids=ids[r]) for r in range(world)]
     loss = sum((o.hidden.float() * gy[r]).sum() + o.aux_loss for r, o in enumerate(outs))
     loss.backward()
-    groups = expert_groups(world, rank, world)
+    groups = expert_groups(world, rank, world, timeout_s=120)
     names = apply_expert_parallel(ep, groups)
     xr = x[rank].clone().requires_grad_(True)
     with amp():
@@ -144,7 +144,7 @@ COUNTER_CHECK = textwrap.dedent(
         reach.append(torch.tensor([len(set(row.tolist())) for row in dest]))
     if M:
         assert max(int(n.max()) for n in reach) <= M
-    apply_expert_parallel(layer, expert_groups(world, rank, world))
+    apply_expert_parallel(layer, expert_groups(world, rank, world, timeout_s=120))
     out = layer(x[rank].clone().requires_grad_(True))
     out.hidden.square().sum().backward()
     c = layer.expert_parallel.counters.take()
