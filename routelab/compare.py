@@ -44,6 +44,7 @@ from routelab.io import atomic_write, check_folder_target, replace_dir
 from routelab.lock import locked
 from routelab.outputs import check_only, check_run_target, is_run_entry
 from routelab.presets import resolve_config_path
+from routelab.train.distributed import die_with_parent
 from routelab.train.metrics import format_duration
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -303,7 +304,8 @@ def run_variant(cfg: Config, out: Path, plan: str = "fresh", isolate: bool = Tru
 def _train(cfg: Config, out: Path, resume: bool, isolate: bool, nproc: int = 1) -> None:
     """Train in this process, or (``isolate``) in a child ``routelab train`` (with ``--nproc`` when
     ``nproc`` > 1) so peak memory is the variant's own; the child's one-line error comes back through
-    ``ROUTELAB_ERROR_FILE``."""
+    ``ROUTELAB_ERROR_FILE``. The child ends with this process however it ends (``die_with_parent``);
+    its own processes (``--nproc``) end with it in turn."""
     if not isolate:
         from routelab.train import train
 
@@ -322,7 +324,9 @@ def _train(cfg: Config, out: Path, resume: bool, isolate: bool, nproc: int = 1) 
         cmd.append("--resume")
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env={**os.environ, ERROR_FILE_ENV: str(error_path)})
+    me = os.getpid()  # the child ends with this process, even when it is killed (SIGKILL): no orphan trains on
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, env={**os.environ, ERROR_FILE_ENV: str(error_path)},
+                          preexec_fn=lambda: die_with_parent(me))
     if proc.returncode != 0:
         reason = error_path.read_text().strip() if error_path.is_file() else ""
         error_path.unlink(missing_ok=True)

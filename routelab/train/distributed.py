@@ -215,12 +215,24 @@ def end_with_launcher(launcher: int | None = None) -> None:
     launcher = launcher or int(os.environ.get(LAUNCHER_VAR) or os.getppid())
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl in this C library: the thread below still watches
-            pass
+    die_with_parent()  # where it is missing, the thread below still watches
     threading.Thread(target=_stop_without, args=(launcher,), name="routelab-launcher-watch", daemon=True).start()
+
+
+def die_with_parent(parent: int | None = None) -> bool:
+    """Ask the kernel (Linux ``prctl(PR_SET_PDEATHSIG)``) to send this process SIGTERM when its parent
+    ends; the setting survives ``exec``. With ``parent`` (the pid it should have), a parent that ended
+    before the request took effect ends this process at once. False where the kernel cannot do it.
+    Safe in a ``subprocess`` ``preexec_fn``: it only calls into the C library."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl in this C library
+        return False
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+    return True
 
 
 def _stop_without(launcher: int) -> None:

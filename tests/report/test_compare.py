@@ -394,3 +394,48 @@ def test_a_precision_comparison_shows_each_variants_precision(base_yaml, tmp_pat
     out2 = compare(only, out=tmp_path / "out2", isolate=False)
     assert json.loads((out2 / "results.json").read_text())[0]["precision"] is None
     assert not re.search(r"^variant\s+precision\s", capsys.readouterr().out, re.M)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie nobody reaps counts as ended)."""
+    from pathlib import Path
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" in status
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_killed_comparison_takes_its_training_process_with_it(base_yaml, tmp_path):
+    """SIGKILL to ``routelab compare`` (nothing of it can clean up) ends the variant it was training."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 1000000}, variants=[{"name": "dense"}])
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "routelab", "compare", str(cmp), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=root)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "dense" / "metrics.jsonl").is_file():  # the variant trains (and holds its lock)
+            assert proc.poll() is None and time.monotonic() < deadline, "the variant did not start"
+            time.sleep(0.2)
+        child = json.loads((out / "dense" / ".routelab.lock").read_text())["pid"]
+        assert child != proc.pid and not _gone(child)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while not _gone(child):
+            assert time.monotonic() < deadline, f"the variant's process {child} still trains after its comparison was killed"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
