@@ -29,7 +29,11 @@ TINY = {
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A finished LM run (checkpoints at steps 3 and 6, model/, summary.json) and its config."""
-    root = tmp_path_factory.mktemp("finished")
+    return train_finished(tmp_path_factory.mktemp("finished"))
+
+
+def train_finished(root: Path) -> Path:
+    """``root/tiny.yaml`` (TINY on a small corpus) trained to the end into ``root/run``; returns ``root``."""
     corpus = root / "corpus.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n" * 60)
     (root / "tiny.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(TINY).replace("SOURCE", str(corpus)))))

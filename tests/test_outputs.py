@@ -4,27 +4,21 @@ folder (the sources, the user's files, earlier runs) is byte for byte as before.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from routelab.cli import main
 from routelab.outputs import OutputFolderError, check_no_overlap, check_run_target, overlap
-from tests.test_cli_failures import TINY, snapshot
+from tests.test_cli_failures import snapshot, train_finished
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """A finished tiny run, its config, and a tiny Hugging Face Llama folder with a sibling folder and file."""
-    root = tmp_path_factory.mktemp("outputs")
-    corpus = root / "corpus.txt"
-    corpus.write_text("def add(a, b):\n    return a + b\n" * 60)
-    (root / "tiny.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(TINY).replace("SOURCE", str(corpus)))))
-    assert main(["train", str(root / "tiny.yaml"), "--out", str(root / "run"), "--no-sample"]) == 0
+    root = train_finished(tmp_path_factory.mktemp("outputs"))
     from tests.pretrained.helpers import save_decoder
 
     save_decoder("llama", root / "models" / "llama")
