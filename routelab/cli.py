@@ -183,7 +183,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if len(budget) > 1:
         raise ConfigError(f"give at most one of --steps, --tokens, --seconds (got {', '.join('--' + k for k in budget)})")
     check_nproc(args.nproc)
-    compare(args.config, out=args.out, overrides=args.set, budget=budget or None, force=args.force, nproc=args.nproc)
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} is invalid; allowed: 1 or more (3 or more for intervals and verdicts)")
+    compare(args.config, out=args.out, overrides=args.set, budget=budget or None, force=args.force, nproc=args.nproc,
+            seeds=args.seeds)
     return 0
 
 
@@ -310,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", type=int, help="budget: training tokens per variant")
     c.add_argument("--seconds", type=float, help="budget: wall-clock training seconds per variant")
     c.add_argument("--nproc", type=int, metavar="N", help="train each variant with N processes (replaces the config's nproc)")
+    c.add_argument("--seeds", type=int, metavar="N", help="train each variant N times (train.seed 0..N-1, into "
+                   "OUT/<variant>/seed-<s>/) and report means, 95%% intervals, paired differences and verdicts "
+                   "(replaces the config's seeds)")
     c.add_argument("--force", action="store_true", help="retrain variants whose folder holds a run of another config "
                    "(each old run is replaced only once its new one finishes)")
     c.set_defaults(func=cmd_compare)

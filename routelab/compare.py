@@ -44,6 +44,7 @@ from routelab.io import atomic_write, check_folder_target, replace_dir
 from routelab.lock import locked
 from routelab.outputs import check_only, check_run_target, is_run_entry
 from routelab.presets import resolve_config_path
+from routelab.report.summary import seed_folder
 from routelab.train.distributed import die_with_parent
 from routelab.train.metrics import format_duration
 
@@ -113,9 +114,11 @@ class CompareConfig:
     reference: str | None = None  # None = the first variant
     eval_example: int = 0  # validation example whose attention routes the report shows
     nproc: int = 1  # processes each variant trains with (torch.distributed.run on this machine)
+    seeds: int = 1  # runs per variant, train.seed = 0..seeds-1, in OUT/<variant>/seed-<s>/ (1: OUT/<variant>/)
 
     def __post_init__(self) -> None:
         check(self.nproc >= 1, "compare.nproc", self.nproc, "an integer >= 1")
+        check(self.seeds >= 1, "compare.seeds", self.seeds, "an integer >= 1 (3 or more for intervals)")
         check(bool(self.base), "compare.base", self.base, "a preset name or a run config path")
         check(len(self.variants) > 0, "compare.variants", self.variants, "a non-empty list of {name, set}")
         names = [v.name for v in self.variants]
@@ -189,13 +192,15 @@ def load_compare_config(
     budget: dict[str, Any] | None = None,
     nproc: int | None = None,
     out: str | Path | None = None,
+    seeds: int | None = None,
 ) -> tuple[CompareConfig, dict[str, Config]]:
     """Read a comparison config and build and check every variant's run config (``preflight``: the
     model is built on the meta device, the data source must exist, optional packages be present),
     so any error surfaces before anything trains. ``budget`` (e.g. ``{"steps": 600}``, from the
     command line) replaces the config's budget, and ``nproc`` its processes per variant. The
     prepared runs' configs come back too, under ``prepare/<name>``; ``@name`` references resolve to
-    folders under ``out`` (default ``runs/<config stem>``)."""
+    folders under ``out`` (default ``runs/<config stem>``). ``seeds`` replaces the config's seeds;
+    over several seeds, each variant's configs come back under ``<name>/seed-<s>`` (``train.seed=s``)."""
     path = resolve_config_path(str(path))
     out = Path(out) if out is not None else default_out(path)
     data = read_yaml_mapping(path, "comparison config")
@@ -203,6 +208,8 @@ def load_compare_config(
         data = {**data, "budget": budget}
     if nproc is not None:
         data = {**data, "nproc": nproc}
+    if seeds is not None:
+        data = {**data, "seeds": seeds}
     cmp = from_dict(CompareConfig, data, "")
     _budget_overrides(cmp.set, f"{str(path)!r} (set:)")
     _budget_overrides(overrides or [], "--set")
@@ -229,9 +236,15 @@ def load_compare_config(
         sets, refs = resolve_refs([*cmp.set, *(overrides or []), *v.set], prepared, out, where)
         try:
             steps = cmp.budget.overrides(Config.load(base_path, [s for s in sets if s not in refs]))
-            configs[v.name] = _checked(base_path, [*sets, *steps], refs, cmp.nproc)
+            checked = _checked(base_path, [*sets, *steps], refs, cmp.nproc)
         except (ConfigError, DataError) as e:
             raise ConfigError(f"{where}: {e}") from None
+        if cmp.seeds == 1 and seed_folder(out / v.name, 0, 1) == out / v.name:
+            configs[v.name] = checked
+            continue
+        for seed in range(cmp.seeds):  # the same data split (data.seed) for all; init, dropout, batches differ
+            folder = seed_folder(out / v.name, seed, cmp.seeds)
+            configs[str(folder.relative_to(out))] = Config.load(base_path, [*sets, *steps, f"train.seed={seed}"])
     return cmp, configs
 
 
@@ -375,19 +388,36 @@ def compare(
     budget: dict[str, Any] | None = None,
     force: bool = False,
     nproc: int | None = None,
+    seeds: int | None = None,
 ) -> Path:
-    """Run every variant of a comparison, then write the report. Returns the report folder.
+    """Run every variant of a comparison (each seed of it), then write the report. Returns the report folder.
 
     Every variant's config is checked, and every existing variant folder compared with its config,
     before the first one trains. A variant that fails does not stop the others: the report covers
     those that finished, then ``VariantError`` names the ones that failed and why."""
     out = Path(out) if out else default_out(config_path)
-    cmp, configs = load_compare_config(config_path, overrides, budget, nproc, out)
+    cmp, configs = load_compare_config(config_path, overrides, budget, nproc, out, seeds)
     if not isolate and cmp.nproc > 1:
         raise ConfigError(f"compare.nproc={cmp.nproc} needs each variant in its own processes; allowed in-process: 1")
     check_compare_target(out, configs)
     with locked(out, "routelab compare"):  # one comparison at a time in OUT (each variant also locks its own run)
+        if cmp.seeds > 1:
+            for v in cmp.variants:
+                adopt_as_seed_zero(out / v.name)
         return _compare(cmp, configs, out, force, isolate)
+
+
+def adopt_as_seed_zero(variant_dir: Path) -> None:
+    """A one-seed comparison's run ``OUT/<variant>/`` becomes seed 0 of a multi-seed one,
+    ``OUT/<variant>/seed-0/`` (a finished run is not trained again): moved aside under a hidden name,
+    then into place, so at every moment the run is whole in one place (an interrupted move is
+    completed by the next call)."""
+    aside = variant_dir.with_name(f".{variant_dir.name}.seed-0.tmp")
+    if (variant_dir / "config.yaml").is_file() and not aside.exists():
+        os.replace(variant_dir, aside)
+    if aside.is_dir():
+        variant_dir.mkdir(exist_ok=True)
+        os.replace(aside, seed_folder(variant_dir, 0, 2))
 
 
 COMPARE_ENTRIES = frozenset({"report.md", "report.html", "results.json", "plots", PREPARE_DIR})
@@ -396,8 +426,10 @@ COMPARE_ENTRIES = frozenset({"report.md", "report.html", "results.json", "plots"
 def check_compare_target(out: Path, configs: dict[str, Config]) -> None:
     """``OUT`` holds nothing but a comparison's own files: its report, plots and results, run folders
     (its variants, or another comparison's), inspection output, and routelab's staging and lock."""
+    variants = {name.split("/")[0] for name in configs}
+
     def known(p: Path) -> bool:
-        return (p.name in COMPARE_ENTRIES or p.name in configs or is_run_entry(p.name) or p.name.startswith("inspect")
+        return (p.name in COMPARE_ENTRIES or p.name in variants or is_run_entry(p.name) or p.name.startswith("inspect")
                 or (p.is_dir() and (p / "config.yaml").is_file()))
 
     check_folder_target(out)
@@ -422,8 +454,9 @@ def _compare(cmp: CompareConfig, configs: dict[str, Config], out: Path, force: b
             print(f"routelab: variant {name!r} failed: {e}", file=sys.stderr, flush=True)
         progress.finish(name, ok=name not in failed)
     variants = [v.name for v in cmp.variants]
+    failed = {n.split("/")[0] if not n.startswith(f"{PREPARE_DIR}/") else n: why for n, why in failed.items()}  # a seed's failure is its variant's
     if all(n in failed for n in variants):
-        raise VariantError(f"every variant failed, so there is no report; {name!r}: {failed[name]}")
+        raise VariantError(f"every variant failed, so there is no report; {name!r}: {failed[name.split('/')[0]]}")
     report = write_report(cmp, out, failed=failed)
     if failed:
         names = ", ".join(f"{n!r} ({why})" for n, why in failed.items())

@@ -12,11 +12,12 @@ import numpy as np
 
 from routelab.io import atomic_write_text
 from routelab.report import plots
-from routelab.report.summary import Row, collect_rows, eval_curve, time_curve
+from routelab.report.summary import Row, collect_rows, eval_curve, seed_folder, time_curve
 from routelab.train.metrics import read_metrics
 
-COLUMNS = [  # (header, Row attribute, format)
+COLUMNS = [  # (header, Row attribute, format); a value with a ``<attribute>_ci`` shows "mean ± half-width"
     ("variant", "variant", "{}"),
+    ("seeds", "seeds", "{}"),
     ("precision", "precision", "{}"),
     ("params", "total_params", "{:,}"),
     ("active", "active_params", "{:,}"),
@@ -33,6 +34,8 @@ COLUMNS = [  # (header, Row attribute, format)
     ("s to ref", "seconds_to_target", "{:.0f}"),
     ("expert CV", "expert_load_cv", "{:.2f}"),
     ("dead experts", "dead_experts", "{}"),
+    ("vs ref", "vs_ref", "{:+.4f}"),
+    ("verdict", "verdict", "{}"),
     ("a2a MB/step", "a2a_mb_per_step", "{:.2f}"),
     ("local pairs", "local_fraction", "{:.0%}"),
     ("ranks/token", "ranks_per_token", "{:.2f}"),
@@ -44,6 +47,9 @@ COLUMNS = [  # (header, Row attribute, format)
 
 
 LEGEND = {  # header -> what it means, for the report's readers
+    "seeds": "runs per variant (train.seed 0..N-1, the same batches for every variant at a seed); numbers are means ± the half-width of their 95% t-interval",
+    "vs ref": "paired difference to the reference of the judged metric (bpb for an LM, else accuracy, else loss), mean over seeds ± 95% interval",
+    "verdict": "better / worse when the paired difference's 95% interval excludes 0; otherwise no detectable difference at this budget",
     "precision": "train.precision: the forward pass's autocast dtype (weights, optimizer state and routing stay float32)",
     "active": "parameters a token uses (the chosen experts only)",
     "attn MFLOP/tok": "forward attention FLOPs per token, all layers, counting only the pairs the kind computes",
@@ -94,9 +100,24 @@ def _cell(row: Row, col: tuple) -> str:
     value = _value(row, col[1])
     if value is None:
         return "-"
-    if len(col) > 3:
-        value = value * col[3]
-    return col[2].format(value)
+    scale = col[3] if len(col) > 3 else 1
+    text = col[2].format(value * scale)
+    if isinstance(col[1], str):
+        ci = getattr(row, f"{col[1]}_ci", None)
+        if ci is not None:  # over seeds: mean ± half-width of the 95% interval
+            text += " ± " + col[2].format(ci * scale).lstrip("+")
+        if col[1] == "tokens_per_s" and row.tokens_per_s_min is not None:  # the spread over seeds
+            text += f" ({row.tokens_per_s_min:,.0f}-{row.tokens_per_s_max:,.0f})"
+    return text
+
+
+ONE_SEED_NOTE = ("One seed per variant: differences between variants cannot be judged (seed noise is unknown);"
+                 " run with --seeds 3 or more for intervals and verdicts.")
+
+
+def seed_note(rows: list[Row]) -> str | None:
+    """The one line a one-seed comparison carries (None over seeds)."""
+    return ONE_SEED_NOTE if rows and all(r.seeds is None for r in rows) else None
 
 
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
@@ -138,9 +159,11 @@ def expert_loads(records: list[dict]) -> tuple[dict[str, np.ndarray], list[int]]
 
 
 def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[tuple[str, Path]]:
-    """Write every plot of the report; returns (caption, path) pairs."""
+    """Write every plot of the report; returns (caption, path) pairs. Over seeds, the curves and maps
+    are seed 0's (``dirs``)."""
     pdir = out / "plots"
-    records = {n: read_metrics(out / n) for n in names}
+    dirs = {n: seed_folder(out / n, 0, getattr(cmp, "seeds", 1)) for n in names}
+    records = {n: read_metrics(dirs[n]) for n in names}
     by_step = {n: eval_curve(records[n]) for n in names}
     by_time = {}
     for n in names:
@@ -157,10 +180,10 @@ def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[t
         if loads and len(steps) > 1:
             path = plots.expert_load_heatmap(loads, steps, f"{n}: share of tokens per expert", pdir / f"expert_load_{n}.png")
             figs.append((f"Expert load over training: {n}", path))
-    for n, (loads, task_names) in task_expert_maps(names, out).items():
+    for n, (loads, task_names) in task_expert_maps(names, dirs).items():
         path = plots.task_expert_map(loads, task_names, f"{n}: experts per task (validation)", pdir / f"task_experts_{n}.png")
         figs.append((f"Experts per task: {n}", path))
-    routes = attention_route_maps(names, out, cmp.eval_example)
+    routes = attention_route_maps(names, dirs, cmp.eval_example)
     if routes:
         maps, tokens = routes
         figs.append(("Attention routes of one validation example (layer 0, mean over heads)",
@@ -168,7 +191,7 @@ def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[t
     return figs
 
 
-def task_expert_maps(names: list[str], out: Path, batches: int = 2) -> dict[str, tuple[dict[str, np.ndarray], list[str]]]:
+def task_expert_maps(names: list[str], dirs: dict[str, Path], batches: int = 2) -> dict[str, tuple[dict[str, np.ndarray], list[str]]]:
     """For each multi-task variant with MoE layers: per layer, the (tasks, experts) load matrix over
     the first ``batches`` validation batches of every task (each task's own inputs, routed as that task)."""
     import torch
@@ -180,7 +203,7 @@ def task_expert_maps(names: list[str], out: Path, batches: int = 2) -> dict[str,
 
     maps = {}
     for n in names:
-        run = load_run(out / n, with_data=True, map_location=None)  # on the variant's own train.device
+        run = load_run(dirs[n], with_data=True, map_location=None)  # on the variant's own train.device
         cfg = run.cfg
         if not cfg.model.task_names or len(cfg.model.task_names) < 2 or cfg.model.ffn.kind != "moe":
             continue
@@ -205,14 +228,14 @@ def task_expert_maps(names: list[str], out: Path, batches: int = 2) -> dict[str,
     return maps
 
 
-def attention_route_maps(names: list[str], out: Path, example: int) -> tuple[dict[str, np.ndarray], list[str]] | None:
+def attention_route_maps(names: list[str], dirs: dict[str, Path], example: int) -> tuple[dict[str, np.ndarray], list[str]] | None:
     """Layer-0 attention routes of each attention kind (its first variant) on one validation example."""
     from routelab.report.inspect import attention_routes, validation_example
     from routelab.train import load_run
 
     maps, tokens, kinds = {}, None, set()
     for n in names:
-        run = load_run(out / n, with_data=True, map_location=None)  # on the variant's own train.device
+        run = load_run(dirs[n], with_data=True, map_location=None)  # on the variant's own train.device
         if run.cfg.model.attention.kind in kinds:
             continue  # one map per attention kind
         kinds.add(run.cfg.model.attention.kind)
@@ -248,8 +271,9 @@ def write_report(cmp: Any, out: Path, failed: dict[str, str] | None = None) -> P
     failed = failed or {}
     names = [v.name for v in cmp.variants if v.name not in failed]
     reference = cmp.reference_name if cmp.reference_name not in failed else None
-    rows = collect_rows(names, out, reference)
+    rows = collect_rows(names, out, reference, getattr(cmp, "seeds", 1))
     figs = make_plots(names, out, rows, cmp)
+    note = seed_note(rows)
     atomic_write_text(out / "results.json", json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
     intro = (
         f"Base config `{cmp.base}`, budget {json.dumps({k: v for k, v in vars(cmp.budget).items() if v is not None})}, "
@@ -259,7 +283,7 @@ def write_report(cmp: Any, out: Path, failed: dict[str, str] | None = None) -> P
     failures = [f"Variant `{n}` failed and is not in the table: {why}" for n, why in failed.items()]
     prepared = prepared_lines(cmp, out)
     md = ["# routelab comparison", "", intro, "", *[f"- {line}" for line in prepared], *([""] if prepared else [])]
-    md += [markdown_table(rows), ""]
+    md += [markdown_table(rows), ""] + ([note, ""] if note else [])
     md += [f"- **{h}**: {m}" for h, m in legend(rows)] + [""]
     md += [f"**{f}**" for f in failures] + ([""] if failures else [])
     for caption, path in figs:
@@ -275,11 +299,13 @@ def write_report(cmp: Any, out: Path, failed: dict[str, str] | None = None) -> P
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}img{max-width:100%}"
         f"</style></head><body><h1>routelab comparison</h1><p>{html.escape(intro)}</p>"
         + "".join(f"<p>{html.escape(line)}</p>" for line in prepared)
-        + f"{html_table(rows)}{notes}"
+        + f"{html_table(rows)}" + (f"<p>{html.escape(note)}</p>" if note else "") + notes
         + "".join(f"<p><b>{html.escape(f)}</b></p>" for f in failures)
         + f"{body}</body></html>"
     )
     atomic_write_text(out / "report.html", page)
     print(plain_table(rows))
+    if note:
+        print(note)
     print(f"\nreport: {out / 'report.html'}")
     return out

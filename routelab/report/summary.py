@@ -49,6 +49,19 @@ class Row:
     gain_kept: float | None = None  # share of the teacher's gain over the undistilled twin that the student kept
     tasks: dict[str, dict[str, float]] | None = None  # multi-task: {task: {val_loss, val_bpb or val_accuracy}}
     precision: str | None = None  # train.precision, when the variants do not all train in fp32
+    # over seeds (``seeds`` > 1): the numbers above are means; ``*_ci`` the half-widths of their 95% intervals
+    seeds: int | None = None  # None: one seed
+    val_loss_ci: float | None = None
+    val_bpb_ci: float | None = None
+    val_accuracy_ci: float | None = None
+    steps_to_target_ci: float | None = None
+    tokens_per_s_min: float | None = None
+    tokens_per_s_max: float | None = None
+    vs_ref: float | None = None  # paired difference of ``metric`` to the reference (same seed, same batches)
+    vs_ref_ci: float | None = None
+    verdict: str | None = None  # better / worse / no detectable difference / one seed: not judged / reference
+    metric: str | None = None  # the metric judged: val_bpb (LM), val_accuracy (classification) or val_loss
+    per_seed: dict[int, float] | None = None  # seed -> that metric
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,15 +180,94 @@ def undistilled_twin(name: str, configs: dict[str, Any]) -> str | None:
     return None
 
 
-def collect_rows(variant_names: list[str], out: Path, reference: str | None) -> list[Row]:
+SEED_DIR = "seed-{}"  # OUT/<variant>/seed-<s>/: one run folder per seed of a multi-seed comparison
+
+
+def seed_folder(variant_dir: Path, seed: int, seeds: int) -> Path:
+    """The run folder of ``seed`` of a variant: ``variant_dir`` itself in a one-seed comparison
+    (unless an earlier multi-seed one left ``seed-0/`` there), else ``variant_dir/seed-<seed>``."""
+    if seeds == 1 and not (variant_dir / SEED_DIR.format(0)).is_dir():
+        return variant_dir
+    return variant_dir / SEED_DIR.format(seed)
+
+
+def judged_metric(row: Row) -> tuple[str, bool]:
+    """(the metric a verdict judges, whether lower is better): bpb for an LM, else accuracy, else loss."""
+    if row.val_bpb is not None:
+        return "val_bpb", True
+    if row.val_accuracy is not None:
+        return "val_accuracy", False
+    return "val_loss", True
+
+
+def over_seeds(name: str, rows: dict[int, Row], reference: dict[int, Row] | None, seeds: int) -> Row:
+    """One variant's row from its rows per seed: means with 95% intervals, the tokens/s range, and
+    the paired difference of the judged metric to the reference's row of the same seed, with its verdict."""
+    import dataclasses
+
+    from routelab.report import stats
+
+    first = rows[min(rows)]
+    metric, lower_is_better = judged_metric(first)
+    fields: dict[str, Any] = {"variant": name, "seeds": seeds}
+    for key in ("val_loss", "val_bpb", "val_accuracy", "steps_to_target"):
+        values = [getattr(r, key) for r in rows.values()]
+        if any(v is None for v in values):  # steps to ref: reached in every seed, or shown as never
+            fields[key], fields[f"{key}_ci"] = None, None
+            continue
+        e = stats.mean_interval(values)
+        fields[key], fields[f"{key}_ci"] = e.mean, e.half_width
+    speeds = [r.tokens_per_s for r in rows.values() if r.tokens_per_s is not None]
+    if speeds:
+        fields.update(tokens_per_s=sum(speeds) / len(speeds), tokens_per_s_min=min(speeds), tokens_per_s_max=max(speeds))
+    seconds = [r.seconds_to_target for r in rows.values()]
+    fields["seconds_to_target"] = None if None in seconds else sum(seconds) / len(seconds)
+    fields["metric"], fields["per_seed"] = metric, {s: getattr(r, metric) for s, r in sorted(rows.items())}
+    if reference is not None and reference is not rows:
+        diff = stats.paired_difference(fields["per_seed"], {s: getattr(r, metric) for s, r in reference.items()})
+        if diff is not None:
+            fields["vs_ref"], fields["vs_ref_ci"] = diff.mean, diff.half_width
+        fields["verdict"] = stats.verdict(diff, lower_is_better)
+    elif reference is not None:
+        fields["verdict"] = "reference"
+    return dataclasses.replace(first, **fields)
+
+
+def collect_seed_rows(variant_names: list[str], out: Path, reference: str | None, seeds: int) -> list[Row]:
+    """Rows of a multi-seed comparison (``seed_folder`` layout); each seed's 'steps to ref' targets
+    the reference's final validation loss of the same seed."""
+    per_seed: dict[str, dict[int, Row]] = {}
+    for name in ([reference] if reference else []) + [n for n in variant_names if n != reference]:
+        rows = {}
+        for s in range(seeds):
+            folder = seed_folder(out / name, s, seeds)
+            if not (folder / "summary.json").is_file():
+                continue
+            target = per_seed[reference][s].val_loss if reference and name != reference and s in per_seed[reference] else None
+            rows[s] = collect_row(name, folder, target)
+            if name == reference:
+                rows[s].steps_to_target = rows[s].steps
+        per_seed[name] = rows
+    ref = per_seed.get(reference) if reference else None
+    result = [over_seeds(n, per_seed[n], ref if n != reference else per_seed[n], seeds) for n in variant_names if per_seed.get(n)]
+    if all(r.precision == "fp32" for r in result):
+        for row in result:
+            row.precision = None
+    return result
+
+
+def collect_rows(variant_names: list[str], out: Path, reference: str | None, seeds: int = 1) -> list[Row]:
     """Rows for every variant, the reference's final validation loss as the shared target (none
-    when ``reference`` is None)."""
+    when ``reference`` is None); over ``seeds`` seeds: see ``collect_seed_rows``."""
     from routelab.train.run import CONFIG_FILE, load_run_config
 
-    target = float(read_json(out / reference / "summary.json")["val_loss"]) if reference else None
-    rows = {name: collect_row(name, out / name, target) for name in variant_names}
+    if seeds > 1:
+        return collect_seed_rows(variant_names, out, reference, seeds)
+    out_of = {name: seed_folder(out / name, 0, 1) for name in variant_names}
+    target = float(read_json(out_of[reference] / "summary.json")["val_loss"]) if reference else None
+    rows = {name: collect_row(name, out_of[name], target) for name in variant_names}
     if any(r.teacher_val_loss is not None for r in rows.values()):
-        configs = {name: load_run_config(out / name / CONFIG_FILE) for name in variant_names}
+        configs = {name: load_run_config(out_of[name] / CONFIG_FILE) for name in variant_names}
         for name, row in rows.items():
             twin = undistilled_twin(name, configs) if row.teacher_val_loss is not None else None
             if twin is not None:

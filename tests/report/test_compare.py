@@ -372,7 +372,7 @@ def test_a_multi_task_comparison_maps_experts_per_task(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, variants=[{"name": "task-level"}])
     out = compare(cmp, out=tmp_path / "out", isolate=False)
-    (loads, names), = task_expert_maps(["task-level"], out).values()
+    (loads, names), = task_expert_maps(["task-level"], {"task-level": out / "task-level"}).values()
     assert names == ["prose", "code"]
     load = loads["layers.0.ffn"]
     assert load[0, 0] > 0 and load[1, 1] > 0 and load[0, 1] == 0 and load[1, 0] == 0
@@ -439,3 +439,61 @@ def test_a_killed_comparison_takes_its_training_process_with_it(base_yaml, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_seeds_give_means_intervals_paired_differences_and_verdicts(base_yaml, tmp_path, capsys):
+    import math
+
+    from routelab.report.stats import paired_difference, t_quantile_975, verdict
+
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 3}, seeds=2,
+                        variants=[{"name": "dense"}, {"name": "wide", "set": ["model.ffn.hidden=96"]}])
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    summaries = {(v, s): json.loads((out / v / f"seed-{s}" / "summary.json").read_text()) for v in ("dense", "wide") for s in (0, 1)}
+    for v in ("dense", "wide"):
+        for s in (0, 1):
+            assert yaml.safe_load((out / v / f"seed-{s}" / "config.yaml").read_text())["train"]["seed"] == s
+        assert summaries[(v, 0)]["val_loss"] != summaries[(v, 1)]["val_loss"]  # other seeds, other runs
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}
+    for v in ("dense", "wide"):
+        a, b = summaries[(v, 0)]["val_loss"], summaries[(v, 1)]["val_loss"]
+        assert rows[v]["seeds"] == 2 and rows[v]["val_loss"] == pytest.approx((a + b) / 2)
+        assert rows[v]["val_loss_ci"] == pytest.approx(t_quantile_975(1) * abs(a - b) / math.sqrt(2) / math.sqrt(2))
+    bpb = {v: {s: summaries[(v, s)]["val_bpb"] for s in (0, 1)} for v in ("dense", "wide")}
+    diff = paired_difference(bpb["wide"], bpb["dense"])
+    assert rows["wide"]["metric"] == "val_bpb" and rows["wide"]["vs_ref"] == pytest.approx(diff.mean)
+    assert rows["wide"]["verdict"] == verdict(diff) and rows["dense"]["verdict"] == "reference"
+    printed = capsys.readouterr().out
+    assert " ± " in printed and "verdict" in printed and "One seed per variant" not in printed
+
+
+def test_one_seed_says_differences_cannot_be_judged(base_yaml, tmp_path, capsys):
+    from routelab.report.compare_report import ONE_SEED_NOTE
+
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, variants=[{"name": "dense"}])
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    assert ONE_SEED_NOTE in capsys.readouterr().out and ONE_SEED_NOTE in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())[0]["verdict"] is None  # no verdict column at all
+
+
+def test_more_seeds_keep_the_one_seed_run_and_resume_an_interrupted_seed(base_yaml, tmp_path, capsys):
+    """A one-seed comparison's run becomes seed 0 (not retrained); a seed killed mid-run resumes."""
+    from routelab.compare import adopt_as_seed_zero
+    from routelab.train import train
+
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 4}, variants=[{"name": "dense"}])
+    out = tmp_path / "out"
+    compare(cmp, out=out, isolate=False)
+    first = (out / "dense" / "summary.json").read_bytes()
+    _, configs = load_compare_config(cmp, out=out, seeds=2)
+    assert sorted(configs) == ["dense/seed-0", "dense/seed-1"]
+    adopt_as_seed_zero(out / "dense")  # what a comparison over 2 seeds does first, then it was killed...
+    train(configs["dense/seed-1"], out / "dense" / "seed-1", stop_after=2)  # ...after step 2 of seed 1
+    capsys.readouterr()
+    compare(cmp, out=out, isolate=False, seeds=2)
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert progress[0].endswith("(done)") and "seed-0" in progress[0]
+    assert any(line.endswith("(resume)") and "seed-1" in line for line in progress)
+    assert (out / "dense" / "seed-0" / "summary.json").read_bytes() == first
+    assert json.loads((out / "dense" / "seed-1" / "summary.json").read_text())["steps"] == 4
+    assert not (out / "dense" / "config.yaml").exists()
