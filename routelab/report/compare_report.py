@@ -170,8 +170,13 @@ def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[t
         steps, losses = by_step[n]
         t_steps, t_elapsed = time_curve(records[n])
         by_time[n] = ([float(np.interp(s, [0, *t_steps], [0.0, *t_elapsed])) for s in steps], losses)
+    seeds = getattr(cmp, "seeds", 1)
+    bands = seed_bands(names, out, seeds) if seeds > 1 else {}
+    by_step.update({n: (x, mean) for n, (x, mean, _, _) in bands.items()})
+    over = f" (mean over {seeds} seeds; band: min to max)" if bands else ""
     figs = [
-        ("Validation loss by step", plots.loss_curves(by_step, "step", pdir / "val_loss_by_step.png")),
+        (f"Validation loss by step{over}", plots.loss_curves(by_step, "step", pdir / "val_loss_by_step.png",
+                                                             {n: (x, lo, hi) for n, (x, _, lo, hi) in bands.items()})),
         ("Validation loss by wall-clock training time", plots.loss_curves(by_time, "training seconds", pdir / "val_loss_by_time.png")),
         ("Quality against cost", plots.quality_vs_cost(rows, pdir / "quality_vs_cost.png")),
     ]
@@ -189,6 +194,23 @@ def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[t
         figs.append(("Attention routes of one validation example (layer 0, mean over heads)",
                      plots.route_maps(maps, tokens, "who attends where", pdir / "attention_routes.png")))
     return figs
+
+
+def seed_bands(names: list[str], out: Path, seeds: int) -> dict[str, tuple[list[int], list[float], list[float], list[float]]]:
+    """Per variant, its validation-loss curve over seeds at the steps every seed evaluated:
+    (steps, mean, min, max)."""
+    bands = {}
+    for n in names:
+        curves = []
+        for s in range(seeds):
+            folder = seed_folder(out / n, s, seeds)
+            if (folder / "metrics.jsonl").is_file():
+                curves.append(dict(zip(*eval_curve(read_metrics(folder)))))
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            ys = np.array([[c[step] for step in steps] for c in curves])  # (seeds, steps)
+            bands[n] = (steps, ys.mean(0).tolist(), ys.min(0).tolist(), ys.max(0).tolist())
+    return bands
 
 
 def task_expert_maps(names: list[str], dirs: dict[str, Path], batches: int = 2) -> dict[str, tuple[dict[str, np.ndarray], list[str]]]:

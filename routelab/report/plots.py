@@ -30,12 +30,17 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def loss_curves(curves: dict[str, tuple[list[float], list[float]]], xlabel: str, path: Path) -> Path:
-    """Validation loss against ``xlabel`` (step or seconds), one line per variant."""
+def loss_curves(curves: dict[str, tuple[list[float], list[float]]], xlabel: str, path: Path,
+                bands: dict[str, tuple[list[float], list[float], list[float]]] | None = None) -> Path:
+    """Validation loss against ``xlabel`` (step or seconds), one line per variant; ``bands``
+    (name -> x, low, high), e.g. the min-max over seeds, are shaded behind their variant's line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, (x, y) in curves.items():
-        ax.plot(x, y, marker="o", markersize=3, label=name)
+        (line,) = ax.plot(x, y, marker="o", markersize=3, label=name)
+        if bands and name in bands:
+            bx, low, high = bands[name]
+            ax.fill_between(bx, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss")
     ax.grid(alpha=0.3)

@@ -465,6 +465,13 @@ def test_seeds_give_means_intervals_paired_differences_and_verdicts(base_yaml, t
     assert rows["wide"]["verdict"] == verdict(diff) and rows["dense"]["verdict"] == "reference"
     printed = capsys.readouterr().out
     assert " ± " in printed and "verdict" in printed and "One seed per variant" not in printed
+    from routelab.report.compare_report import seed_bands
+
+    steps, mean, low, high = seed_bands(["wide"], out, 2)["wide"]
+    finals = [json.loads((out / "wide" / f"seed-{s}" / "summary.json").read_text())["val_loss"] for s in (0, 1)]
+    assert steps[-1] == 3 and (low[-1], high[-1]) == pytest.approx((min(finals), max(finals)))
+    assert mean[-1] == pytest.approx(sum(finals) / 2)
+    assert "Validation loss by step (mean over 2 seeds; band: min to max)" in (out / "report.md").read_text()
 
 
 def test_one_seed_says_differences_cannot_be_judged(base_yaml, tmp_path, capsys):
