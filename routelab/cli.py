@@ -5,7 +5,7 @@
     routelab eval RUN_DIR [--split val|test] [--device DEV]
     routelab generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--device DEV]
     routelab data listops --out DIR [--set data.listops_train=...]
-    routelab compare CONFIG [--out DIR] [--set k=v ...] [--steps N | --tokens N | --seconds S] [--force]
+    routelab compare CONFIG [--out DIR] [--set k=v ...] [--steps N | --tokens N | --seconds S | --flops F] [--seeds N] [--force]
     routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR] [--task NAME] [--device DEV]
     routelab import hf PATH --out DIR [--force] [--check [--device DEV]]
     routelab extract RUN_DIR --task NAME --out DIR
@@ -179,9 +179,9 @@ def cmd_data_listops(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from routelab.compare import compare
 
-    budget = {k: getattr(args, k) for k in ("steps", "tokens", "seconds") if getattr(args, k) is not None}
+    budget = {k: getattr(args, k) for k in ("steps", "tokens", "seconds", "flops") if getattr(args, k) is not None}
     if len(budget) > 1:
-        raise ConfigError(f"give at most one of --steps, --tokens, --seconds (got {', '.join('--' + k for k in budget)})")
+        raise ConfigError(f"give at most one of --steps, --tokens, --seconds, --flops (got {', '.join('--' + k for k in budget)})")
     check_nproc(args.nproc)
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds} is invalid; allowed: 1 or more (3 or more for intervals and verdicts)")
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, help="budget: optimizer steps per variant (replaces the config's budget)")
     c.add_argument("--tokens", type=int, help="budget: training tokens per variant")
     c.add_argument("--seconds", type=float, help="budget: wall-clock training seconds per variant")
+    c.add_argument("--flops", type=float, help="budget: training FLOPs per variant (3 x forward FLOPs per token x tokens):"
+                   " equal compute, so a variant with more active FLOPs per token trains fewer steps")
     c.add_argument("--nproc", type=int, metavar="N", help="train each variant with N processes (replaces the config's nproc)")
     c.add_argument("--seeds", type=int, metavar="N", help="train each variant N times (train.seed 0..N-1, into "
                    "OUT/<variant>/seed-<s>/) and report means, 95%% intervals, paired differences and verdicts "

@@ -3,7 +3,7 @@
 A comparison config (YAML)::
 
     base: lm-tiny                    # a preset name, or a run config path (relative to this file)
-    budget: {steps: 300}             # exactly one of steps, tokens, seconds, shared by every variant
+    budget: {steps: 300}             # exactly one of steps, tokens, seconds, flops, shared by every variant
     set: [train.eval_every=100]      # overrides applied to every variant
     reference: dense                 # the variant whose final validation loss is the target
     nproc: 1                         # processes per variant (>1: each trains with routelab train --nproc)
@@ -78,6 +78,10 @@ class Prepared:
         check(self.steps >= 1, "prepare.steps", self.steps, "an integer >= 1")
 
 
+BUDGETS = ("steps", "tokens", "seconds", "flops")
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward ~ 3x the forward pass (Kaplan et al. 2020, sec. 2.1: C ~ 6N)
+
+
 @dataclass
 class Budget:
     """The same budget for every variant; exactly one field is set."""
@@ -86,19 +90,35 @@ class Budget:
     steps: int | None = None  # optimizer steps
     tokens: int | None = None  # training tokens (steps = tokens / (batch_size * grad_accum * seq_len))
     seconds: float | None = None  # wall-clock seconds of training (train.max_seconds)
+    flops: float | None = None  # training FLOPs: steps = flops / (3 x forward FLOPs per token x tokens per step)
 
     def __post_init__(self) -> None:
-        given = [k for k in ("steps", "tokens", "seconds") if getattr(self, k) is not None]
-        check(len(given) == 1, "budget", {k: getattr(self, k) for k in given}, "exactly one of steps, tokens, seconds")
+        given = [k for k in BUDGETS if getattr(self, k) is not None]
+        check(len(given) == 1, "budget", {k: getattr(self, k) for k in given}, f"exactly one of {', '.join(BUDGETS)}")
         check(getattr(self, given[0]) > 0, f"budget.{given[0]}", getattr(self, given[0]), "a number > 0")
 
     def overrides(self, cfg: Config) -> list[str]:
         if self.steps is not None:
             return [f"train.steps={self.steps}"]
+        per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len  # tokens per optimizer step
         if self.tokens is not None:
-            per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
             return [f"train.steps={max(1, round(self.tokens / per_step))}"]
+        if self.flops is not None:  # equal compute: a variant with more active FLOPs per token gets fewer steps
+            per_token = TRAIN_FLOPS_PER_FORWARD * forward_flops_per_token(cfg)
+            return [f"train.steps={max(1, round(self.flops / (per_token * per_step)))}"]
         return [f"train.max_seconds={self.seconds}"]
+
+
+def forward_flops_per_token(cfg: Config) -> float:
+    """Forward FLOPs per token of ``cfg``'s model at its ``data.seq_len`` (``routelab.report.flops``:
+    only the work each attention kind and router does; the active experts). A vocabulary left to
+    the tokenizer counts as the tokenizer's size (``with_placeholder_sizes``)."""
+    from routelab.model import RoutedTransformer
+    from routelab.report.flops import model_cost
+    from routelab.train.run import with_placeholder_sizes
+
+    model = RoutedTransformer(with_placeholder_sizes(cfg))  # on the CPU: sparse kinds' masks are counted
+    return model_cost(model, cfg.data.seq_len).flops_per_token
 
 
 @dataclass

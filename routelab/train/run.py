@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from routelab.config import Config, DataConfig
+from routelab.config import Config, DataConfig, ModelConfig
 from routelab.data import (
     BUILTIN_SOURCES,
     ClassificationData,
@@ -290,6 +290,22 @@ def run_device(cfg: Config) -> torch.device:
         return torch.device("cpu")
 
 
+BYTE_VOCAB = 260  # routelab.data.tokenizers.ByteTokenizer: 256 bytes and 4 specials
+
+
+def with_placeholder_sizes(cfg: Config) -> ModelConfig:
+    """``cfg.model`` with the sizes the data decides filled in where unset: the vocabulary the
+    tokenizer will have (bytes: 260; BPE: ``data.bpe_vocab_size``; an imported one: 256) and 2 labels
+    per classification head, so the model can be built (and costed) before any data is read."""
+    tokenizer_vocab = {"byte": BYTE_VOCAB, "bpe": cfg.data.bpe_vocab_size}.get(cfg.data.tokenizer, 256)
+    sizes: dict[str, Any] = dict(vocab_size=cfg.model.vocab_size or tokenizer_vocab)
+    if cfg.model.task_names is not None:
+        sizes["task_num_labels"] = [n or (None if h == "lm" else 2) for h, n in zip(cfg.model.task_heads, cfg.model.task_num_labels)]
+    elif cfg.model.head != "lm":
+        sizes["num_labels"] = cfg.model.num_labels or 2
+    return dataclasses.replace(cfg.model, **sizes)
+
+
 def preflight(cfg: Config, world_size: int | None = None) -> None:
     """Check what can be checked without reading data or allocating weights, so a bad config fails
     in a second rather than after data loading (or, in a comparison, after other variants trained):
@@ -321,12 +337,7 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
         if source not in BUILTIN_SOURCES and not source.startswith("hf:") and not Path(source).expanduser().exists():
             builtin = ", ".join(repr(s) for s, task in BUILTIN_SOURCES.items() if task == data_cfg.task)
             raise DataError(f"{where} {source!r} does not exist; allowed: {builtin}, 'hf:NAME', or a file/folder path")
-    placeholder: dict[str, Any] = dict(vocab_size=cfg.model.vocab_size or 256)
-    if cfg.model.task_names is not None:
-        placeholder["task_num_labels"] = [n or (None if h == "lm" else 2) for h, n in zip(cfg.model.task_heads, cfg.model.task_num_labels)]
-    elif cfg.model.head != "lm":
-        placeholder["num_labels"] = cfg.model.num_labels or 2
-    model_cfg = dataclasses.replace(cfg.model, **placeholder)
+    model_cfg = with_placeholder_sizes(cfg)
     state_shapes(model_cfg)
     check_training_memory(cfg, model_cfg, resolve_device(cfg.train.device), world_size)  # sizes that cannot fit
 

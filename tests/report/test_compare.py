@@ -504,3 +504,24 @@ def test_more_seeds_keep_the_one_seed_run_and_resume_an_interrupted_seed(base_ya
     assert (out / "dense" / "seed-0" / "summary.json").read_bytes() == first
     assert json.loads((out / "dense" / "seed-1" / "summary.json").read_text())["steps"] == 4
     assert not (out / "dense" / "config.yaml").exists()
+
+
+def test_a_flops_budget_gives_equal_compute(base_yaml, tmp_path):
+    """budget: {flops: X}: steps = X / (3 x forward FLOPs per token x tokens per step), so a variant
+    with about twice the FLOPs per token trains about half the tokens."""
+    from routelab.compare import forward_flops_per_token
+
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"flops": 6e10},
+                        variants=[{"name": "dense"}, {"name": "wide", "set": ["model.ffn.hidden=448"]}])
+    _, configs = load_compare_config(cmp, out=tmp_path / "out")
+    per_step = 4 * 1 * 32  # batch_size x grad_accum x seq_len of RUN
+    flops = {n: forward_flops_per_token(c) for n, c in configs.items()}
+    assert 1.9 < flops["wide"] / flops["dense"] < 2.1
+    for name, cfg in configs.items():
+        assert cfg.train.steps == round(6e10 / (3 * flops[name] * per_step))
+        assert abs(cfg.train.steps * per_step * 3 * flops[name] - 6e10) <= 3 * flops[name] * per_step  # within a step
+    tokens = {n: c.train.steps * per_step for n, c in configs.items()}
+    assert tokens["dense"] / tokens["wide"] == pytest.approx(flops["wide"] / flops["dense"], rel=0.01)
+    with pytest.raises(ConfigError, match="exactly one of steps, tokens, seconds, flops"):
+        load_compare_config(write_compare(tmp_path, base="base.yaml", budget={"flops": 1e9, "steps": 3},
+                                          variants=[{"name": "dense"}]))
