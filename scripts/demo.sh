@@ -10,4 +10,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 out="runs/compare-lm"
 .venv/bin/routelab compare compare-lm --out "$out" "$@"
-.venv/bin/routelab inspect "$out/top2" --text "def parse(self, text):" --out "$out/inspect-top2"
+run="$out/top2"
+if [ -d "$run/seed-0" ]; then run="$run/seed-0"; fi  # --seeds N: each seed's run in OUT/<variant>/seed-<s>/
+.venv/bin/routelab inspect "$run" --text "def parse(self, text):" --out "$out/inspect-top2"
