@@ -35,6 +35,7 @@ def test_every_preset_loads(name):
     path = CONFIGS_DIR / f"{name}.yaml"
     if "variants" in read_yaml_mapping(path):
         cmp, configs = load_compare_config(path)  # every variant built and checked (model on the meta device)
-        assert list(configs) == [f"prepare/{p.name}" for p in cmp.prepare] + [v.name for v in cmp.variants]
+        runs = [v.name if cmp.seeds == 1 else f"{v.name}/seed-{s}" for v in cmp.variants for s in range(cmp.seeds)]
+        assert list(configs) == [f"prepare/{p.name}" for p in cmp.prepare] + runs
     else:
         assert Config.load(path).model.head in ("lm", "classification", "token_classification")
