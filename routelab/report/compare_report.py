@@ -30,7 +30,7 @@ COLUMNS = [  # (header, Row attribute, format); a value with a ``<attribute>_ci`
     ("val loss", "val_loss", "{:.4f}"),
     ("val bpb", "val_bpb", "{:.4f}"),
     ("val acc", "val_accuracy", "{:.3f}"),
-    ("steps to ref", "steps_to_target", "{}"),
+    ("steps to ref", "steps_to_target", "{:.0f}"),
     ("s to ref", "seconds_to_target", "{:.0f}"),
     ("expert CV", "expert_load_cv", "{:.2f}"),
     ("dead experts", "dead_experts", "{}"),
