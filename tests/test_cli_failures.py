@@ -41,6 +41,18 @@ def train_finished(root: Path) -> Path:
     return root
 
 
+def refused(argv: list[str], capsys, message: str) -> str:
+    """Run ``routelab argv``: exit 2, exactly one error line matching ``message``, no traceback; the line."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("routelab: error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert __import__("re").search(message, lines[0]), lines[0]
+    return lines[0]
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -168,14 +180,7 @@ def test_user_error_is_one_line_exit_2_and_keeps_the_run(finished, tmp_path, cap
     (tmp_path / "file").write_text("not a folder")
     before = snapshot(run)
     subs = {"RUN": str(run), "CFG": str(finished / "tiny.yaml")}
-    argv = [subs.get(a, a.replace("TMP", str(tmp_path))) for a in args]
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("routelab: error:")]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert __import__("re").search(message, lines[0]), lines[0]
+    refused([subs.get(a, a.replace("TMP", str(tmp_path))) for a in args], capsys, message)
     assert snapshot(run) == before  # nothing of the run was removed or changed
     assert (tmp_path / "file").read_text() == "not a folder"
 

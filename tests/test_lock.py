@@ -19,8 +19,8 @@ import pytest
 import routelab.lock as lock_module
 from routelab.cli import main
 from routelab.lock import LOCK_FILE, FolderBusyError, FolderLock, check_unlocked
-from tests.test_cli_failures import snapshot
-from tests.test_outputs import _refused, world  # noqa: F401  (the module fixture)
+from tests.test_cli_failures import refused, snapshot
+from tests.test_outputs import world  # noqa: F401  (the module fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +79,7 @@ def test_without_flock_a_dead_holders_lock_is_stale(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra", [[], ["--resume"], ["--nproc", "2"]])
-def test_training_into_a_folder_another_process_writes_is_refused(world, tmp_path, capsys, extra):  # noqa: F811
+def test_training_into_a_folder_another_process_writes_isrefused(world, tmp_path, capsys, extra):  # noqa: F811
     import shutil
 
     run = tmp_path / "run"
@@ -88,7 +88,7 @@ def test_training_into_a_folder_another_process_writes_is_refused(world, tmp_pat
     try:
         before = snapshot(run)
         args = ["train", str(world / "tiny.yaml"), "--out", str(run), "--no-sample", "--set", "train.steps=9", *extra]
-        _refused(args, capsys, rf"folder '.*run' is in use by pid {proc.pid} on .*\(holder, since")
+        refused(args, capsys, rf"folder '.*run' is in use by pid {proc.pid} on .*\(holder, since")
         assert snapshot(run) == before
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -101,12 +101,12 @@ def test_import_force_does_not_replace_a_run_in_training(world, tmp_path, capsys
     assert main(["import", "hf", str(world / "models" / "llama"), "--out", str(out)]) == 0
     with FolderLock(out, "routelab train"):
         before = snapshot(out)
-        _refused(["import", "hf", str(world / "models" / "llama"), "--out", str(out), "--force"], capsys,
+        refused(["import", "hf", str(world / "models" / "llama"), "--out", str(out), "--force"], capsys,
                  r"folder '.*imported' is in use by pid .*routelab train")
         assert snapshot(out) == before
 
 
-def test_a_second_training_started_while_one_trains_is_refused(world, tmp_path):  # noqa: F811
+def test_a_second_training_started_while_one_trains_isrefused(world, tmp_path):  # noqa: F811
     """Real ``routelab train`` processes: while one trains in a folder, another into it exits 2 naming it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     args = [sys.executable, "-m", "routelab", "train", str(world / "tiny.yaml"), "--out", str(tmp_path / "run"), "--no-sample",

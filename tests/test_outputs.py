@@ -4,7 +4,6 @@ folder (the sources, the user's files, earlier runs) is byte for byte as before.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from routelab.cli import main
 from routelab.outputs import OutputFolderError, check_no_overlap, check_run_target, overlap
-from tests.test_cli_failures import snapshot, train_finished
+from tests.test_cli_failures import refused, snapshot, train_finished
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +25,6 @@ def world(tmp_path_factory) -> Path:
     (root / "models" / "other" / "weights.bin").write_bytes(b"\1\2\3")
     (root / "models" / "notes.txt").write_text("my notes")
     return root
-
-
-def _refused(argv: list[str], capsys, message: str) -> str:
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("routelab: error:")]
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert re.search(message, lines[0]), lines[0]
-    return lines[0]
 
 
 def _user_folder(path: Path, **files: str) -> Path:
@@ -92,14 +80,14 @@ def test_a_folder_that_is_not_ours_is_refused_and_left_alone(world, tmp_path, ca
     _user_folder(tmp_path / "lra", basic_train__tsv="Source\tTarget\n[MAX 1 2]\t2\n")
     _user_folder(tmp_path / "cmp" / "dense", notes__txt="not a run")
     before = snapshot(tmp_path)
-    _refused([a.replace("W/", f"{world}/").replace("T/", f"{tmp_path}/") for a in args], capsys, message)
+    refused([a.replace("W/", f"{world}/").replace("T/", f"{tmp_path}/") for a in args], capsys, message)
     assert snapshot(tmp_path) == before
 
 
 def test_import_force_replaces_a_run_folder_and_nothing_else(world, tmp_path, capsys):
     src, out = world / "models" / "llama", tmp_path / "imported"
     assert main(["import", "hf", str(src), "--out", str(out)]) == 0
-    _refused(["import", "hf", str(src), "--out", str(out)], capsys, r"already holds a run; pass --force")
+    refused(["import", "hf", str(src), "--out", str(out)], capsys, r"already holds a run; pass --force")
     (out / "model" / "model.safetensors").write_bytes(b"old")  # replaced whole by --force
     assert main(["import", "hf", str(src), "--out", str(out), "--force"]) == 0
     assert (out / "model" / "model.safetensors").read_bytes() != b"old"
