@@ -177,9 +177,3 @@ def locked(folder: str | Path, what: str | None = None, enabled: bool = True) ->
     with lock:
         yield lock
 
-
-def check_unlocked(folder: str | Path) -> None:
-    """Raise ``FolderBusyError`` if a live process holds ``folder``'s lock (taking and releasing it)."""
-    folder = Path(folder)
-    if folder.is_dir() and not held_by_launcher(folder):
-        FolderLock(folder).acquire().release()
