@@ -325,6 +325,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch, over all processes of a distributed run
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate (AdamW)
+    router_lr_scale: float = 1.0  # MoE routers' weights train at lr times this (their own AdamW group)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50  # linear warmup from 0
     weight_decay: float = 0.1  # decoupled weight decay on matrices (not norms, biases, embeddings)
@@ -351,7 +352,7 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)  # a teacher's soft targets (off by default)
 
     def __post_init__(self) -> None:
-        check_positive(self, "steps", "batch_size", "grad_accum", "lr")
+        check_positive(self, "steps", "batch_size", "grad_accum", "lr", "router_lr_scale")
         if self.max_seconds is not None:
             check_positive(self, "max_seconds")
         check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "0 <= value <= 1")

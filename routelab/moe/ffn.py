@@ -58,6 +58,8 @@ class MoEFFNConfig(FFNConfig):
     expert_groups: int | None = None  # the groups max_ranks_per_token counts in; null = train.expert_parallel
     impl: Literal["sorted", "reference"] = "sorted"  # sorted = fast sparse path; reference = all experts, masked
     task_conditioned: bool = False  # a learned per-task vector (zero-init) added to the router input (multi-task models)
+    routed_scale: float = 1.0  # gates times s (DeepSeek-V3's routed scaling factor); s = E offsets a top-1 gate's 1/E start
+    router_init_std: float | None = None  # std of the router's normal init; null = model.init_std (Switch sec. 2.4 scales init down)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +80,9 @@ class MoEFFNConfig(FFNConfig):
         for n in ("balance_loss_weight", "z_loss_weight", "entropy_loss_weight", "bias_update_rate", "num_shared_experts"):
             check(getattr(self, n) >= 0, f"{sec}.{n}", getattr(self, n), "a number >= 0")
         check(0.0 <= self.jitter < 1.0, f"{sec}.jitter", self.jitter, "0 <= jitter < 1")
+        check(self.routed_scale > 0, f"{sec}.routed_scale", self.routed_scale, "a number > 0 (1 = the papers' combine)")
+        if self.router_init_std is not None:
+            check(self.router_init_std >= 0, f"{sec}.router_init_std", self.router_init_std, "null (model.init_std) or a number >= 0")
         check(self.moe_every >= 1, f"{sec}.moe_every", self.moe_every, "an integer >= 1 (1 = every block)")
         if self.expert_groups is not None:
             check(
@@ -171,9 +176,10 @@ class MoEFFN(MoE):
                 vocab_size=cfg.vocab_size,
                 num_tasks=cfg.num_tasks,
                 task_conditioned=f.task_conditioned,
+                routed_scale=f.routed_scale,
             )
         except ConfigError as e:
             raise ConfigError(f"model.ffn (layer {layer_idx}): {e}") from None
         self.layer_idx = layer_idx
         self.experts.reset_parameters(cfg.init_std)  # the model rescales experts.w_out (GPT-2 init)
-        self.router.reset_parameters(cfg.init_std)
+        self.router.reset_parameters(cfg.init_std if f.router_init_std is None else f.router_init_std)

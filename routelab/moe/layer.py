@@ -18,6 +18,8 @@ Shape legend: T tokens, D model dim, E experts, K choice slots per token, H expe
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +84,10 @@ class MoE(nn.Module):
         num_tasks: the model's tasks, for the task router and task conditioning (``task_ids`` < it).
         task_conditioned: add a learned, zero-initialised per-task vector ``task_embedding``
             (num_tasks, D) to the router input (learned routers only).
+        routed_scale: s in y = s * sum_i g_i(x) E_i(x) (DeepSeek-V3's routed scaling factor; 1 =
+            the papers' combine). A top-1 softmax gate starts near 1/E, so a Switch layer's output
+            starts about E times smaller than a dense FFN's; s = E undoes that (the balance, z and
+            entropy losses read the router's probabilities, not the scaled gates).
         **router_options: the router's own options (see its ``RouterConfig`` subclass in
             ``routelab.moe.routers``); unknown ones are refused with the known ones listed.
     """
@@ -112,6 +118,7 @@ class MoE(nn.Module):
         vocab_size: int | None = None,
         num_tasks: int = 1,
         task_conditioned: bool = False,
+        routed_scale: float = 1.0,
         **router_options,
     ) -> None:
         super().__init__()
@@ -128,6 +135,7 @@ class MoE(nn.Module):
         check(impl in ("sorted", "reference"), "impl", impl, "'sorted' or 'reference'")
         check(balance_scope in ("local", "global"), "balance_scope", balance_scope, "'local' or 'global'")
         check(num_tasks >= 1, "num_tasks", num_tasks, "an integer >= 1")
+        check(routed_scale > 0, "routed_scale", routed_scale, "a number > 0")
         self.router = build_router(router, d_model, num_experts, vocab_size, num_tasks, **router_options)
         name = self.router.kind
         if task_conditioned and not self.router.learned:
@@ -161,6 +169,7 @@ class MoE(nn.Module):
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.entropy_loss_weight = entropy_loss_weight
         self.bias_update_rate = bias_update_rate
+        self.routed_scale = routed_scale
         self.experts = Experts(num_experts, d_model, hidden, activation, bias)
         # num_shared always-on experts (DeepSeekMoE, Qwen-MoE) as one FFN of width num_shared * H: the
         # sum of n FFNs equals one FFN with their hidden units side by side (and summed output biases)
@@ -248,6 +257,8 @@ class MoE(nn.Module):
             x_router = x_router * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         by_task = {"task_ids": task_ids} if self.router.needs_task_ids else {}
         r: Routing = self.router(x_router, token_ids=token_ids, selection_bias=self.selection_bias, **by_task)
+        if self.routed_scale != 1.0:  # DeepSeek-V3's routed scaling factor: gates times s (losses read probs)
+            r = dataclasses.replace(r, gates=r.gates * self.routed_scale)
         chosen = r.active  # before capacity: for the balance loss and the drop count
         active = chosen
         if self.capacity_factor is not None and T > 0:

@@ -1,6 +1,7 @@
 """``metrics.jsonl``: one JSON object per line, appended as training goes.
 
-Train lines hold ``step, loss, task_loss, aux_loss, lr, grad_norm, tokens_per_s, elapsed_s`` and the
+Train lines hold ``step, loss, task_loss, aux_loss, lr, grad_norm, tokens_per_s, elapsed_s`` (MoE
+models also ``router_grad_norm, expert_grad_norm``) and the
 model's routing statistics flattened to ``routing/<layer>/<stat>``; eval lines hold
 ``step, split`` and the evaluation metrics (``loss`` and ``bpb`` or ``accuracy``). A line is written
 with one ``write`` and flushed, so a killed run leaves at most one partial last line, which
@@ -47,6 +48,27 @@ def flatten_routing(routing: dict) -> dict[str, Any]:
         for name, value in stats.items():
             flat[f"routing/{layer}/{name}"] = to_jsonable(value)
     return flat
+
+
+def moe_grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """``router_grad_norm`` and ``expert_grad_norm``: the L2 norms of the gradients of every MoE
+    router weight and of every routed expert's weights, as the step applies them; {} without MoE.
+    Their ratio says how hard the task loss pushes the router against the experts (the experts'
+    share of a top-1 Switch gradient is scaled by the gate, about 1/E at the start)."""
+    from routelab.moe.layer import MoE
+
+    routers, experts = [], []
+    for module in model.modules():
+        if isinstance(module, MoE):
+            routers += [p.grad for p in module.router.parameters() if p.grad is not None]
+            experts += [p.grad for p in module.experts.parameters() if p.grad is not None]
+    if not routers and not experts:
+        return {}
+    norm = torch.nn.utils.get_total_norm
+    return {
+        "router_grad_norm": float(norm(routers)) if routers else 0.0,
+        "expert_grad_norm": float(norm(experts)) if experts else 0.0,
+    }
 
 
 def mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:

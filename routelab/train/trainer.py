@@ -65,6 +65,7 @@ from routelab.train.metrics import (
     flatten_routing,
     format_duration,
     mean_records,
+    moe_grad_norms,
     open_tensorboard,
     peak_rss_mb,
 )
@@ -226,7 +227,8 @@ def train_step(
 
     Returns:
         ``skipped``, ``loss``, ``task_loss``, ``aux_loss`` (means over micro-batches), ``lr``,
-        ``grad_norm`` (before clipping), ``tokens`` (non-padding input tokens), ``overflow`` (fp16: the
+        ``grad_norm`` (before clipping), ``router_grad_norm`` and ``expert_grad_norm`` (MoE models
+        outside expert parallelism: the norms of all routers' and all experts' gradients), ``tokens`` (non-padding input tokens), ``overflow`` (fp16: the
         step's scaled gradients overflowed), ``loss_scale`` (fp16 only) and flattened routing stats;
         with distillation (``model`` a ``Distiller``) also ``kd_loss``, ``hidden_loss`` (means) and
         ``teacher_s`` (seconds in the teacher this update, mean over ranks);
@@ -238,7 +240,7 @@ def train_step(
     scaler = scaler or grad_scaler(device, "fp32")  # disabled: scale/unscale_/step/update pass through
     lr = lr_at(step, t)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     totals = torch.zeros(3, device=device)  # loss, task_loss, aux_loss summed over micro-batches
     routing, tokens = [], 0
     distill: dict[str, Any] = {}  # kd_loss, hidden_loss, teacher_s summed over micro-batches
@@ -281,6 +283,7 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    moe_norms = moe_grad_norms(model) if experts is None else {}  # before the update, after clipping
     loss, task_loss, aux_loss = ctx.mean((totals / t.grad_accum).tolist(), device)
     tokens = int(ctx.sum([tokens], device)[0])
     if distill:
@@ -313,6 +316,7 @@ def train_step(
         "aux_loss": aux_loss,
         "lr": lr,
         "grad_norm": float(grad_norm),
+        **moe_norms,
         "tokens": tokens,
         **{f"train/{name}/loss": sum(v) / len(v) for name, v in per_task.items()},
         **distill,

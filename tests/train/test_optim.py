@@ -1,10 +1,12 @@
-"""AdamW groups: decay on matrices only, never on embeddings, norms or biases."""
+"""AdamW groups: decay on matrices only, never on embeddings, norms or biases; the routers' own lr scale."""
 
+import pytest
 import torch
 
-from routelab.config import ModelConfig, TrainConfig
+from routelab.config import ConfigError, ModelConfig, TrainConfig
 from routelab.model import RoutedTransformer
 from routelab.train.optim import build_optimizer, param_groups
+from routelab.train.schedule import lr_at
 
 
 def names_in(model, params):
@@ -36,3 +38,26 @@ def test_frozen_embeddings_left_out_and_betas():
     assert all(p is not model.tok_emb.weight for p in params)
     assert opt.param_groups[0]["betas"] == (0.8, 0.9)
     assert all(p.requires_grad for p in params) and isinstance(opt, torch.optim.AdamW)
+
+
+def test_router_lr_scale_gives_the_routers_their_own_group_and_step_size(lm_cfg):
+    from routelab.data import load_lm_data
+    from routelab.train.trainer import train_step
+
+    torch.manual_seed(0)
+    model = RoutedTransformer(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, ffn={"kind": "moe", "num_experts": 4}))
+    assert len(param_groups(model, 0.1)) == 2  # scale 1: the groups (and old checkpoints) as before
+    groups = param_groups(model, 0.1, router_lr_scale=10.0)
+    routers = {id(m.ffn.router.weight) for m in model.layers}
+    assert {id(p) for p in groups[2]["params"]} == routers and groups[2]["lr_scale"] == 10.0
+    assert all(id(p) not in routers for g in groups[:2] for p in g["params"])
+    cfg = lm_cfg("model.ffn.kind=moe", "model.ffn.num_experts=4", "train.router_lr_scale=10", "train.warmup_steps=0")
+    data = load_lm_data(cfg.data, None)
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+    model = RoutedTransformer(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    train_step(model, opt, cfg, data, 1, {}, torch.device("cpu"))
+    lr = lr_at(1, cfg.train)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr, lr, 10 * lr])
+    with pytest.raises(ConfigError, match="router_lr_scale"):
+        TrainConfig(router_lr_scale=0.0)
