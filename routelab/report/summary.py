@@ -40,6 +40,8 @@ class Row:
     seconds_to_target: float | None
     expert_load_cv: float | None  # coefficient of variation of tokens per expert (mean over MoE layers)
     dead_experts: int | None  # experts that got no token over the last logged steps (all layers)
+    router_entropy: float | None = None  # router entropy / ln E over the last logged steps, mean over MoE layers (1 = uniform)
+    router_grad_ratio: float | None = None  # router gradient norm / experts' gradient norm, mean over the run's logged steps
     a2a_mb_per_step: float | None = None  # expert parallelism: MB each rank sent to others per step (all MoE layers)
     local_fraction: float | None = None  # (token, expert) pairs served on the token's own rank
     ranks_per_token: float | None = None  # ranks a token's experts sit on, mean
@@ -113,6 +115,28 @@ def expert_load(records: list[dict], last: int = 5) -> tuple[float | None, int |
     return (float(np.nanmean(cvs)) if cvs else None), dead
 
 
+def router_curves(records: list[dict]) -> tuple[list[int], list[float], list[float]]:
+    """Per logged training step of a learned-router MoE: (steps, router entropy / ln E mean over MoE
+    layers (1 = uniform routing, 0 = every token certain of its expert), router gradient norm over
+    the experts' gradient norm); empty lists for models without a learned softmax router."""
+    steps, entropy, ratio = [], [], []
+    for r in records:
+        if "split" in r or "router_grad_norm" not in r:
+            continue
+        hs = []
+        for key, h in r.items():
+            layer = key[: -len("router_entropy")]
+            if key.endswith("/router_entropy") and isinstance(r.get(layer + "tokens_per_expert"), list):
+                experts = len(r[layer + "tokens_per_expert"])
+                if experts > 1:
+                    hs.append(h / math.log(experts))
+        if hs:
+            steps.append(int(r["step"]))
+            entropy.append(float(np.mean(hs)))
+            ratio.append(float(r["router_grad_norm"]) / float(r["expert_grad_norm"]) if r.get("expert_grad_norm") else math.nan)
+    return steps, entropy, ratio
+
+
 def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
     """Build ``name``'s row from its run folder; ``target`` is the reference's final val loss."""
     from routelab.train import load_run
@@ -125,6 +149,7 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
     t_steps, t_elapsed = time_curve(records)
     to_target = steps_to_target(e_steps, e_losses, target) if target is not None else None
     cv, dead = expert_load(records)
+    _, entropy, ratio = router_curves(records)
     comm = summary.get("communication") or {}
     distill = summary.get("distill") or {}
     teacher_summary = Path(distill["teacher"]) / "summary.json" if distill.get("teacher") else None
@@ -148,6 +173,8 @@ def collect_row(name: str, run_dir: Path, target: float | None) -> Row:
         seconds_to_target=seconds_at(to_target, t_steps, t_elapsed) if to_target is not None else None,
         expert_load_cv=cv,
         dead_experts=dead,
+        router_entropy=float(np.mean(entropy[-5:])) if entropy else None,
+        router_grad_ratio=float(np.nanmean(ratio)) if ratio else None,
         a2a_mb_per_step=comm["a2a_sent_bytes_per_step"] / 1e6 if comm else None,
         local_fraction=comm.get("local_fraction"),
         ranks_per_token=comm.get("ranks_per_token"),
@@ -178,6 +205,20 @@ def undistilled_twin(name: str, configs: dict[str, Any]) -> str | None:
         if all(d.startswith("train.distill.") for d in differing):
             return other
     return None
+
+
+def fill_gain_kept(rows: dict[str, Row], folders: dict[str, Path]) -> None:
+    """Set ``gain_kept`` on every distilled row of one seed whose undistilled twin is among ``rows``
+    (twins found from the run configs in ``folders``)."""
+    from routelab.train.run import CONFIG_FILE, load_run_config
+
+    if all(r.teacher_val_loss is None for r in rows.values()):
+        return
+    configs = {name: load_run_config(folder / CONFIG_FILE) for name, folder in folders.items() if name in rows}
+    for name, row in rows.items():
+        twin = undistilled_twin(name, configs) if row.teacher_val_loss is not None else None
+        if twin is not None:
+            row.gain_kept = gain_kept(row.val_loss, rows[twin].val_loss, row.teacher_val_loss)
 
 
 SEED_DIR = "seed-{}"  # OUT/<variant>/seed-<s>/: one run folder per seed of a multi-seed comparison
@@ -220,6 +261,9 @@ def over_seeds(name: str, rows: dict[int, Row], reference: dict[int, Row] | None
     speeds = [r.tokens_per_s for r in rows.values() if r.tokens_per_s is not None]
     if speeds:
         fields.update(tokens_per_s=sum(speeds) / len(speeds), tokens_per_s_min=min(speeds), tokens_per_s_max=max(speeds))
+    for key in ("gain_kept", "router_entropy", "router_grad_ratio"):  # means, where every seed has one
+        values = [getattr(r, key) for r in rows.values()]
+        fields[key] = None if None in values else sum(values) / len(values)
     seconds = [r.seconds_to_target for r in rows.values()]
     fields["seconds_to_target"] = None if None in seconds else sum(seconds) / len(seconds)
     fields["metric"], fields["per_seed"] = metric, {s: getattr(r, metric) for s, r in sorted(rows.items())}
@@ -248,6 +292,8 @@ def collect_seed_rows(variant_names: list[str], out: Path, reference: str | None
             if name == reference:
                 rows[s].steps_to_target = rows[s].steps
         per_seed[name] = rows
+    for s in range(seeds):  # distillation: each seed's student against its twin of the same seed
+        fill_gain_kept({n: rows[s] for n, rows in per_seed.items() if s in rows}, {n: seed_folder(out / n, s, seeds) for n in per_seed})
     ref = per_seed.get(reference) if reference else None
     result = [over_seeds(n, per_seed[n], ref if n != reference else per_seed[n], seeds) for n in variant_names if per_seed.get(n)]
     if all(r.precision == "fp32" for r in result):
@@ -259,19 +305,12 @@ def collect_seed_rows(variant_names: list[str], out: Path, reference: str | None
 def collect_rows(variant_names: list[str], out: Path, reference: str | None, seeds: int = 1) -> list[Row]:
     """Rows for every variant, the reference's final validation loss as the shared target (none
     when ``reference`` is None); over ``seeds`` seeds: see ``collect_seed_rows``."""
-    from routelab.train.run import CONFIG_FILE, load_run_config
-
     if seeds > 1:
         return collect_seed_rows(variant_names, out, reference, seeds)
     out_of = {name: seed_folder(out / name, 0, 1) for name in variant_names}
     target = float(read_json(out_of[reference] / "summary.json")["val_loss"]) if reference else None
     rows = {name: collect_row(name, out_of[name], target) for name in variant_names}
-    if any(r.teacher_val_loss is not None for r in rows.values()):
-        configs = {name: load_run_config(out_of[name] / CONFIG_FILE) for name in variant_names}
-        for name, row in rows.items():
-            twin = undistilled_twin(name, configs) if row.teacher_val_loss is not None else None
-            if twin is not None:
-                row.gain_kept = gain_kept(row.val_loss, rows[twin].val_loss, row.teacher_val_loss)
+    fill_gain_kept(rows, {name: out_of[name] for name in variant_names})
     if all(r.precision == "fp32" for r in rows.values()):  # the column appears only when precision varies
         for row in rows.values():
             row.precision = None

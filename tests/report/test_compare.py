@@ -328,6 +328,22 @@ def test_a_distillation_comparison_reports_the_teacher_and_the_gain_kept(base_ya
     assert "gain kept" in (out / "report.md").read_text()
 
 
+def test_over_seeds_the_gain_kept_is_the_mean_of_each_seeds_share(base_yaml, tmp_path):
+    cmp = write_compare(
+        tmp_path, base="base.yaml", budget={"steps": 2}, seeds=2,
+        prepare=[{"name": "teacher", "steps": 6, "set": ["train.lr=3e-3"]}],
+        variants=[{"name": "plain"}, {"name": "taught", "set": ["train.distill.teacher=@teacher", "train.distill.alpha=0.7"]}],
+    )
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}
+    teacher = json.loads((out / "prepare" / "teacher" / "summary.json").read_text())["val_loss"]
+    loss = {(v, s): json.loads((out / v / f"seed-{s}" / "summary.json").read_text())["val_loss"] for v in ("plain", "taught") for s in (0, 1)}
+    shares = [(loss["plain", s] - loss["taught", s]) / (loss["plain", s] - teacher) for s in (0, 1)]
+    assert loss["taught", 0] != loss["taught", 1]  # the seeds differ, so a mean of one seed's share would be caught
+    assert rows["taught"]["gain_kept"] == pytest.approx(sum(shares) / 2)
+    assert rows["plain"]["gain_kept"] is None
+
+
 def test_gain_kept_is_the_share_of_the_teachers_gain():
     from routelab.report.summary import gain_kept
 
