@@ -12,7 +12,7 @@ import numpy as np
 
 from routelab.io import atomic_write_text
 from routelab.report import plots
-from routelab.report.summary import Row, collect_rows, eval_curve, seed_folder, time_curve
+from routelab.report.summary import Row, collect_rows, eval_curve, router_curves, seed_folder, time_curve
 from routelab.train.metrics import read_metrics
 
 COLUMNS = [  # (header, Row attribute, format); a value with a ``<attribute>_ci`` shows "mean ± half-width"
@@ -34,6 +34,8 @@ COLUMNS = [  # (header, Row attribute, format); a value with a ``<attribute>_ci`
     ("s to ref", "seconds_to_target", "{:.0f}"),
     ("expert CV", "expert_load_cv", "{:.2f}"),
     ("dead experts", "dead_experts", "{}"),
+    ("router H", "router_entropy", "{:.2f}"),
+    ("router/expert grad", "router_grad_ratio", "{:.2f}"),
     ("vs ref", "vs_ref", "{:+.4f}"),
     ("verdict", "verdict", "{}"),
     ("a2a MB/step", "a2a_mb_per_step", "{:.2f}"),
@@ -61,6 +63,8 @@ LEGEND = {  # header -> what it means, for the report's readers
     "s to ref": "training seconds to that step",
     "expert CV": "coefficient of variation of tokens per expert over the last 5 logged steps, mean over MoE layers (0 = balanced)",
     "dead experts": "experts (summed over MoE layers) that received no token in the last 5 logged steps",
+    "router H": "router entropy over ln E (1 = uniform routing, 0 = each token certain of its expert), last 5 logged steps, mean over MoE layers (and seeds)",
+    "router/expert grad": "norm of the routers' gradient over the norm of the experts' gradient, mean over the logged steps (and seeds)",
     "a2a MB/step": "expert parallelism: megabytes each process sent to the others per training step, all MoE layers, forward and backward",
     "local pairs": "(token, expert) pairs whose expert sat on the token's own process (moved no data)",
     "ranks/token": "processes a token's chosen experts sat on, mean over tokens and MoE layers",
@@ -180,6 +184,10 @@ def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[t
         ("Validation loss by wall-clock training time", plots.loss_curves(by_time, "training seconds", pdir / "val_loss_by_time.png")),
         ("Quality against cost", plots.quality_vs_cost(rows, pdir / "quality_vs_cost.png")),
     ]
+    routers = mean_router_curves(names, out, seeds)
+    if routers:
+        figs.append((f"Learned routers over training: entropy and gradient share{' (mean over seeds)' if seeds > 1 else ''}",
+                     plots.router_curves(routers, pdir / "routers.png")))
     for n in names:
         loads, steps = expert_loads(records[n])
         if loads and len(steps) > 1:
@@ -211,6 +219,25 @@ def seed_bands(names: list[str], out: Path, seeds: int) -> dict[str, tuple[list[
             ys = np.array([[c[step] for step in steps] for c in curves])  # (seeds, steps)
             bands[n] = (steps, ys.mean(0).tolist(), ys.min(0).tolist(), ys.max(0).tolist())
     return bands
+
+
+def mean_router_curves(names: list[str], out: Path, seeds: int) -> dict[str, tuple[list[int], list[float], list[float]]]:
+    """Per learned-router MoE variant, ``router_curves`` averaged over its seeds at the steps every
+    seed logged: (steps, entropy / ln E, router/expert gradient norm)."""
+    result = {}
+    for n in names:
+        per_seed = []
+        for s in range(seeds):
+            folder = seed_folder(out / n, s, seeds)
+            if (folder / "metrics.jsonl").is_file():
+                steps, entropy, ratio = router_curves(read_metrics(folder))
+                if steps:
+                    per_seed.append({st: (h, q) for st, h, q in zip(steps, entropy, ratio)})
+        common = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
+        if common:
+            values = np.array([[c[st] for st in common] for c in per_seed])  # (seeds, steps, 2)
+            result[n] = (common, values[..., 0].mean(0).tolist(), values[..., 1].mean(0).tolist())
+    return result
 
 
 def task_expert_maps(names: list[str], dirs: dict[str, Path], batches: int = 2) -> dict[str, tuple[dict[str, np.ndarray], list[str]]]:

@@ -48,6 +48,25 @@ def loss_curves(curves: dict[str, tuple[list[float], list[float]]], xlabel: str,
     return _save(fig, path)
 
 
+def router_curves(curves: dict[str, tuple[list[int], list[float], list[float]]], path: Path) -> Path:
+    """Two panels over training steps, one line per variant: router entropy / ln E (1 = uniform)
+    and the router's gradient norm over the experts' (log scale)."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6))
+    for name, (steps, entropy, ratio) in curves.items():
+        left.plot(steps, entropy, label=name)
+        right.plot(steps, ratio, label=name)
+    left.set_ylabel("router entropy / ln E")
+    left.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    right.set_ylabel("router grad norm / experts' grad norm")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def quality_vs_cost(rows: list[Any], path: Path) -> Path:
     """Validation loss against active FLOPs per token and against training tokens/s."""
     plt = _plt()

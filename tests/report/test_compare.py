@@ -127,6 +127,27 @@ def test_steps_and_seconds_to_target_on_synthetic_curves():
     assert seconds_at(5, [10], [2.0]) == pytest.approx(1.0)
 
 
+def test_router_curves_normalise_entropy_by_ln_e_and_divide_the_gradient_norms():
+    import math
+
+    from routelab.report.summary import router_curves
+
+    records = [
+        {"step": 10, "router_grad_norm": 0.2, "expert_grad_norm": 0.8,
+         "routing/layers.0.ffn/router_entropy": math.log(4), "routing/layers.0.ffn/tokens_per_expert": [1, 1, 1, 1],
+         "routing/layers.1.ffn/router_entropy": 0.5 * math.log(8), "routing/layers.1.ffn/tokens_per_expert": [1] * 8},
+        {"step": 10, "split": "val", "loss": 1.0},
+        {"step": 20, "loss": 1.0},  # a dense model's line: no router
+        {"step": 30, "router_grad_norm": 0.3, "expert_grad_norm": 0.1,
+         "routing/layers.0.ffn/router_entropy": 0.0, "routing/layers.0.ffn/tokens_per_expert": [4, 0, 0, 0]},
+    ]
+    steps, entropy, ratio = router_curves(records)
+    assert steps == [10, 30]
+    assert entropy == pytest.approx([0.75, 0.0])  # mean of 1 (uniform over 4) and 0.5
+    assert ratio == pytest.approx([0.25, 3.0])
+    assert router_curves([{"step": 1, "loss": 2.0}]) == ([], [], [])
+
+
 def test_expert_load_cv_and_dead_experts():
     key = "routing/layers.0.ffn/tokens_per_expert"
     records = [{"step": 1, key: [4, 4, 0, 0]}, {"step": 2, key: [2, 6, 0, 0]}, {"step": 2, "split": "val", "loss": 1}]
@@ -541,3 +562,24 @@ def test_a_flops_budget_gives_equal_compute(base_yaml, tmp_path):
     with pytest.raises(ConfigError, match="exactly one of steps, tokens, seconds, flops"):
         load_compare_config(write_compare(tmp_path, base="base.yaml", budget={"flops": 1e9, "steps": 3},
                                           variants=[{"name": "dense"}]))
+
+
+def test_a_moe_comparison_reports_router_entropy_and_gradient_share(base_yaml, tmp_path):
+    import numpy as np
+
+    from routelab.report.summary import router_curves
+    from routelab.train.metrics import read_metrics
+
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 4}, seeds=2,
+                        variants=[{"name": "dense"}, {"name": "switch", "set": ["model.ffn.kind=moe", "model.ffn.num_experts=4"]}])
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}
+    assert rows["dense"]["router_entropy"] is None and rows["dense"]["router_grad_ratio"] is None
+    curves = [router_curves(read_metrics(out / "switch" / f"seed-{s}")) for s in (0, 1)]
+    assert all(c[0] == [1, 2, 3, 4] for c in curves)  # log_every=1
+    assert rows["switch"]["router_entropy"] == pytest.approx(np.mean([np.mean(c[1][-5:]) for c in curves]))
+    assert rows["switch"]["router_grad_ratio"] == pytest.approx(np.mean([np.mean(c[2]) for c in curves]))
+    assert 0.5 < rows["switch"]["router_entropy"] <= 1.0  # 4 steps from a near-uniform start
+    report = (out / "report.md").read_text()
+    assert "router H" in report and (out / "plots" / "routers.png").is_file()
+
