@@ -58,9 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from routelab.train.run import preflight
 
     cfg_path = resolve_config_path(args.config)
-    cfg = Config.load(cfg_path, args.set)
-    if args.init_from is not None:
-        cfg.train.init_from = args.init_from
+    cfg = Config.load(cfg_path, args.set, {"train.init_from": args.init_from} if args.init_from is not None else None)
     out = Path(args.out) if args.out else Path("runs") / cfg_path.stem
     check_nproc(args.nproc)
     nproc = args.nproc if args.nproc is not None and args.nproc > 1 and not launched() else None

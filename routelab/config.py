@@ -445,12 +445,14 @@ class Config:
         return to_dict(self)
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
+    def load(cls, path: str | Path, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Config:
+        """The config at ``path`` with ``--set`` ``overrides`` and exact ``values`` applied
+        (``apply_overrides``), validated once, after every change."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         data = read_yaml_mapping(path, "config file")
-        return cls.from_dict(apply_overrides(resolve_base(data, path), overrides or []))
+        return cls.from_dict(apply_overrides(resolve_base(data, path), overrides or [], values))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -707,8 +709,10 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars.
+def apply_overrides(data: dict, overrides: list[str], values: dict[str, Any] | None = None) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars; then
+    ``values`` (``{"a.b.c": value}``), set as given (a command-line option such as ``--init-from
+    DIR``, whose path must not be read as YAML).
 
     ``--set model.d_model=256`` -> ``data['model']['d_model'] = 256``. Keys are checked later by
     ``from_dict``, so a typo still gets its "did you mean". A section given by its kind alone
@@ -716,14 +720,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     (``model.ffn.router=topk`` then ``model.ffn.router.top_k=3``).
     """
     data = _copy_tree(data)
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. model.d_model=256)")
         dotted, raw = item.split("=", 1)
+        pairs.append((item, dotted, parse_scalar(raw)))
+    pairs += [(f"{dotted}={value}", dotted, value) for dotted, value in (values or {}).items()]
+    for item, dotted, value in pairs:
         keys = dotted.strip().split(".")
         if not all(keys):
             raise ConfigError(f"override {item!r} has an empty key; expected section.key=value")
-        value = parse_scalar(raw)
         node = data
         for k in keys[:-1]:
             nxt = node.setdefault(k, {})
