@@ -27,6 +27,7 @@ from routelab.model import RoutedTransformer
 from routelab.moe import MoE
 from routelab.moe.routers import ROUTERS
 from routelab.registry import ATTENTION
+from tests.moe.router_options import OPTIONS as MOE_OPTIONS
 
 pytestmark = pytest.mark.cuda
 
@@ -46,7 +47,6 @@ ATTENTION_OPTIONS = {  # kind -> options for T = 64 (blocks of 8, so every spars
     "moba": dict(block_size=8, top_k=2),
     "block_topp": dict(block_size=8, top_p=0.9, max_blocks=3),
 }
-MOE_OPTIONS = {"topk": {"top_k": 2}, "topp": {"top_p": 0.5}, "soft": {"slots_per_expert": 2}}
 RANDOM_IN_TRAINING = {"gshard", "random"}  # draw from the device's RNG in training: CPU and CUDA draws differ
 
 

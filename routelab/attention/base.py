@@ -41,7 +41,7 @@ def check_task_conditioned(cfg, module_class) -> None:
             " allowed for one task: false"
         )
     if not getattr(module_class, "task_conditionable", False):
-        allowed = sorted(n for n in ATTENTION.names() if getattr(ATTENTION.get(n).module_class, "task_conditionable", False))
+        allowed = ATTENTION.names_where("task_conditionable")
         raise ConfigError(
             f"model.attention.task_conditioned=True is invalid for attention kind {kind!r}, which has no learned"
             f" router input to condition (moba, block_topp and kmeans route by hard choices from q and k, which would"
@@ -145,6 +145,7 @@ class QKVAttention(nn.Module):
         self.v_proj = nn.Linear(d, d_kv, bias=qkv_bias)
         self.o_proj = nn.Linear(d, d, bias=o_bias)
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.positions == "rope" else None
+        self._flex_failed = False  # FlexAttention failed here once: the engine from then on (flex.with_flex_fallback)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape

@@ -11,7 +11,6 @@ prefix keeps its pattern as the sequence grows, and cached decoding equals recom
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -19,14 +18,14 @@ from torch import Tensor
 import routelab.attention.flex as flex
 from routelab.attention.base import QKVAttention
 from routelab.attention.engine import Part, Windows
+from routelab.attention.flex import SparseAttentionConfig
 from routelab.attention.patterns import SparsePatternAttention, pair_mask, sliding_parts
 from routelab.errors import check, check_positive
-from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 
 @dataclass
-class BigBirdAttentionConfig(AttentionConfig):
+class BigBirdAttentionConfig(SparseAttentionConfig):
     """Block window + global blocks + random blocks."""
 
     block_size: int = 64  # b: the unit of the pattern
@@ -34,7 +33,6 @@ class BigBirdAttentionConfig(AttentionConfig):
     num_global_blocks: int = 1  # the first g blocks are global (ITC)
     num_random_blocks: int = 2  # r random key blocks per query block and head
     seed: int = 0  # seeds the random blocks (with the layer index)
-    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

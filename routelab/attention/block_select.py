@@ -15,7 +15,6 @@ and cached decoding equals recomputation). Decoding keeps per-block key means an
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -27,8 +26,6 @@ from routelab.attention.engine import Part, Windows, attend_parts, reference_att
 from routelab.attention.routes import BlockRoutes
 from routelab.errors import ConfigError
 from routelab.precision import in_fp32
-
-log = logging.getLogger(__name__)
 
 
 def block_means(k: Tensor, block_size: int, keep: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -114,15 +111,16 @@ class BlockSelectAttention(QKVAttention):
         """Attention under the chosen blocks (B, H, nqb, K) on the configured backend (``flex.py``)."""
         T = q.shape[2]
         backend = flex.choose_backend(self.cfg, q, padding_mask, self.dropout_p)
-        if backend == "flex" and not self.__dict__.get("_flex_failed", False):
-            try:
-                return flex.flex_attend(q, k, v, flex.routes_block_mask(blocks, self.block_size, self.causal, T))
-            except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
-                self._flex_failed = True
-                log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
         if backend == "dense":  # the reference: O(T^2) mask
             return reference_attention(q, k, v, BlockRoutes(blocks, self.block_size, self.causal).mask(T), padding_mask)
-        return attend_parts(q, k, v, self.routed_parts(blocks, T), padding_mask=padding_mask, dropout_p=self.dropout_p)
+
+        def run_flex() -> Tensor:
+            return flex.flex_attend(q, k, v, flex.routes_block_mask(blocks, self.block_size, self.causal, T))
+
+        def run_engine() -> Tensor:
+            return attend_parts(q, k, v, self.routed_parts(blocks, T), padding_mask=padding_mask, dropout_p=self.dropout_p)
+
+        return flex.with_flex_fallback(self, run_flex, run_engine) if backend == "flex" else run_engine()
 
     def _route_all(self, q: Tensor, k: Tensor, keep: Tensor | None) -> Tensor:
         kmean, kvalid = block_means(k, self.block_size, keep)

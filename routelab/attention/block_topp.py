@@ -16,20 +16,19 @@ import torch
 from torch import Tensor
 
 from routelab.attention.block_select import BlockSelectAttention
+from routelab.attention.flex import SparseAttentionConfig
 from routelab.errors import check, check_positive
-from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 
 @dataclass
-class BlockTopPAttentionConfig(AttentionConfig):
+class BlockTopPAttentionConfig(SparseAttentionConfig):
     """Fewest key blocks reaching routing mass top_p, capped at max_blocks."""
 
     block_size: int = 64  # b: tokens per block
     top_p: float = 0.9  # routing mass to cover
     max_blocks: int = 8  # cap on chosen key blocks per query block (besides its own)
     router_query: Literal["auto", "mean", "first"] = "auto"  # auto: mean (encoder) / first (causal)
-    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

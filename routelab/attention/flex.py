@@ -13,8 +13,9 @@ Backends (``attention.backend``): ``engine`` (the block-gather engine, any devic
 ``flex`` (this file; on CPU forward-only, so with autograd the engine runs instead), ``dense``
 (SDPA under the full mask: the reference, O(n^2) memory), ``auto`` (flex on CUDA, else the
 engine; ``local.flex_inference`` also picks flex on CPU without autograd). Padding masks and
-attention dropout always take the engine. ``tests/attention/test_flex_backend.py`` holds every
-block mask to the kind's ``mask(seq_len)``.
+attention dropout always take the engine. The option is declared once, in ``SparseAttentionConfig``;
+a failed FlexAttention call falls back to the engine through ``with_flex_fallback``.
+``tests/attention/test_flex_backend.py`` holds every block mask to the kind's ``mask(seq_len)``.
 """
 
 from __future__ import annotations
@@ -22,16 +23,23 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from routelab.attention.engine import Part, spec_positions
+from routelab.errors import check, qualified
+from routelab.options import AttentionConfig
 from routelab.precision import autocast_dtype
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "engine", "flex", "dense")
+Backend = Literal["auto", "engine", "flex", "dense"]  # the ``attention.backend`` values
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 FLEX_BLOCK = 128  # F: FlexAttention's sparse block (its kernels tile by 128 / 64)
 _CHUNK = 1 << 22  # slot pairs per step when counting a part's pairs (bounds the temporary memory)
 
@@ -62,6 +70,27 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     return _compiled_flex()(q, k, v, block_mask=block_mask)
 
 
+@dataclass
+class SparseAttentionConfig(AttentionConfig):
+    """Base of the options of the kinds that run on a choice of backend (see the module docstring):
+    the fixed patterns, moba, block_topp and kmeans. A kind without some backend redeclares the field
+    with a narrower ``Literal`` (kmeans: no dense path); the config loader and ``__post_init__`` both
+    refuse the rest with the same line."""
+
+    backend: Backend = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        allowed = allowed_backends(type(self))
+        check(self.backend in allowed, qualified(self, "backend"), self.backend, ", ".join(map(repr, allowed)))
+
+
+@functools.cache
+def allowed_backends(config_class: type) -> tuple[str, ...]:
+    """The ``backend`` values a kind's options accept: the ``Literal`` of its ``backend`` field."""
+    return typing.get_args(typing.get_type_hints(config_class)["backend"])
+
+
 def choose_backend(cfg, q: Tensor, padding_mask: Tensor | None, dropout_p: float) -> str:
     """The backend a full forward uses: "flex", "engine" or "dense" (see the module docstring).
 
@@ -79,6 +108,22 @@ def choose_backend(cfg, q: Tensor, padding_mask: Tensor | None, dropout_p: float
     if not on_cpu and q.device.type == "cuda":
         return "flex"
     return "flex" if getattr(cfg, "flex_inference", False) and no_grad else "engine"
+
+
+def with_flex_fallback(module, run_flex: Callable[[], Tensor], run_engine: Callable[[], Tensor]) -> Tensor:
+    """``run_flex()``, or ``run_engine()`` once FlexAttention has failed in ``module``.
+
+    The first failure (no compiler, old torch, unsupported device) logs one warning and sets
+    ``module._flex_failed`` (declared ``False`` by ``QKVAttention``), so each module warns once and
+    takes the engine from then on, a visible decision rather than a silent one.
+    """
+    if not module._flex_failed:
+        try:
+            return run_flex()
+        except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
+            module._flex_failed = True
+            log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
+    return run_engine()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ Option: the first ``local_heads`` heads attend to a local window instead (as in 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,18 +31,16 @@ from torch import Tensor
 import routelab.attention.flex as flex
 from routelab.attention.base import KVCache, QKVAttention
 from routelab.attention.engine import Part, attend_parts, reference_attention
+from routelab.attention.flex import SparseAttentionConfig
 from routelab.attention.patterns import band, band_parts
 from routelab.attention.routes import ClusterRoutes
 from routelab.errors import ConfigError, check, check_fraction, check_positive
-from routelab.options import AttentionConfig
 from routelab.precision import in_fp32
 from routelab.registry import ATTENTION
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
-class KMeansAttentionConfig(AttentionConfig):
+class KMeansAttentionConfig(SparseAttentionConfig):
     """Content-based routing by online k-means."""
 
     num_clusters: int = 4  # c: centroids per head
@@ -52,7 +49,7 @@ class KMeansAttentionConfig(AttentionConfig):
     window: int = 64  # w of the local heads
     block_size: int = 64  # query block of the local heads (speed only)
     assignment: Literal["auto", "balanced", "nearest"] = "auto"  # auto: balanced (encoder) / nearest (causal)
-    backend: Literal["auto", "engine", "flex"] = "auto"  # routed heads; auto: FlexAttention on CUDA, else engine
+    backend: Literal["auto", "engine", "flex"] = "auto"  # routed heads (no dense path); auto: FlexAttention on CUDA
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -267,21 +264,17 @@ class KMeansAttention(QKVAttention):
             )
             buckets, dense = group_slots(groups.reshape(B * Hr, T), max(m, 1))
             qr, vr = q[:, lh:], v[:, lh:]
-            # padding is in the groups (padded tokens have none), so it does not force the engine
-            out_r = None
-            if flex.choose_backend(self.cfg, q, None, self.dropout_p) == "flex" and not self.__dict__.get(
-                "_flex_failed", False
-            ):
-                try:
-                    out_r = flex.flex_grouped(qr, qr, vr, groups, self.causal)
-                except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
-                    self._flex_failed = True
-                    log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
-            if out_r is not None:
-                outs.append(out_r)
-            else:  # every token is in one group: the parts are exclusive; empty slots trail each group
+
+            def run_flex() -> Tensor:
+                return flex.flex_grouped(qr, qr, vr, groups, self.causal)
+
+            def run_engine() -> Tensor:  # a token is in one group: exclusive parts; empty slots trail each group
                 parts = [Part(sl, sl, None, causal=self.causal, trusted=self.causal, exclusive=True) for sl in buckets]
-                outs.append(attend_parts(qr, qr, vr, parts, dropout_p=self.dropout_p))
+                return attend_parts(qr, qr, vr, parts, dropout_p=self.dropout_p)
+
+            # padding is in the groups (padded tokens have none), so it does not force the engine
+            on_flex = flex.choose_backend(self.cfg, q, None, self.dropout_p) == "flex"
+            outs.append(flex.with_flex_fallback(self, run_flex, run_engine) if on_flex else run_engine())
             groups = dense.view(B, Hr, T)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         full_groups = torch.cat([torch.full((B, lh, T), -1, dtype=torch.long, device=q.device), groups], 1)

@@ -11,27 +11,25 @@ Decoding keeps only the last w keys: memory is constant in the context length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from routelab.attention.base import KVCache, QKVAttention
 from routelab.attention.engine import Part, reference_attention
+from routelab.attention.flex import SparseAttentionConfig
 from routelab.attention.patterns import SparsePatternAttention, band, band_parts
 from routelab.errors import check_positive
-from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 
 @dataclass
-class LocalAttentionConfig(AttentionConfig):
+class LocalAttentionConfig(SparseAttentionConfig):
     """A token-exact sliding window."""
 
     window: int = 128  # w: bidirectional |i-j| <= w, causal 0 <= i-j <= w
     block_size: int = 64  # query block of the block-sparse engine (speed only; results are exact)
     flex_inference: bool = False  # also on CPU: compiled FlexAttention without autograd (a slow compile per shape)
-    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,7 +10,6 @@ window: O(n (w + G)) work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -18,20 +17,19 @@ from torch import Tensor
 import routelab.attention.flex as flex
 from routelab.attention.base import QKVAttention
 from routelab.attention.engine import Part, Windows
+from routelab.attention.flex import SparseAttentionConfig
 from routelab.attention.patterns import SparsePatternAttention, band, band_parts, pair_mask
 from routelab.errors import check, check_positive
-from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 
 @dataclass
-class LongformerAttentionConfig(AttentionConfig):
+class LongformerAttentionConfig(SparseAttentionConfig):
     """Sliding window + global positions."""
 
     window: int = 64  # w: |i - j| <= w (0 <= i - j <= w when causal)
     global_tokens: list[int] = field(default_factory=lambda: [0])  # positions with global attention (0 = CLS)
     block_size: int = 64  # query block of the band part (speed only)
-    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

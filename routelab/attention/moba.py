@@ -12,19 +12,18 @@ import torch
 from torch import Tensor
 
 from routelab.attention.block_select import BlockSelectAttention
+from routelab.attention.flex import SparseAttentionConfig
 from routelab.errors import check_positive
-from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 
 @dataclass
-class MoBAAttentionConfig(AttentionConfig):
+class MoBAAttentionConfig(SparseAttentionConfig):
     """Top-k key blocks per query block."""
 
     block_size: int = 64  # b: tokens per block (routing unit)
     top_k: int = 3  # key blocks chosen per query block, besides its own
     router_query: Literal["auto", "mean", "first"] = "auto"  # auto: mean (encoder) / first (causal)
-    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

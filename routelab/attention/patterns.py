@@ -9,15 +9,11 @@ the local window of Beltagy et al. 2020 ("Longformer", sec. 3.1) and of Child et
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
 import routelab.attention.flex as flex
 from routelab.attention.engine import Part, Spec, Windows, attend_parts, reference_attention, spec_positions
-
-log = logging.getLogger(__name__)
 
 
 def band(i: Tensor, j: Tensor, window: int, causal: bool) -> Tensor:
@@ -123,16 +119,17 @@ class SparsePatternAttention:
         T, S = q.shape[2], k.shape[2]
         if offset == 0 and T == S:
             backend = flex.choose_backend(self.cfg, q, padding_mask, self.dropout_p)
-            if backend == "flex" and not self.__dict__.get("_flex_failed", False):
-                try:
-                    return flex.flex_attend(q, k, v, self.flex_block_mask(T, q.device))
-                except Exception as e:  # no compiler, old torch, unsupported device: the engine it is
-                    self._flex_failed = True
-                    log.warning("FlexAttention unavailable (%s); using the block-sparse engine", e)
             if backend == "dense":  # the reference: O(T^2) mask
                 return reference_attention(q, k, v, self.mask(T).to(q.device), padding_mask)
-            parts = self.parts(T, q.device)
-            return attend_parts(q, k, v, parts, padding_mask=padding_mask, dropout_p=self.dropout_p)
+
+            def run_flex() -> Tensor:
+                return flex.flex_attend(q, k, v, self.flex_block_mask(T, q.device))
+
+            def run_engine() -> Tensor:
+                parts = self.parts(T, q.device)
+                return attend_parts(q, k, v, parts, padding_mask=padding_mask, dropout_p=self.dropout_p)
+
+            return flex.with_flex_fallback(self, run_flex, run_engine) if backend == "flex" else run_engine()
         # decoding: the new rows of the pattern over the cached keys (keys are the last S positions)
         qpos = torch.arange(offset, offset + T, device=q.device)
         kpos = torch.arange(offset + T - S, offset + T, device=q.device)

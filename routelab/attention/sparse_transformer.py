@@ -14,27 +14,25 @@ summary keys) and the parts are merged exactly by log-sum-exp.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from routelab.attention.base import QKVAttention
 from routelab.attention.engine import Part, Windows
+from routelab.attention.flex import SparseAttentionConfig
 from routelab.attention.patterns import SparsePatternAttention, band, band_parts, pair_mask
 from routelab.errors import check, check_positive
-from routelab.options import AttentionConfig
 from routelab.registry import ATTENTION
 
 
 @dataclass
-class StridedAttentionConfig(AttentionConfig):
+class StridedAttentionConfig(SparseAttentionConfig):
     """Local window plus every stride-th position (relative), Child et al. 2019 'strided'."""
 
     stride: int = 64  # l: query i also sees j with (i - j) mod l == 0
     window: int | None = None  # w of the local part; None = stride (the paper's A(1))
     block_size: int = 64  # query block of the local part (speed only)
-    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,12 +42,11 @@ class StridedAttentionConfig(AttentionConfig):
 
 
 @dataclass
-class FixedAttentionConfig(AttentionConfig):
+class FixedAttentionConfig(SparseAttentionConfig):
     """Own block plus the last `summary` positions of every block, Child et al. 2019 'fixed'."""
 
     stride: int = 64  # l: block length
     summary: int = 4  # c: summary positions at the end of each block (the paper used 8-32 for l=128)
-    backend: Literal["auto", "engine", "flex", "dense"] = "auto"  # auto: FlexAttention on CUDA, the engine on CPU
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -91,21 +91,20 @@ class MoEFFNConfig(FFNConfig):
                 self.expert_groups,
                 f"a divisor of {sec}.num_experts={self.num_experts}",
             )
+        by_score = ROUTERS.names_where("supports_selection_bias")  # routers that choose experts by score
         if self.max_ranks_per_token is not None:
             check(
                 self.max_ranks_per_token >= 1 and router.supports_selection_bias,
                 f"{sec}.max_ranks_per_token",
                 self.max_ranks_per_token,
-                "null, or an integer >= 1 with a router that chooses by score ("
-                + ", ".join(n for n in ROUTERS.names() if ROUTERS.get(n).module_class.supports_selection_bias) + ")",
+                f"null, or an integer >= 1 with a router that chooses by score ({', '.join(by_score)})",
             )
         if self.bias_balancing:
-            ok = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.supports_selection_bias]
             check(
                 router.supports_selection_bias,
                 f"{sec}.bias_balancing",
                 self.bias_balancing,
-                f"false for router {self.router.kind!r} (supported by {', '.join(ok)})",
+                f"false for router {self.router.kind!r} (supported by {', '.join(by_score)})",
             )
 
     @classmethod

@@ -19,7 +19,6 @@ Shape legend: T tokens, D model dim, E experts, K choice slots per token, H expe
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +30,9 @@ from routelab.ffn.base import FFNOutput
 from routelab.ffn.dense import FeedForward
 from routelab.moe.dispatch import apply_capacity, capacity, grouped_experts, plan_dispatch
 from routelab.moe.experts import Experts, reference_combine
-from routelab.moe.routers.router import Router, Routing, SoftRouting, build_router
+from routelab.moe.routers.router import Router, Routing, SoftRouting, build_router, require_capability
 from routelab.moe.threads import Workspace
 from routelab.options import RouterConfig
-from routelab.registry import ROUTERS
 
 
 @dataclass
@@ -138,12 +136,9 @@ class MoE(nn.Module):
         check(routed_scale > 0, "routed_scale", routed_scale, "a number > 0")
         self.router = build_router(router, d_model, num_experts, vocab_size, num_tasks, **router_options)
         name = self.router.kind
-        if task_conditioned and not self.router.learned:
-            learned = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.learned]
-            raise ConfigError(
-                f"task_conditioned=True is invalid for router {name!r}, which has no learned input to condition;"
-                f" allowed with: {', '.join(learned)}"
-            )
+        if task_conditioned:
+            refusal = f"task_conditioned=True is invalid for router {name!r}, which has no learned input to condition"
+            require_capability(self.router, "learned", refusal)
         if max_ranks_per_token is not None:
             if expert_groups is None:
                 raise ConfigError("max_ranks_per_token needs expert_groups: the number of groups (ranks) it counts in")
@@ -158,11 +153,9 @@ class MoE(nn.Module):
                 f"router {name!r} ranks all tokens of the batch together, so a token's expert would depend on "
                 "later tokens: it is refused in a causal model (use it in an encoder, or pick switch/topk/...)"
             )
-        if bias_balancing and not self.router.supports_selection_bias:
-            known = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.supports_selection_bias]
-            raise ConfigError(
-                f"bias_balancing={bias_balancing!r} is not supported by router {name!r}; allowed with: {', '.join(known)}"
-            )
+        if bias_balancing:
+            refusal = f"bias_balancing={bias_balancing!r} is not supported by router {name!r}"
+            require_capability(self.router, "supports_selection_bias", refusal)
         self.d_model, self.num_experts, self.hidden = d_model, num_experts, hidden
         self.capacity_factor = capacity_factor
         self.drop_policy, self.jitter, self.impl, self.causal = drop_policy, jitter, impl, causal

@@ -7,10 +7,9 @@ import torch
 from routelab.config import ConfigError
 from routelab.moe import MoE
 from routelab.moe.routers import ROUTERS
+from tests.moe.router_options import OPTIONS
 
 D, E, H, V = 8, 4, 6, 37
-# options that exercise more than the defaults (a router missing here runs with its defaults)
-OPTIONS = {"topk": {"top_k": 2}, "topp": {"top_p": 0.5}, "soft": {"slots_per_expert": 2}}
 WHOLE_BATCH = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.whole_batch]
 
 

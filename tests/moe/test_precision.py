@@ -7,9 +7,9 @@ import torch
 
 from routelab.moe import MoE
 from routelab.moe.routers import ROUTERS
+from tests.moe.router_options import OPTIONS
 
 D, E, H, V = 16, 4, 24, 37
-OPTIONS = {"topk": {"top_k": 2}, "topp": {"top_p": 0.5}, "soft": {"slots_per_expert": 2}}
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -6,7 +6,8 @@ routers hold ``weight`` (E, D) (the layer's parameter ``router.weight``) and com
 probabilities in float32 from ``logits = x @ weight.T``. Each router is one file in this package:
 its options dataclass (a ``RouterConfig`` subclass) and its class, registered together in
 ``ROUTERS`` under its name, with class attributes saying what it needs and what it can be combined
-with, and ``experts_per_token`` saying how many experts process a token (FLOP accounting).
+with (``ROUTERS.names_where(flag)`` lists the routers with one; ``require_capability`` refuses an
+option that needs one), and ``experts_per_token`` saying how many experts process a token (FLOP accounting).
 
 Shape legend: T tokens, D model dim, E experts, K choice slots per token.
 """
@@ -125,9 +126,7 @@ class Router(nn.Module):
         selection score. A token then reaches at most M groups, so at most M ranks. Routers that choose
         by score (``supports_selection_bias``) apply it in ``selection_scores``."""
         E, name = self.num_experts, self.kind
-        if not self.supports_selection_bias:
-            known = [n for n in ROUTERS.names() if ROUTERS.get(n).module_class.supports_selection_bias]
-            raise ConfigError(f"max_ranks_per_token is not supported by router {name!r}; allowed with: {', '.join(known)}")
+        require_capability(self, "supports_selection_bias", f"max_ranks_per_token is not supported by router {name!r}")
         if groups < 1 or E % groups:
             raise ConfigError(f"expert_groups={groups} is invalid; allowed: a divisor of num_experts={E}")
         k = int(self.experts_per_token(1))
@@ -178,6 +177,15 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         fields = {k: v for k, v in vars(self.options).items() if k != "kind"}
         return ", ".join([f"d_model={self.d_model}", f"num_experts={self.num_experts}", *(f"{k}={v}" for k, v in fields.items())])
+
+
+def require_capability(router: Router | type[Router] | str, flag: str, refusal: str) -> None:
+    """Refuse an option that needs a capability its router lacks: unless ``router`` (a router, its
+    class or its name) has the class flag ``flag`` truthy, raise ``ConfigError("<refusal>; allowed
+    with: <every router with the flag>")``, one line naming the option, the router and the way out."""
+    cls = ROUTERS.get(router).module_class if isinstance(router, str) else router
+    if not getattr(cls, flag):
+        raise ConfigError(f"{refusal}; allowed with: {', '.join(ROUTERS.names_where(flag))}")
 
 
 def select_scores(logits: Tensor, bias: Tensor | None) -> Tensor:
