@@ -121,6 +121,7 @@ def sample_text(run_dir, prompt: str, device: str | None = None, precision: str 
     (None: the run's train.precision)."""
     import torch
 
+    from routelab.device import device_of
     from routelab.generate import SamplingConfig, generate
     from routelab.train import load_run
 
@@ -128,7 +129,7 @@ def sample_text(run_dir, prompt: str, device: str | None = None, precision: str 
     model, tokenizer = run.model, run.tokenizer
     encode = getattr(tokenizer, "encode_with_specials", tokenizer.encode)  # an imported model's own template (<s> ...)
     ids = encode(prompt) if prompt else [tokenizer.eos_id]
-    device = next(model.parameters()).device
+    device = device_of(model)
     cfg = SamplingConfig(stop_tokens=(tokenizer.eos_id,), **sampling)
     out = generate(model, torch.tensor([ids], device=device), cfg, precision=precision or run.cfg.train.precision)
     return prompt + tokenizer.decode(out[0, len(ids) :].tolist())

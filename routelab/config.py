@@ -46,12 +46,15 @@ def _default_ffn() -> FFNConfig:
 
 HEADS = ("lm", "classification", "token_classification")
 Head = Literal["lm", "classification", "token_classification"]
-BUILTIN_SOURCES = {  # data.source -> the data.task it serves (re-exported by routelab.data)
-    "stdlib": "lm",
-    "listops": "classification",
-    "stdlib-packages": "classification",
-    "stdlib-tokens": "token_classification",
-}
+
+
+def _builtin_sources() -> dict[str, str]:
+    """``data.source`` -> the task it serves: the table lives with the data (``routelab.data.sources``).
+    Imported when a task is checked, not with this module: importing it runs ``routelab.data``,
+    whose loaders import this module."""
+    from routelab.data.sources import BUILTIN_SOURCES
+
+    return BUILTIN_SOURCES
 
 
 def _task_source_error(source: str, where: str) -> str:
@@ -59,11 +62,12 @@ def _task_source_error(source: str, where: str) -> str:
     must name its head; any other name is a built-in source mistyped."""
     if source.startswith("hf:") or Path(source).expanduser().exists():
         return f"{where}.head is unset; source {source!r} is not built in, so set {where}.head: one of {', '.join(HEADS)}"
-    hint = difflib.get_close_matches(source, list(BUILTIN_SOURCES), n=1)
+    builtin = _builtin_sources()
+    hint = difflib.get_close_matches(source, list(builtin), n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     return (
         f"{where}.source={source!r} is invalid{did_you_mean}; allowed: a built-in source"
-        f" ({', '.join(map(repr, BUILTIN_SOURCES))}), or an existing file/folder path or 'hf:NAME'"
+        f" ({', '.join(map(repr, builtin))}), or an existing file/folder path or 'hf:NAME'"
         f" with {where}.head set"
     )
 
@@ -206,7 +210,7 @@ class TaskConfig:
         check(bool(self.name) and "/" not in self.name, "data.tasks[].name", self.name, "a non-empty name without '/'")
         where = f"data.tasks[{self.name}]"
         check(bool(self.source), f"{where}.source", self.source, "'stdlib', 'listops', a path, or 'hf:NAME'")
-        own = BUILTIN_SOURCES.get(self.source)
+        own = _builtin_sources().get(self.source)
         if self.head is None:
             if own is None:
                 raise ConfigError(_task_source_error(self.source, where))

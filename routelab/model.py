@@ -337,17 +337,6 @@ class RoutedTransformer(nn.Module):
         model.load_state_dict(load_state_dict(weights))
         return model.to(map_location).eval()
 
-    @classmethod
-    def from_hf(cls, path: str | Path) -> RoutedTransformer:
-        """Import a Hugging Face model folder (BERT, Llama, Mistral, Qwen2, Mixtral; safetensors),
-        converted into a ``RoutedTransformer`` in eval mode: see ``routelab.pretrained.hf``."""
-        from routelab.pretrained.hf import complete_state, convert_hf
-
-        cfg, state, folder = convert_hf(path)
-        model = cls(cfg)
-        model.load_state_dict(complete_state(model.state_dict(), state, folder))
-        return model.eval()
-
     def load_word_vectors(self, path: str | Path, vocab: list[str]) -> int:
         """Initialise token embeddings from a word2vec/GloVe text file; returns rows filled.
 

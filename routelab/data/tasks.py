@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from routelab.config import BUILTIN_SOURCES, DataConfig
+from routelab.config import DataConfig
 from routelab.data.classification import ClassificationData, load_classification_data
 from routelab.data.errors import DataError
+from routelab.data.sources import BUILTIN_SOURCES
 from routelab.data.stdlib_tasks import load_stdlib_packages, load_stdlib_tokens
 from routelab.data.token_labels import load_token_label_files
 
-__all__ = ["BUILTIN_SOURCES", "check_source_task", "load_labelled_data"]  # BUILTIN_SOURCES lives in config (tasks check it)
+__all__ = ["BUILTIN_SOURCES", "check_source_task", "load_labelled_data"]  # BUILTIN_SOURCES: routelab.data.sources
 
 
 def check_source_task(source: str, task: str) -> None:

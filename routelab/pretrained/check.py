@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from routelab.device import device_of
 from routelab.errors import ConfigError
+from routelab.hf_folder import resolve_folder
 from routelab.model import RoutedTransformer
-from routelab.pretrained.hf import resolve_folder
-from routelab.train.device import device_of
 
 RTOL = 1e-4  # a max |diff| allowed, relative to the largest |value| transformers computes (at least 1)
 COSINE_TOL = 1e-5  # how far below 1 the smallest mean-pooled cosine similarity may fall

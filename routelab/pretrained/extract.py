@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from routelab.config import Config, ModelConfig
+from routelab.device import device_of
 from routelab.errors import ConfigError
 from routelab.model import RoutedTransformer
 from routelab.moe.layer import MoE
@@ -68,7 +69,7 @@ def extract_task(model: RoutedTransformer, task: str | int) -> RoutedTransformer
         task_num_labels=[cfg.task_num_labels[t]] if cfg.task_num_labels else None,
     )
     with torch.random.fork_rng(devices=[]):  # its initial values are all overwritten: leave the caller's RNG alone
-        small = RoutedTransformer(new_cfg).to(next(model.parameters()).device)
+        small = RoutedTransformer(new_cfg).to(device_of(model))
     source = model.state_dict()
     state = {}
     for i in moe_layers:

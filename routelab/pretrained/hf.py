@@ -35,18 +35,19 @@ from torch import Tensor
 
 from routelab.config import ModelConfig, model_config_from_dict
 from routelab.errors import ConfigError
+from routelab.hf_folder import CONFIG_FILE, hf_model_type, read_config, resolve_folder  # noqa: F401  (CONFIG_FILE, hf_model_type: re-exported)
 from routelab.io import DamagedFileError
+from routelab.model import RoutedTransformer
 from routelab.pretrained.hf_keys import KEYS, check_layer_types, require, rope_base
 
 log = logging.getLogger("routelab.pretrained")
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
 # ----------------------------------------------------------------------------------------------
-# reading a folder
+# reading a folder (finding it and its config.json: ``routelab.hf_folder``)
 
 
 class Tensors:
@@ -103,54 +104,6 @@ class Tensors:
 
     def unused(self) -> list[str]:
         return sorted(set(self.files) - self.used)
-
-
-def resolve_folder(path: str | Path) -> Path:
-    """A model folder: ``path`` itself, or for a hub cache entry (``models--org--name``) the snapshot
-    that ``refs/main`` names (or the only snapshot)."""
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"{str(folder)!r} does not exist; give a local model folder (config.json + model.safetensors)")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{str(folder)!r} is a file; give the model folder that holds config.json")
-    snapshots = folder / "snapshots"
-    if not (folder / CONFIG_FILE).is_file() and snapshots.is_dir():
-        ref = folder / "refs" / "main"
-        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
-            return snapshots / ref.read_text().strip()
-        found = [p for p in snapshots.iterdir() if p.is_dir()]
-        if len(found) == 1:
-            return found[0]
-    return folder
-
-
-def read_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} not found: {str(folder)!r} is not a Hugging Face model folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DamagedFileError(path, f"it is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DamagedFileError(path, "it does not hold a JSON object")
-    return data
-
-
-def hf_model_type(path: str | Path) -> str | None:
-    """The ``model_type`` (else the first of ``architectures``) when ``path`` is a Hugging Face model
-    folder or hub cache entry, else None: routelab's own ``config.json`` has neither key."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    try:
-        c = read_config(resolve_folder(folder))
-    except (OSError, ValueError):
-        return None
-    found = c.get("model_type") or c.get("architectures")
-    if isinstance(found, list):
-        found = found[0] if found else None
-    return str(found) if found else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,8 +306,7 @@ def hf_model_config(path: str | Path) -> ModelConfig:
 
 def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
     """Read the Hugging Face model folder ``path``: the ``ModelConfig`` it becomes, its tensors under
-    routelab's names (fp32), and the folder read. ``RoutedTransformer.from_hf`` builds the model
-    (this module never imports ``routelab.model``, which imports it).
+    routelab's names (fp32), and the folder read. ``from_hf`` builds the model.
 
     Raises ``ConfigError`` (an architecture or feature not imported), ``FileNotFoundError`` (no
     config.json or safetensors weights) or ``DamagedFileError`` (a tensor missing), each one line
@@ -368,6 +320,15 @@ def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
     if skipped:
         log.info("checkpoint tensors not imported: %s", ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
     return cfg, state, folder
+
+
+def from_hf(path: str | Path) -> RoutedTransformer:
+    """Import a Hugging Face model folder (BERT, Llama, Mistral, Qwen2, Mixtral; safetensors),
+    converted into a ``RoutedTransformer`` in eval mode (see the module docstring)."""
+    cfg, state, folder = convert_hf(path)
+    model = RoutedTransformer(cfg)
+    model.load_state_dict(complete_state(model.state_dict(), state, folder))
+    return model.eval()
 
 
 def complete_state(expected: dict[str, Tensor], state: dict[str, Tensor], folder: Path) -> dict[str, Tensor]:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from routelab.config import Config, DataConfig, TrainConfig
 from routelab.lock import locked
-from routelab.model import RoutedTransformer
 from routelab.outputs import check_run_target, is_empty
-from routelab.pretrained.hf import load_hf_tokenizer
+from routelab.pretrained.hf import from_hf, load_hf_tokenizer
 from routelab.train.run import RunError, write_run_folder
 
 IMPORT_SEQ_LEN = 256  # data.seq_len written for the imported run (at most the model's max_seq_len)
@@ -35,7 +34,7 @@ def import_hf_run(path: str | Path, out: str | Path, force: bool = False) -> Con
 
 
 def _import(path: str | Path, out: Path) -> Config:
-    model = RoutedTransformer.from_hf(path)
+    model = from_hf(path)
     tokenizer = load_hf_tokenizer(path)
     mc = model.cfg
     if tokenizer.vocab_size > mc.vocab_size:

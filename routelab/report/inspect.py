@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from routelab.train.device import device_of
+from routelab.device import device_of
 
 INSPECT_TOKENS = 128  # an LM example's length: long enough to show a window, short enough to read
 

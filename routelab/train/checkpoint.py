@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from routelab.device import device_of
 from routelab.io import (
     DamagedFileError,
     atomic_write_json,
@@ -44,7 +45,6 @@ from routelab.io import (
     save_state_dict,
     verify_sha256,
 )
-from routelab.train.device import device_of
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"

@@ -1,37 +1,6 @@
-"""Moving a batch to the device it is computed on.
+"""The device helpers under their old name: they live in ``routelab.device`` (a leaf, so layers below
+``train`` use them too); import them from there. Kept for imports inside ``routelab.train`` and older code."""
 
-On CUDA a batch is first copied into page-locked (pinned) host memory, from which the copy to the GPU
-can run asynchronously (``non_blocking=True``): the host goes on preparing the next batch while the
-copy runs, and kernels queued after it on the same stream still see the finished copy. Elsewhere it
-is a plain ``.to(device)``.
-"""
+from routelab.device import device_of, to_device
 
-from __future__ import annotations
-
-import torch
-from torch import Tensor
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    """Where ``model``'s weights are (its first parameter's device): inputs built on the host go there."""
-    return next(model.parameters()).device
-
-
-def to_device(batch: dict[str, Tensor], device: str | torch.device) -> dict[str, Tensor]:
-    """A new dict of ``batch``'s tensors on ``device`` (values that are not tensors are kept as they are).
-
-    CUDA: CPU tensors are pinned, then copied with ``non_blocking=True``; tensors already on a
-    GPU are moved with ``.to`` (which is free when they are there already)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, Tensor):
-            if v.device.type == "cpu":
-                v = v.pin_memory() if not v.is_pinned() else v
-                v = v.to(device, non_blocking=True)
-            else:
-                v = v.to(device)
-        out[k] = v
-    return out
+__all__ = ["device_of", "to_device"]

@@ -27,8 +27,8 @@ from routelab.data import (
     classification_eval_batches,
     lm_eval_batches,
 )
+from routelab.device import device_of, to_device
 from routelab.precision import autocast
-from routelab.train.device import device_of, to_device
 from routelab.train.distributed import DistContext
 
 

@@ -4,7 +4,7 @@ and the run folder ``routelab upcycle`` writes.
 A source is a run folder (``config.yaml``: its ``model/``, else its newest checkpoint, read by
 ``load_run``) or a ``save_pretrained`` folder (``config.json`` + ``model.safetensors``; a run's
 ``model/`` also holds its ``tokenizer.json``). Its weights are mapped onto the new run's model by
-``routelab.pretrained.upcycle``: the same model loads as it is; a dense FFN becoming an MoE, another
+``routelab.upcycle``: the same model loads as it is; a dense FFN becoming an MoE, another
 attention kind or a longer ``max_seq_len`` are upcycled (logged in one line). The new run starts at
 step 0 with a fresh optimizer and LR schedule; a resumed run reads its own checkpoint, not the source.
 
@@ -30,16 +30,9 @@ from routelab.config import Config, DataConfig, apply_overrides, to_dict
 from routelab.data import load_tokenizer
 from routelab.data.tokenizers import ByteTokenizer
 from routelab.errors import ConfigError
+from routelab.hf_folder import hf_model_type
 from routelab.model import CONFIG_JSON, RoutedTransformer
 from routelab.outputs import check_run_target, is_empty
-from routelab.pretrained.hf import hf_model_type
-from routelab.pretrained.upcycle import (
-    Conversion,
-    check_convertible,
-    fill_from_source,
-    upcycle_into,
-    upcycle_with_conversion,
-)
 from routelab.train.run import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -48,6 +41,7 @@ from routelab.train.run import (
     load_run_config,
     write_run_folder,
 )
+from routelab.upcycle import Conversion, check_convertible, fill_from_source, upcycle_into, upcycle_with_conversion
 
 log = logging.getLogger("routelab.train")
 

@@ -11,6 +11,7 @@ import torch
 
 from routelab import RoutedTransformer
 from routelab.cli import main
+from routelab.pretrained import from_hf
 from routelab.pretrained.hf import FAMILIES
 from routelab.pretrained.hf_keys import KEYS
 from tests.pretrained.helpers import VOCAB, save_decoder, transformers
@@ -37,7 +38,7 @@ def import_error(tmp_path, capsys) -> str:
 
 def assert_imports_exactly(folder) -> RoutedTransformer:
     """Our import of ``folder`` computes what transformers loads from the same folder."""
-    model = RoutedTransformer.from_hf(folder)
+    model = from_hf(folder)
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -146,7 +147,7 @@ def test_mistral_without_sliding_window_gets_its_default_window(tmp_path):
     """MistralConfig's window is 4096 when config.json has none; it counts once sequences can be longer."""
     save_decoder("mistral", tmp_path, max_position_embeddings=8192)
     edit_config(tmp_path, drop=("sliding_window",))
-    cfg = RoutedTransformer.from_hf(tmp_path).cfg
+    cfg = from_hf(tmp_path).cfg
     assert (cfg.attention.kind, cfg.attention.window) == ("local", 4095)
 
 

@@ -12,6 +12,7 @@ from routelab import RoutedTransformer
 from routelab.attention.base import RotaryEmbedding
 from routelab.errors import ConfigError
 from routelab.io import DamagedFileError
+from routelab.pretrained import from_hf
 from routelab.pretrained.hf import halves_to_pairs
 from tests.pretrained.helpers import DECODERS, VOCAB, save_bert, save_decoder, transformers
 
@@ -25,7 +26,7 @@ def ids(batch=2, length=16, seed=1):
 @pytest.mark.parametrize("family", sorted(DECODERS))
 def test_decoder_parity(tmp_path, family):
     hf = save_decoder(family, tmp_path)
-    model = RoutedTransformer.from_hf(tmp_path)
+    model = from_hf(tmp_path)
     x = ids()
     with torch.no_grad():
         ref = hf(x, output_hidden_states=True)
@@ -48,7 +49,7 @@ def test_decoder_parity(tmp_path, family):
 def test_mistral_window_is_what_makes_the_difference(tmp_path):
     """The sliding window matters at this length: the same weights with full attention differ."""
     hf = save_decoder("mistral", tmp_path)
-    model = RoutedTransformer.from_hf(tmp_path)
+    model = from_hf(tmp_path)
     dense = RoutedTransformer(type(model.cfg)(**{**vars(model.cfg), "attention": {"kind": "dense"}}))
     dense.load_state_dict(model.state_dict())
     x = ids()
@@ -59,7 +60,7 @@ def test_mistral_window_is_what_makes_the_difference(tmp_path):
 def test_decoder_without_the_rope_permutation_differs(tmp_path, monkeypatch):
     hf = save_decoder("llama", tmp_path)
     monkeypatch.setattr("routelab.pretrained.hf.halves_to_pairs", lambda w, h, d: w)
-    model = RoutedTransformer.from_hf(tmp_path)
+    model = from_hf(tmp_path)
     x = ids()
     with torch.no_grad():
         assert (model(x).logits - hf(x).logits).abs().max() > 1e-2
@@ -94,7 +95,7 @@ def test_cached_greedy_generation_matches_transformers(tmp_path, family):
     from routelab.generate import SamplingConfig, generate
 
     hf = save_decoder(family, tmp_path)
-    model = RoutedTransformer.from_hf(tmp_path)
+    model = from_hf(tmp_path)
     prompt = ids(batch=1, length=5, seed=3)
     with torch.no_grad():
         want = hf.generate(prompt, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
@@ -104,7 +105,7 @@ def test_cached_greedy_generation_matches_transformers(tmp_path, family):
 
 def test_bert_parity_with_padding_and_token_types(tmp_path):
     hf = save_bert(tmp_path)
-    model = RoutedTransformer.from_hf(tmp_path)
+    model = from_hf(tmp_path)
     cfg = model.cfg
     assert (cfg.norm_position, cfg.embed_norm, cfg.type_vocab_size, cfg.positions) == ("post", True, 2, "learned")
     x = ids(batch=3, length=12)
@@ -128,7 +129,7 @@ def test_sharded_checkpoint_and_prefixed_bert(tmp_path):
     hf = transformers.BertForMaskedLM(cfg).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    model = RoutedTransformer.from_hf(tmp_path)
+    model = from_hf(tmp_path)
     x = ids()
     with torch.no_grad():
         ref = hf.bert(x).last_hidden_state
@@ -165,7 +166,7 @@ def test_import_writes_a_run_folder_that_generate_reads(tmp_path, capsys):
     assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(out)]) == 0
     run = load_run(out)
     assert run.cfg.data.tokenizer == "hf" and run.tokenizer.kind == "hf" and run.cfg.model.n_kv_heads == 2
-    ref = RoutedTransformer.from_hf(tmp_path / "hf")
+    ref = from_hf(tmp_path / "hf")
     x = ids()
     with torch.no_grad():
         assert torch.equal(run.model(x).logits, ref(x).logits)
@@ -187,26 +188,26 @@ def test_unknown_architecture(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ConfigError, match=r"unsupported architecture \(model_type='gpt2'.*supports model_type bert, llama, mistral, mixtral, qwen2"):
-        RoutedTransformer.from_hf(tmp_path)
+        from_hf(tmp_path)
 
 
 def test_unsupported_feature_is_named(tmp_path):
     save_decoder("llama", tmp_path, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ConfigError, match=r"rope_parameters.rope_type='linear' is not supported.*'default' \(plain RoPE\)"):
-        RoutedTransformer.from_hf(tmp_path)
+        from_hf(tmp_path)
 
 
 def test_missing_safetensors_file_and_pickles(tmp_path):
     save_decoder("llama", tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="has neither model.safetensors nor model.safetensors.index.json"):
-        RoutedTransformer.from_hf(tmp_path)
+        from_hf(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin, a pickle: routelab reads safetensors only"):
-        RoutedTransformer.from_hf(tmp_path)
+        from_hf(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json' not found: .* is not a Hugging Face model folder"):
-        RoutedTransformer.from_hf(tmp_path / "empty")
+        from_hf(tmp_path / "empty")
 
 
 def test_missing_tensor(tmp_path):
@@ -217,7 +218,7 @@ def test_missing_tensor(tmp_path):
     del state["model.layers.1.self_attn.k_proj.weight"]
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(DamagedFileError, match="tensor 'model.layers.1.self_attn.k_proj.weight' is missing"):
-        RoutedTransformer.from_hf(tmp_path)
+        from_hf(tmp_path)
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
@@ -233,11 +234,11 @@ def test_hub_cache_entry_resolves_to_its_snapshot(tmp_path):
     save_decoder("qwen2", entry / "snapshots" / "abc123")
     (entry / "refs").mkdir()
     (entry / "refs" / "main").write_text("abc123")
-    assert RoutedTransformer.from_hf(entry).cfg.attn_bias == "qkv"
+    assert from_hf(entry).cfg.attn_bias == "qkv"
     from routelab.pretrained.hf import hf_model_type  # upcycle and init_from name such a folder as one
 
     assert hf_model_type(entry) == "qwen2" and hf_model_type(tmp_path) is None
-    RoutedTransformer.from_hf(entry).save_pretrained(tmp_path / "ours")  # routelab's own config.json is not one
+    from_hf(entry).save_pretrained(tmp_path / "ours")  # routelab's own config.json is not one
     assert hf_model_type(tmp_path / "ours") is None
 
 
@@ -278,7 +279,7 @@ def test_bert_run_folder_is_a_classification_run(tmp_path):
     cfg = import_hf_run(tmp_path / "hf", tmp_path / "run")
     assert (cfg.model.head, cfg.data.task, cfg.data.tokenizer) == ("classification", "classification", "hf")
     run = load_run(tmp_path / "run")
-    ref = RoutedTransformer.from_hf(tmp_path / "hf")
+    ref = from_hf(tmp_path / "hf")
     x = ids()
     with torch.no_grad():
         assert torch.equal(run.model(x).hidden, ref(x).hidden)

@@ -9,14 +9,13 @@ import dataclasses
 
 import torch
 
-from routelab.model import RoutedTransformer
-from routelab.pretrained import upcycle
+from routelab.pretrained import from_hf, upcycle
 from tests.pretrained.helpers import save_decoder
 
 
 def test_an_imported_llama_upcycled_to_top2_moe_is_the_same_function_at_step_0(tmp_path):
     save_decoder("llama", tmp_path / "hf")
-    dense = RoutedTransformer.from_hf(tmp_path / "hf").eval()
+    dense = from_hf(tmp_path / "hf").eval()
     assert dense.cfg.n_kv_heads == 2 and dense.cfg.ffn.kind == "dense"
     ffn = {"kind": "moe", "num_experts": 4, "router": {"kind": "topk", "top_k": 2}, "activation": dense.cfg.ffn.activation,
            "bias": dense.cfg.ffn.bias, "hidden": dense.cfg.ffn_hidden}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from routelab import RoutedTransformer
+from routelab.pretrained import from_hf
 
 SENTENCES = [
     "The cat sits outside.", "A man is playing guitar.", "I love pasta.", "Do you like pizza?",
@@ -53,7 +53,7 @@ def test_minilm_sentence_embeddings_and_tokenizer_match_transformers():
     ref_tok = transformers.AutoTokenizer.from_pretrained(folder)
     ref_model = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
     tok = load_hf_tokenizer(folder)
-    model = RoutedTransformer.from_hf(folder)
+    model = from_hf(folder)
     assert [tok.encode_with_specials(s) for s in SENTENCES] == ref_tok(SENTENCES)["input_ids"]
     assert (tok.pad_id, tok.cls_id, tok.eos_id) == (ref_tok.pad_token_id, ref_tok.cls_token_id, ref_tok.sep_token_id)
     batch = ref_tok(SENTENCES, padding=True, return_tensors="pt")

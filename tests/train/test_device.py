@@ -1,12 +1,12 @@
-"""routelab.train.device.to_device, and loading runs and checkpoints onto a chosen device (CPU here;
+"""routelab.device.to_device, and loading runs and checkpoints onto a chosen device (CPU here;
 the same on CUDA in tests/test_cuda_paths.py)."""
 
 import torch
 
 import routelab.train.checkpoint as checkpoint
 from routelab.config import ModelConfig, TrainConfig
+from routelab.device import to_device
 from routelab.model import RoutedTransformer
-from routelab.train.device import to_device
 from routelab.train.optim import build_optimizer
 
 
