@@ -213,6 +213,7 @@ def load_compare_config(
     nproc: int | None = None,
     out: str | Path | None = None,
     seeds: int | None = None,
+    reference: str | None = None,
 ) -> tuple[CompareConfig, dict[str, Config]]:
     """Read a comparison config and build and check every variant's run config (``preflight``: the
     model is built on the meta device, the data source must exist, optional packages be present),
@@ -220,7 +221,8 @@ def load_compare_config(
     command line) replaces the config's budget, and ``nproc`` its processes per variant. The
     prepared runs' configs come back too, under ``prepare/<name>``; ``@name`` references resolve to
     folders under ``out`` (default ``runs/<config stem>``). ``seeds`` replaces the config's seeds;
-    over several seeds, each variant's configs come back under ``<name>/seed-<s>`` (``train.seed=s``)."""
+    over several seeds, each variant's configs come back under ``<name>/seed-<s>`` (``train.seed=s``).
+    ``reference`` replaces the config's reference (it changes the report only, never a run)."""
     path = resolve_config_path(str(path))
     out = Path(out) if out is not None else default_out(path)
     data = read_yaml_mapping(path, "comparison config")
@@ -230,6 +232,8 @@ def load_compare_config(
         data = {**data, "nproc": nproc}
     if seeds is not None:
         data = {**data, "seeds": seeds}
+    if reference is not None:
+        data = {**data, "reference": reference}
     cmp = from_dict(CompareConfig, data, "")
     _budget_overrides(cmp.set, f"{str(path)!r} (set:)")
     _budget_overrides(overrides or [], "--set")
@@ -409,6 +413,7 @@ def compare(
     force: bool = False,
     nproc: int | None = None,
     seeds: int | None = None,
+    reference: str | None = None,
 ) -> Path:
     """Run every variant of a comparison (each seed of it), then write the report. Returns the report folder.
 
@@ -416,7 +421,7 @@ def compare(
     before the first one trains. A variant that fails does not stop the others: the report covers
     those that finished, then ``VariantError`` names the ones that failed and why."""
     out = Path(out) if out else default_out(config_path)
-    cmp, configs = load_compare_config(config_path, overrides, budget, nproc, out, seeds)
+    cmp, configs = load_compare_config(config_path, overrides, budget, nproc, out, seeds, reference)
     if not isolate and cmp.nproc > 1:
         raise ConfigError(f"compare.nproc={cmp.nproc} needs each variant in its own processes; allowed in-process: 1")
     check_compare_target(out, configs)

@@ -583,3 +583,21 @@ def test_a_moe_comparison_reports_router_entropy_and_gradient_share(base_yaml, t
     report = (out / "report.md").read_text()
     assert "router H" in report and (out / "plots" / "routers.png").is_file()
 
+
+def test_another_reference_rewrites_the_report_without_retraining(base_yaml, tmp_path):
+    from routelab.report.stats import paired_difference
+
+    cmp = write_compare(tmp_path, base="base.yaml", budget={"steps": 2}, seeds=2,
+                        variants=[{"name": "dense"}, {"name": "wide", "set": ["model.ffn.hidden=96"]}])
+    out = compare(cmp, out=tmp_path / "out", isolate=False)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/summary.json")}
+    compare(cmp, out=out, isolate=False, reference="wide")
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/summary.json")} == stamps  # nothing retrained
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())}
+    assert rows["wide"]["verdict"] == "reference" and rows["wide"]["steps_to_target"] == 2
+    diff = paired_difference(rows["dense"]["per_seed"], rows["wide"]["per_seed"])
+    assert rows["dense"]["vs_ref"] == pytest.approx(diff.mean)
+    assert "reference `wide`" in (out / "report.md").read_text()
+    with pytest.raises(ConfigError, match=r"compare.reference.*one of the variant names"):
+        compare(cmp, out=out, isolate=False, reference="nope")
+
