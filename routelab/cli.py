@@ -16,7 +16,8 @@ one clear line and exit 2. Commands that run a saved model take ``--device`` (de
 
 ``main(argv)`` runs a command and changes nothing process-wide; ``run()``, the ``routelab`` command
 and ``python -m routelab``, first picks CPU-thread defaults a command line may choose and a library
-import must not (see ``openmp_wait_defaults``).
+import must not (see ``routelab.threads``). ``train --nproc N`` starts its processes through
+``routelab.launch``.
 """
 
 from __future__ import annotations
@@ -30,18 +31,34 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 from routelab import __version__
 from routelab.config import Config, DataConfig, apply_overrides, from_dict
 from routelab.errors import ERROR_FILE_ENV, ConfigError
 from routelab.io import check_folder_target
-from routelab.lock import HELD_ENV, locked
+from routelab.launch import (  # noqa: F401  (re-exported: tests import them from here)
+    describe_exit,
+    first_failure,
+    interrupted,
+    launch_local,
+    launcher_holds,
+    process_rank,
+    without_launch_options,
+)
+from routelab.lock import locked
 from routelab.outputs import check_run_target
 from routelab.presets import resolve_config_path
+from routelab.threads import (  # noqa: F401  (re-exported: tests import them from here)
+    OPENMP_WAIT_VARS,
+    describe_threads,
+    describe_wait_defaults,
+    openmp_runtime,
+    openmp_wait_defaults,
+    reexec,
+    wait_defaults_for,
+)
 from routelab.train.distributed import (
-    LAUNCHER_VAR,
     LOST_PEER_STATUS,
     CollectiveFailure,
     RankZeroError,
@@ -95,16 +112,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         text = sample_text(out, args.prompt, max_new_tokens=200, temperature=0.8, top_k=0, top_p=0.95, seed=0)
         print(f"\n--- sample (prompt {args.prompt!r}) ---\n{text}")
     return 0
-
-
-@contextlib.contextmanager
-def launcher_holds(folder: Path):
-    """Tell the processes started in this block that this process holds ``folder``'s lock."""
-    os.environ[HELD_ENV] = str(folder.resolve())
-    try:
-        yield
-    finally:
-        os.environ.pop(HELD_ENV, None)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -256,10 +263,21 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``routelab`` parser. Commands are added in the order ``routelab --help`` lists them."""
     p = argparse.ArgumentParser(prog="routelab", description="Routing in Transformer language models.")
     p.add_argument("--version", action="version", version=f"routelab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_run_commands(sub)
+    add_data_commands(sub)
+    add_compare_command(sub)
+    add_model_commands(sub)
+    add_inspect_command(sub)
+    add_import_commands(sub)
+    return p
 
+
+def add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """``train`` a model from a config; ``eval`` and ``generate`` from the run folder it wrote."""
     t = sub.add_parser("train", help="train a model from a YAML config", description="Train a model; writes a run directory.")
     t.add_argument("config", help="YAML config file, or a preset name from routelab/configs/ (e.g. lm-tiny, listops-tiny)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set model.d_model=256 (repeatable)")
@@ -295,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_argument(g)
     g.set_defaults(func=cmd_generate)
 
+
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """``data listops``: write a data set to files."""
     d = sub.add_parser("data", help="generate or convert data sets", description="Data utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     lo = dsub.add_parser("listops", help="write ListOps train/val/test in LRA's TSV format", description="Generate ListOps (Long Range Arena spec) as basic_{train,val,test}.tsv.")
@@ -302,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data option, e.g. --set listops_train=96000 --set listops_min_len=500")
     lo.set_defaults(func=cmd_data_listops)
 
+
+def add_compare_command(sub: argparse._SubParsersAction) -> None:
+    """``compare``: train routing variants under one budget and report."""
     c = sub.add_parser("compare", help="train routing variants under one budget and write a report",
                        description="Run every variant of a comparison config into OUT/<variant>/ (finished ones are "
                        "kept, interrupted ones resume), then write OUT/report.md and OUT/report.html.")
@@ -321,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(each old run is replaced only once its new one finishes)")
     c.set_defaults(func=cmd_compare)
 
+
+def add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """``upcycle`` and ``extract``: a run folder's model made into another one."""
     u = sub.add_parser("upcycle", help="turn a trained model into another routing config (dense FFN -> MoE, sparse attention)",
                        description="Map a run's (or saved model's) weights onto the model the --set options describe: "
                        "dense FFNs become MoE layers whose experts start as copies (Komatsuzaki et al. 2023), dense "
@@ -343,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="new run folder to write")
     x.set_defaults(func=cmd_extract)
 
+
+def add_inspect_command(sub: argparse._SubParsersAction) -> None:
+    """``inspect``: one input's routing decisions as heatmaps."""
     i = sub.add_parser("inspect", help="show where tokens attend and which experts they go to",
                        description="Write HTML and PNG heatmaps of one input's routing decisions.")
     i.add_argument("run_dir", help="run directory written by `routelab train`")
@@ -354,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(i)
     i.set_defaults(func=cmd_inspect)
 
+
+def add_import_commands(sub: argparse._SubParsersAction) -> None:
+    """``import hf``: pretrained weights as a run folder."""
     im = sub.add_parser("import", help="import pretrained weights as a run folder", description="Convert pretrained checkpoints into routelab run folders.")
     isub = im.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
     hf = isub.add_parser("hf", help="a local Hugging Face model folder (safetensors)",
@@ -367,7 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
                     " tolerance fails the command (exit 2)")
     add_device_argument(hf)  # for --check
     hf.set_defaults(func=cmd_import_hf)
-    return p
 
 
 class _StderrHandler(logging.Handler):
@@ -392,152 +424,6 @@ def configure_logging(rank: int = 0) -> None:
         logger.addHandler(_StderrHandler())
     logger.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     logger.propagate = False
-
-
-def process_rank() -> int:
-    """This process's rank in a ``torchrun`` launch (0 otherwise)."""
-    return int(os.environ.get("RANK", "0")) if launched() else 0
-
-
-LAUNCH_OPTIONS = ("--nproc", "--max-restarts")  # the launcher's; its processes get the rest of the command line
-
-
-def without_launch_options(argv: list[str]) -> list[str]:
-    """``argv`` without ``--nproc N`` / ``--nproc=N`` and ``--max-restarts K`` / ``--max-restarts=K``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in LAUNCH_OPTIONS:
-            skip = True
-        elif not a.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
-            out.append(a)
-    return out
-
-
-def describe_exit(rank: int, nproc: int, exitcode: int) -> str:
-    """``process 1 of 2 was killed by signal SIGKILL (9), ...`` (exit codes below 0 are signals, as in
-    ``subprocess``) or ``process 1 of 2 exited with status 2; its error is above``."""
-    if exitcode >= 0:
-        return f"process {rank} of {nproc} exited with status {exitcode}; its error is above"
-    try:
-        name = f"{signal.Signals(-exitcode).name} ({-exitcode})"
-    except ValueError:
-        name = str(-exitcode)
-    why = ", e.g. by the out-of-memory killer" if -exitcode == signal.SIGKILL else ""
-    return f"process {rank} of {nproc} was killed by signal {name}{why}"
-
-
-def first_failure(exitcodes: Mapping[int, int]) -> int:
-    """The rank whose failure ended a run, given each failed rank's exit code: not one that stopped
-    because another ended (``LOST_PEER_STATUS``) or that the launcher stopped (SIGTERM) unless no other
-    failed; the lowest such rank (rank 0 reports a step it does alone, the others follow it)."""
-    def consequence(code: int) -> int:
-        return {LOST_PEER_STATUS: 2, -signal.SIGTERM: 1}.get(code, 0)
-
-    return min(exitcodes, key=lambda rank: (consequence(exitcodes[rank]), rank))
-
-
-class _LauncherLog(logging.Filter):
-    """Sits on two of torch's launcher loggers while ``launch_local`` runs: drops the line it logs for
-    each failed attempt (the final report names the failed process in routelab's words), turns a
-    restart (``--max-restarts``) into one warning naming what failed, and continues (SIGCONT) each
-    process the launcher says it is stopping: one that was stopped (SIGSTOP) would otherwise act on the
-    launcher's SIGTERM only when it kills it, 30 seconds later."""
-
-    def __init__(self, nproc: int) -> None:
-        super().__init__()
-        self.nproc, self.failure = nproc, None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.msg)
-        if msg.startswith("Sending process") and record.args:  # its SIGTERM (or the interrupting signal) follows
-            with contextlib.suppress(OSError, TypeError):  # it ended meanwhile
-                os.killpg(record.args[0], signal.SIGCONT)  # each process leads a session and group of its own
-            return False
-        if msg.startswith("failed (exitcode") and len(record.args or ()) >= 2:
-            self.failure = describe_exit(record.args[1], self.nproc, record.args[0])  # local rank = rank on one machine
-            return False
-        if "will restart worker group" in msg and len(record.args or ()) >= 4:
-            remaining, total = record.args[2], record.args[3]
-            what = (self.failure or "a process failed").removesuffix("; its error is above")
-            print(f"routelab: warning: {what}; restarting the {self.nproc} processes (restart {total - remaining + 1} of"
-                  f" {total}), from the newest checkpoint", file=sys.stderr)
-            return False
-        return record.levelno >= logging.ERROR
-
-
-# the signals torch's launcher handles (TORCHELASTIC_SIGNALS_TO_HANDLE): it stops the processes and raises SignalException
-LAUNCHER_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
-
-
-def launch_local(nproc: int, batch_size: int, argv: list[str], max_restarts: int = 0) -> int:
-    """``routelab train ... --nproc N``: the same command in N processes on this machine, started by
-    torch's launcher (``torch.distributed.run``, i.e. torchrun --standalone); returns the exit status.
-    A failed process is reported in one line (after its own error line, if it printed one); the
-    others, whose collectives fail when it ends, stop without a line of their own (``lost_peer``). With
-    ``max_restarts`` K > 0 the launcher starts all N again after a failure, up to K times (each
-    resumes from the newest checkpoint: see ``cmd_train``). Unless ``OMP_NUM_THREADS`` is set, each
-    process gets an equal share of this machine's cores (``train.threads`` still overrides it).
-
-    Interrupted (Ctrl-C, SIGINT) or stopped (SIGTERM, SIGHUP, SIGQUIT), torch's launcher passes the
-    signal on to the processes, which end at once (``end_with_launcher``), and this returns
-    ``interrupted``'s status after one line."""
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser
-    from torch.distributed.run import run as torchrun
-
-    if batch_size % nproc:
-        raise ConfigError(f"train.batch_size={batch_size} is invalid with --nproc {nproc}; allowed: a multiple of {nproc}")
-    logging.getLogger("torch.distributed").setLevel(logging.ERROR)  # we report failures ourselves; no launcher banners
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 (with a banner); share the cores instead
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
-    launcher = get_args_parser().parse_args(
-        ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "-m", "routelab", *argv]
-    )
-    log.info("starting %d processes with torch.distributed.run (torchrun --standalone)", nproc)
-    report = _LauncherLog(nproc)
-    watched = [logging.getLogger(f"torch.distributed.elastic.{m}.api") for m in ("multiprocessing", "agent.server")]
-    levels = [logger.level for logger in watched]
-    watched[0].setLevel(logging.WARNING)  # its line before it stops a process is a WARNING
-    watched[1].setLevel(logging.INFO)  # its restart line is INFO
-    for logger in watched:
-        logger.addFilter(report)
-    handlers = {s: signal.getsignal(s) for s in LAUNCHER_SIGNALS}  # torch's launcher sets its own and leaves them
-    os.environ[LAUNCHER_VAR] = str(os.getpid())  # the processes end with this one (end_with_launcher)
-    try:
-        torchrun(launcher)
-    except SignalException as e:  # the launcher has stopped the processes with the same signal
-        return interrupted(e.sigval)
-    except ChildFailedError as e:
-        exitcodes = {rank: failure.exitcode for rank, failure in e.failures.items()}
-        rank = first_failure(exitcodes)
-        line = describe_exit(rank, nproc, exitcodes[rank])
-        if exitcodes[rank] < 0:
-            line += "; the other processes were stopped"
-        if max_restarts:
-            line += f"; no restarts left (--max-restarts {max_restarts})"
-        print(f"routelab: error: {line}", file=sys.stderr)
-        return 2 if exitcodes[rank] == 2 else 1
-    finally:
-        os.environ.pop(LAUNCHER_VAR, None)
-        for sig, handler in handlers.items():
-            if handler is not None:  # None: not set from Python
-                signal.signal(sig, handler)
-        for logger, level in zip(watched, levels):
-            logger.removeFilter(report)
-            logger.setLevel(level)
-    return 0
-
-
-def interrupted(sig: int = signal.SIGINT) -> int:
-    """A run interrupted or stopped from outside: one line, and the status a shell gives a process
-    that the signal ended, 128 + its number (Ctrl-C's SIGINT 130, SIGTERM 143)."""
-    how = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
-    print(f"routelab: {how}; a training run continues from its last checkpoint with --resume", file=sys.stderr)
-    return 128 + int(sig)
 
 
 def out_of_resources(error: BaseException) -> str | None:
@@ -615,46 +501,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT if launched() else interrupted()
 
 
-# -- CPU threads ---------------------------------------------------------------------------------
-# When another busy process shares the cores, OpenMP threads that spin while they wait for work slow
-# training several-fold. A short spin (libgomp) or none (other runtimes) avoids it; the README's "CPU
-# threads" section has the measurements. OpenMP reads these variables once, when it loads with
-# torch, that is when the routelab package is imported: before any code of this module runs.
-OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # libgomp; Intel and LLVM OpenMP
-OPENMP_COMMANDS = ("train", "compare")  # the commands that train (compare: in child processes)
-
-
-def openmp_runtime() -> str:
-    """``libgomp`` when this process has GNU OpenMP loaded (torch's Linux wheels), else ``other``."""
-    try:
-        return "libgomp" if "libgomp" in Path("/proc/self/maps").read_text() else "other"
-    except OSError:  # no /proc (macOS, Windows)
-        return "other"
-
-
-def openmp_wait_defaults(environ: Mapping[str, str], runtime: str) -> dict[str, str]:
-    """The variables ``run()`` adds to the environment: ``GOMP_SPINCOUNT=1000`` for libgomp, the
-    portable ``OMP_WAIT_POLICY=PASSIVE`` for any other runtime; nothing when the user already chose
-    how idle OpenMP threads wait (any of ``OPENMP_WAIT_VARS`` set, to any value)."""
-    if any(v in environ for v in OPENMP_WAIT_VARS):
-        return {}
-    return {"GOMP_SPINCOUNT": "1000"} if runtime == "libgomp" else {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def describe_threads(config_threads: int | None) -> str:
-    """``CPU threads: 2 (torch's default; train.threads sets it), GOMP_SPINCOUNT=1000``."""
-    import torch
-
-    if config_threads:
-        n, why = config_threads, "train.threads"
-    elif "OMP_NUM_THREADS" in os.environ:
-        n, why = torch.get_num_threads(), "from OMP_NUM_THREADS"
-    else:
-        n, why = torch.get_num_threads(), "torch's default; train.threads sets it"
-    waits = ", ".join(f"{v}={os.environ[v]}" for v in OPENMP_WAIT_VARS if v in os.environ) or "OpenMP's default wait"
-    return f"CPU threads: {n} ({why}), {waits}"
-
-
 def run() -> None:
     """The ``routelab`` command (and ``python -m routelab``): ``main()`` on ``sys.argv``, after setting
     ``openmp_wait_defaults`` for the commands that train. ``compare``'s variants train in child
@@ -662,20 +508,13 @@ def run() -> None:
     already read the environment, so it re-executes itself once (same interpreter and arguments)."""
     argv = sys.argv[1:]
     args = build_parser().parse_args(argv)  # --help, --version and usage errors exit here, as they are
-    extra = openmp_wait_defaults(os.environ, openmp_runtime()) if args.command in OPENMP_COMMANDS else {}
+    extra = wait_defaults_for(args.command)
     if extra:
         os.environ.update(extra)
         configure_logging(process_rank())
-        log.info(
-            "%s: idle OpenMP threads soon sleep instead of spinning, so another busy process does not slow"
-            " training several-fold (set OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself to choose)",
-            ", ".join(f"{k}={v}" for k, v in extra.items()),
-        )
-        if args.command == "train" and "torch" in sys.modules and os.name == "posix" and sys.executable:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            with contextlib.suppress(OSError):  # cannot re-execute: train on, with OpenMP's own default
-                os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        log.info("%s", describe_wait_defaults(extra))
+        if args.command == "train":
+            reexec()  # returns where it cannot re-execute: train on, with OpenMP's own default
     code = main(argv)
     if code and launched():
         exit_now(code)

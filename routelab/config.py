@@ -14,6 +14,10 @@ Validation lives in each dataclass's ``__post_init__``. A config is a tree of da
 Building from a dict (``from_dict``) rejects unknown keys with a "did you mean" hint and wrong
 types with a message naming the field, the value and what is allowed; each dataclass's
 ``__post_init__`` checks ranges. Every error is a ``ConfigError`` (a ``ValueError``).
+
+This module is the schema. The conversion lives in ``routelab.conversion`` (dict <-> dataclass),
+the reading in ``routelab.yaml_io`` (YAML files, ``base:`` presets, ``--set`` overrides); their
+names are re-exported here, where callers have always imported them.
 """
 
 from __future__ import annotations
@@ -21,17 +25,24 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from routelab.conversion import from_dict, section_from_dict, to_dict
 from routelab.errors import ConfigError, check, check_fraction, check_positive
-from routelab.options import SECTIONS, AttentionConfig, FFNConfig
-from routelab.registry import UnknownKindError
+from routelab.options import AttentionConfig, FFNConfig
+from routelab.yaml_io import (  # noqa: F401  (re-exported: callers import them from here)
+    MAX_YAML_VALUES,
+    apply_overrides,
+    deep_merge,
+    load_yaml,
+    parse_scalar,
+    read_yaml_mapping,
+    resolve_base,
+)
 
 __all__ = ["AttentionConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "FFNConfig", "ModelConfig", "TaskConfig", "TrainConfig"]
 
@@ -463,7 +474,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# generic dict <-> dataclass with validation
+# schema-aware steps of the conversion (the generic part is routelab.conversion)
 
 
 def _task_heads_first(data: Any) -> Any:
@@ -483,295 +494,6 @@ def _task_heads_first(data: Any) -> Any:
         heads.append(from_dict(TaskConfig, t, f"data.tasks[{i}]").head)
     names = [t.get("name") for t in data["data"]["tasks"]]
     return {**data, "model": {**model, "task_names": names, "task_heads": heads}}
-
-
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def section_from_dict(base: type, data: Any, path: str) -> Any:
-    """Build a registered section (attention, ffn, router): its ``kind`` picks, in ``base.registry``,
-    the dataclass that validates the rest. A bare string is the kind alone (``router: topk``)."""
-    if isinstance(data, str):
-        data = {"kind": data}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping with a 'kind' key (or a kind name), got {data!r}")
-    kind = data.get("kind", base.kind)
-    if kind in getattr(base, "renamed", {}):  # a kind saved under its former name
-        kind = base.renamed[kind]
-        data = {**data, "kind": kind}
-    try:
-        entry = base.registry.get(kind)
-    except UnknownKindError as e:
-        raise ConfigError(f"{path}.kind: {e}") from None
-    upgrade = getattr(entry.config_class, "upgrade", None)  # reads sections written by older versions
-    return from_dict(entry.config_class, upgrade(data) if upgrade else data, path)
-
-
-def from_dict(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and types; ``path`` names the section."""
-    where = path or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    fields = _fields(cls)
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
-            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(
-                f"unknown key {_join(path, key)!r}{did_you_mean} (known keys: {', '.join(fields)})"
-            )
-        kwargs[key] = _coerce(value, hints[key], _join(path, key))
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # a range check raised something else
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check ``value`` against type ``tp``; allow int -> float; return the value to store."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp in SECTIONS:
-        return section_from_dict(tp, value, name)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, name)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for a in non_none:
-            try:
-                return _coerce(value, a, name)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}={value!r} matches none of {non_none}")
-    if origin is Literal:
-        if value not in args:
-            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{name}={value!r} is invalid{did_you_mean}; allowed: {', '.join(map(repr, args))}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}={value!r} is invalid; allowed: a list")
-        item = args[0] if args else Any
-        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}={value!r} is invalid; allowed: a mapping")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} is invalid; allowed: true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}={value!r} is invalid; allowed: an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}={value!r} is invalid; allowed: a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r} is invalid; allowed: a string")
-        return value
-    raise ConfigError(f"{name}: unsupported field type {tp!r}")  # a bug in a config class
-
-
-def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def resolve_base(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Expand ``base: other.yaml`` (a path relative to this file): this file's keys are merged over
-    the base's, section by section, so a variant preset holds only what differs."""
-    if "base" not in data:
-        return data
-    base_path = (path.parent / str(data["base"])).resolve()
-    if not base_path.is_file():
-        raise ConfigError(f"{str(path)!r}: base {data['base']!r} not found (looked for {str(base_path)!r})")
-    if base_path in seen:
-        raise ConfigError(f"{str(path)!r}: base configs form a cycle through {str(base_path)!r}")
-    base = resolve_base(read_yaml_mapping(base_path, "base config"), base_path, (*seen, path.resolve()))
-    return deep_merge(base, {k: v for k, v in data.items() if k != "base"})
-
-
-def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
-    """The mapping a YAML file holds (an empty file is ``{}``). A problem raises ``ConfigError`` naming
-    the file; a syntax error gives its line and column (1-based) and nothing more, so it fits on one
-    line: ``'x.yaml' line 3, column 7: mapping values are not allowed here``."""
-    try:
-        text = path.read_text(encoding="utf-8")  # YAML is UTF-8 whatever the locale says
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})") from None
-    try:
-        data = load_yaml(text, f"{what} {str(path)!r}")
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{str(path)!r} {yaml_error_position(e, text)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {str(path)!r} must hold a mapping (section: value), got {type(data).__name__}")
-    return data
-
-
-MAX_YAML_VALUES = 100_000  # values a YAML document may hold once its aliases are expanded (a config holds hundreds)
-
-
-def load_yaml(text: str, name: str) -> Any:
-    """``yaml.safe_load(text)``, refusing (``ConfigError`` naming ``name``) a document that expands to
-    more than ``MAX_YAML_VALUES`` values through its aliases, one whose alias contains itself, or one
-    nested too deeply for the parser. Anchors and aliases (``&base`` / ``*base``) stay usable.
-
-    A "billion laughs" file (nine levels of nine aliases, about 300 bytes) loads as a graph of shared
-    nodes but expands to 9^9 values wherever it is copied or walked; the expanded size is counted on
-    the composed node graph, each anchored node once, so the check costs what the file's length does."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        values = _expanded_size(node, {}, set(), name)
-        if values > MAX_YAML_VALUES:
-            raise ConfigError(
-                f"{name} expands to {values:,} values through its aliases (*name); at most {MAX_YAML_VALUES:,}"
-                " are allowed: repeat fewer aliases"
-            )
-        return loader.construct_document(node)
-    except RecursionError:
-        raise ConfigError(f"{name} is nested too deeply to read (more than several hundred levels)") from None
-    finally:
-        loader.dispose()
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int], name: str) -> int:
-    """Values under ``node`` (itself included) with every alias spelled out; ``sizes`` memoises the
-    nodes already counted (an alias is the same node object as its anchor), ``open_nodes`` are the
-    ones being counted, so an alias inside its own anchor is found."""
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    if key in open_nodes:
-        line = node.start_mark.line + 1 if node.start_mark else "?"
-        raise ConfigError(f"{name} line {line}: an alias refers to a value that contains it (a recursive alias)")
-    open_nodes.add(key)
-    if isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    elif isinstance(node, yaml.SequenceNode):
-        children = node.value
-    else:
-        children = []
-    size = 1 + sum(_expanded_size(child, sizes, open_nodes, name) for child in children)
-    open_nodes.discard(key)
-    sizes[key] = size
-    return size
-
-
-def yaml_error_position(e: yaml.YAMLError, text: str) -> str:
-    """``line 3, column 7: <problem>`` for a PyYAML error (its marks are 0-based); the construct it was
-    reading, when PyYAML names one, follows in brackets."""
-    if isinstance(e, yaml.MarkedYAMLError) and (e.problem_mark or e.context_mark):
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem or e.context}"
-        if e.problem and e.context:
-            at = f" from line {e.context_mark.line + 1}, column {e.context_mark.column + 1}" if e.context_mark else ""
-            where += f" ({e.context}{at})"
-        return where
-    if isinstance(e, yaml.reader.ReaderError):  # a character YAML refuses; it knows only the offset
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        code = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
-        return f"line {line}, column {column}: character {code} is not allowed in YAML"
-    return f"is not valid YAML: {' '.join(str(e).split())}"
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` on top of ``base``: nested mappings merge, anything else replaces."""
-    out = dict(base)
-    for key, value in over.items():
-        old = out.get(key)
-        out[key] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
-    return out
-
-
-def apply_overrides(data: dict, overrides: list[str], values: dict[str, Any] | None = None) -> dict:
-    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars; then
-    ``values`` (``{"a.b.c": value}``), set as given (a command-line option such as ``--init-from
-    DIR``, whose path must not be read as YAML).
-
-    ``--set model.d_model=256`` -> ``data['model']['d_model'] = 256``. Keys are checked later by
-    ``from_dict``, so a typo still gets its "did you mean". A section given by its kind alone
-    (``router: topk``) opens as ``{kind: topk}`` when a key below it is set
-    (``model.ffn.router=topk`` then ``model.ffn.router.top_k=3``).
-    """
-    data = _copy_tree(data)
-    pairs = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. model.d_model=256)")
-        dotted, raw = item.split("=", 1)
-        pairs.append((item, dotted, parse_scalar(raw)))
-    pairs += [(f"{dotted}={value}", dotted, value) for dotted, value in (values or {}).items()]
-    for item, dotted, value in pairs:
-        keys = dotted.strip().split(".")
-        if not all(keys):
-            raise ConfigError(f"override {item!r} has an empty key; expected section.key=value")
-        node = data
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if isinstance(nxt, str):  # a registered section named by its kind alone
-                nxt = node[k] = {"kind": nxt}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {k!r} is a value, not a section")
-            node = nxt
-        node[keys[-1]] = value
-    return data
-
-
-def _copy_tree(value: Any) -> Any:
-    """A copy of nested mappings and lists, each alias of the YAML its own copy (so an override
-    changes one place), leaves kept as YAML read them (a date stays a date for the type check)."""
-    if isinstance(value, dict):
-        return {k: _copy_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_tree(v) for v in value]
-    return value
-
-
-def parse_scalar(raw: str) -> Any:
-    """A ``--set`` value: YAML (``true``, ``[1, 2]``, ``null``), plus numbers YAML 1.1 reads as
-    strings (``1e-6``, ``3E4``), so ``--set train.lr=1e-3`` is a float."""
-    if not raw.strip():
-        return ""
-    try:
-        value = load_yaml(raw, f"--set value {raw!r}")
-    except yaml.YAMLError:
-        return raw
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
-    return value
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:

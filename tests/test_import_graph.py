@@ -19,6 +19,7 @@ LAYERS = (
     ("routelab.errors", "routelab.registry", "routelab.io", "routelab.lock", "routelab.precision",
      "routelab.embeddings", "routelab.device", "routelab.data.sources", "routelab.hf_folder"),
     ("routelab.options", "routelab.outputs", "routelab.presets"),
+    ("routelab.conversion", "routelab.yaml_io"),  # dict <-> dataclass; YAML, bases and --set: the schema uses them
     ("routelab.config",),  # the schema: of the data package it reads only the source table
     ("routelab.attention", "routelab.ffn", "routelab.moe", "routelab.data"),
     ("routelab.model",),  # knows nothing of pretrained/ (from_hf lives there)
@@ -26,6 +27,7 @@ LAYERS = (
     ("routelab.train",),  # starts runs from other weights through routelab.upcycle, not pretrained/
     ("routelab.pretrained",),  # builds on runs: imports train, never the other way round
     ("routelab.compare", "routelab.report"),
+    ("routelab.launch", "routelab.threads"),  # the command line's process launcher (torchrun) and OpenMP re-exec
     ("routelab.cli", "routelab.__main__"),
 )
 # modules that only re-export another's names, kept for older imports -> the module holding the code;
