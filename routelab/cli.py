@@ -192,7 +192,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds} is invalid; allowed: 1 or more (3 or more for intervals and verdicts)")
     compare(args.config, out=args.out, overrides=args.set, budget=budget or None, force=args.force, nproc=args.nproc,
-            seeds=args.seeds)
+            seeds=args.seeds, reference=args.reference)
     return 0
 
 
@@ -341,6 +341,8 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seeds", type=int, metavar="N", help="train each variant N times (train.seed 0..N-1, into "
                    "OUT/<variant>/seed-<s>/) and report means, 95%% intervals, paired differences and verdicts "
                    "(replaces the config's seeds)")
+    c.add_argument("--reference", metavar="NAME", help="the variant the others are measured against (replaces the "
+                   "config's reference; finished runs are kept, so this rewrites only the report)")
     c.add_argument("--force", action="store_true", help="retrain variants whose folder holds a run of another config "
                    "(each old run is replaced only once its new one finishes)")
     c.set_defaults(func=cmd_compare)

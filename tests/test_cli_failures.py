@@ -162,6 +162,9 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
         None, ["train", "CFG", "--out", "TMP/new", "--init-from", "RUN", "--set", "model.n_layers=2", "--no-sample"],
         r"train\.init_from=.*model\.n_layers is 1 in the source but 2 in the target",
     ),
+    "compare-unknown-reference": (
+        None, ["compare", "compare-lm", "--out", "TMP/cmp", "--reference", "nope"], r"compare\.reference='nope' is invalid.*variant names",
+    ),
     "train-init-from-checked-with-the-config": (  # --init-from is set before validation, like --set
         None, ["train", "multitask-tiny", "--out", "TMP/new", "--init-from", "RUN", "--no-sample"],
         r"train\.init_from=.* is invalid.*null in a multi-task run",
