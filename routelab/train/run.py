@@ -35,7 +35,7 @@ from routelab.data import (
 from routelab.errors import ConfigError
 from routelab.io import DamagedFileError, atomic_write, check_folder_target, load_state_dict, read_json
 from routelab.model import RoutedTransformer, state_shapes
-from routelab.moe.parallel import check_divides_experts
+from routelab.moe.parallel import check_expert_parallel
 from routelab.outputs import check_run_target
 from routelab.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -320,12 +320,8 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
             f"train.expert_parallel={P} spreads experts over processes, but this is one process;"
             f" start it with --nproc N or torchrun (N a multiple of {P})"
         )
-    if world % P:
+    if world % P:  # (check_expert_parallel below says the same; this comes before any data is looked at)
         raise ConfigError(f"train.expert_parallel={P} is invalid with {world} processes; allowed: a divisor of {world}")
-    if cfg.train.expert_parallel > 1 and getattr(cfg.model.ffn, "kind", "dense") != "moe":
-        raise ConfigError(f"train.expert_parallel={cfg.train.expert_parallel} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
-    if P > 1:  # before any process starts (the trainer checks the built model again: check_expert_parallel)
-        check_divides_experts(P, cfg.model.ffn.num_experts)
     if cfg.train.tensorboard:
         tensorboard_writer_class()
     tasks = cfg.data.tasks
@@ -338,7 +334,10 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
             builtin = ", ".join(repr(s) for s, task in BUILTIN_SOURCES.items() if task == data_cfg.task)
             raise DataError(f"{where} {source!r} does not exist; allowed: {builtin}, 'hf:NAME', or a file/folder path")
     model_cfg = with_placeholder_sizes(cfg)
-    state_shapes(model_cfg)
+    with torch.device("meta"):  # every layer's own checks, no memory
+        model = RoutedTransformer(model_cfg)
+    if P > 1:  # before any process starts: the check the trainer runs on the real model
+        check_expert_parallel(model, P, world)
     check_training_memory(cfg, model_cfg, resolve_device(cfg.train.device), world_size)  # sizes that cannot fit
 
 
