@@ -21,9 +21,11 @@ LAYERS = (
     ("routelab.options", "routelab.outputs", "routelab.presets"),
     ("routelab.conversion", "routelab.yaml_io"),  # dict <-> dataclass; YAML, bases and --set: the schema uses them
     ("routelab.config",),  # the schema: of the data package it reads only the source table
+    # data/ holds the training batches too (routelab.data.batches): it knows nothing of train/
     ("routelab.attention", "routelab.ffn", "routelab.moe", "routelab.data"),
     ("routelab.model",),  # knows nothing of pretrained/ (from_hf lives there)
     ("routelab", "routelab.generate", "routelab.upcycle"),  # the public API; transforms of a built model
+    # train/: setup (builds a run), step (one update), trainer (the loop), export (model/), ...
     ("routelab.train",),  # starts runs from other weights through routelab.upcycle, not pretrained/
     ("routelab.pretrained",),  # builds on runs: imports train, never the other way round
     ("routelab.compare", "routelab.report"),

@@ -6,6 +6,7 @@ Hugging Face datasets are read from the local cache unless explicitly allowed.
 ``tokenizers`` and ``datasets`` are optional (``pip install 'routelab[hf]'``).
 """
 
+from routelab.data.batches import batch_seed, micro_batch, seed_everything, task_batches, task_seed, token_counts
 from routelab.data.classification import (
     ClassificationData,
     classification_batch,
@@ -51,6 +52,12 @@ from routelab.data.tokenizers import (
 )
 
 __all__ = [
+    "batch_seed",
+    "micro_batch",
+    "seed_everything",
+    "task_batches",
+    "task_seed",
+    "token_counts",
     "MultiTaskData",
     "TaskCounter",
     "draw_tasks",
