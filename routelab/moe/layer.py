@@ -13,41 +13,28 @@ router input of learned routers (router(x + e_task)), so a multi-task model can 
 task as well as its content, and starts as the unconditioned model. The ``task`` router (task-level
 MoE, Kudugunta et al. 2021) instead routes by the task id alone.
 
+A router whose combine rule is not this sum (soft MoE mixes slots, ``routers/soft.py``) runs the
+forward itself: the layer asks ``router.forward_layer`` first and never branches on the router's kind.
+
 Shape legend: T tokens, D model dim, E experts, K choice slots per token, H expert hidden width.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 import routelab.moe.losses as losses
 from routelab.errors import ConfigError, check
-from routelab.ffn.base import FFNOutput
 from routelab.ffn.dense import FeedForward
 from routelab.moe.dispatch import apply_capacity, capacity, grouped_experts, plan_dispatch
 from routelab.moe.experts import Experts, reference_combine
-from routelab.moe.routers.router import Router, Routing, SoftRouting, build_router, require_capability
+from routelab.moe.output import MoEOutput  # re-exported: routelab.moe.layer.MoEOutput
+from routelab.moe.routers.router import Router, Routing, build_router, require_capability
 from routelab.moe.threads import Workspace
 from routelab.options import RouterConfig
-
-
-@dataclass
-class MoEOutput(FFNOutput):
-    """``hidden`` (same shape as x), ``aux_loss`` (scalar, already weighted), ``stats``:
-
-    - ``tokens_per_expert`` (E,): pairs each expert computed (after capacity drops);
-      for soft MoE the combine weight each expert's slots received, summed over tokens.
-    - ``dropped_fraction``: fraction of chosen (token, expert) pairs dropped by capacity.
-    - ``unrouted_fraction``: fraction of tokens that no expert processed (dropped, or expert choice).
-    - ``router_entropy``: mean entropy (nats) of the router distribution, where there is one.
-    - ``max_load``, ``mean_load``: max and mean of tokens_per_expert (max/mean = imbalance).
-    - ``unused_experts``: experts that received no token.
-    - ``balance_loss``, ``z_loss``: the unweighted losses, where computed.
-    """
 
 
 class MoE(nn.Module):
@@ -208,8 +195,9 @@ class MoE(nn.Module):
             raise ValueError(f"router {self.router.kind!r} needs token_ids: call moe(x, token_ids=...) with the input ids")
         if task_ids is not None and task_ids.shape != x.shape[:-1]:
             raise ValueError(f"task_ids has shape {tuple(task_ids.shape)}, expected one per token {tuple(x.shape[:-1])}")
-        if self.router.soft:
-            return self._forward_soft(x, padding_mask, task_ids)
+        own = self.router.forward_layer(self, x, padding_mask, task_ids)  # a router with its own combine rule (soft MoE)
+        if own is not None:
+            return own
         shape = x.shape
         xf = x.reshape(-1, self.d_model)  # (T, D)
         ids = token_ids.reshape(-1) if token_ids is not None else None
@@ -264,12 +252,10 @@ class MoE(nn.Module):
         """For inspection: x (..., D) -> (..., E), the weight each expert's output gets for each
         token in this mode's forward pass (0 = not routed or dropped; soft MoE: combine weight
         summed over the expert's slots). Shared experts are not included."""
+        own = self.router.gate_matrix(self, x, task_ids)  # a router with its own combine rule (soft MoE)
+        if own is not None:
+            return own
         E = self.num_experts
-        if self.router.soft:
-            xb = x.reshape(-1, x.shape[-2], x.shape[-1])
-            tb = task_ids.reshape(xb.shape[:2]) if task_ids is not None else None
-            combine = self.router(self.router_input(xb, tb)).combine  # (B, T, E*S)
-            return combine.view(*xb.shape[:2], E, -1).sum(-1).reshape(*x.shape[:-1], E)
         xf = x.reshape(-1, self.d_model)
         seq_len = x.shape[-2] if x.dim() >= 3 else xf.shape[0]
         pos = torch.arange(xf.shape[0], device=x.device) % seq_len
@@ -365,45 +351,3 @@ class MoE(nn.Module):
         if r.probs is not None and self.entropy_loss_weight > 0:
             aux = aux + self.entropy_loss_weight * losses.router_entropy(r.probs)
         return aux, stats
-
-    # ------------------------------------------------------------------------------------------
-    def _forward_soft(self, x: Tensor, padding_mask: Tensor | None, task_ids: Tensor | None = None) -> MoEOutput:
-        """Soft MoE (Puigcerver et al. 2023): x (B, T, D) or (T, D); every expert on its slots.
-
-        Shapes: B sequences, T tokens, S slots per expert, E*S slots in all.
-        """
-        shape = x.shape
-        xb = x.reshape(-1, shape[-2], shape[-1]) if x.dim() >= 2 else x.view(1, 1, -1)  # (B, T, D)
-        pad = padding_mask.reshape(xb.shape[:2]) if padding_mask is not None else None
-        tb = task_ids.reshape(xb.shape[:2]) if task_ids is not None else None
-        r: SoftRouting = self.router(self.router_input(xb, tb), padding_mask=pad)  # slots still mix x itself
-        B, T, _ = xb.shape
-        E, S = self.num_experts, self.router.slots_per_expert
-        slots = torch.einsum("bts,btd->bsd", r.dispatch.to(x.dtype), xb)  # (B, E*S, D) eq. 1
-        slots = slots.view(B, E, S, -1).transpose(0, 1).reshape(E, B * S, -1)  # (E, B*S, D)
-        if self.impl == "reference":  # every expert on every slot, then each expert's own slots: E times the work
-            every = self.experts.forward_all(slots.reshape(E * B * S, -1))  # (E, E*B*S, D)
-            out = torch.stack([every[e, e * B * S : (e + 1) * B * S] for e in range(E)])  # (E, B*S, D)
-        else:
-            out = self.experts.forward_all(slots)  # (E, B*S, D): one bmm per matrix, each expert on its slots
-        out = out.view(E, B, S, -1).transpose(0, 1).reshape(B, E * S, -1)  # (B, E*S, D)
-        y = torch.einsum("bts,bsd->btd", r.combine.to(x.dtype), out)  # (B, T, D) eq. 2
-        if self.shared is not None:
-            y = y + self.shared(xb)
-        if pad is not None:
-            y = y.masked_fill(pad.unsqueeze(-1), 0.0)
-        with torch.no_grad():
-            real = r.combine if pad is None else r.combine * (~pad).unsqueeze(-1)
-            per_expert = real.view(B, T, E, S).sum((0, 1, 3)).float()  # (E,) combine mass per expert
-            probs = r.combine.reshape(-1, E * S)  # (B*T, E*S)
-            weights = None if pad is None else (~pad).reshape(-1).to(probs.dtype)  # (B*T,) weights, not an index: no sync
-            stats = {
-                "tokens_per_expert": per_expert,
-                "dropped_fraction": torch.zeros((), device=x.device),
-                "unrouted_fraction": torch.zeros((), device=x.device),
-                "router_entropy": losses.router_entropy(probs, weights) if probs.shape[0] else torch.zeros((), device=x.device),
-                "max_load": per_expert.max(),
-                "mean_load": per_expert.mean(),
-                "unused_experts": (per_expert == 0).sum(),
-            }
-        return MoEOutput(y.reshape(shape), torch.zeros((), device=x.device), stats)

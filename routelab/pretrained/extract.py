@@ -61,7 +61,7 @@ def extract_task(model: RoutedTransformer, task: str | int) -> RoutedTransformer
     cfg = model.cfg
     moe_layers = _check_task_routed(model)
     t = task_index(cfg, task)
-    k = model.layers[moe_layers[0]].ffn.router.options.top_k
+    k = len(model.layers[moe_layers[0]].ffn.router.experts_of(t))
     router = dataclasses.replace(cfg.ffn.router, table=None)  # one task: the default table [[0 .. k-1]]
     new_cfg = dataclasses.replace(
         cfg, task_names=[cfg.task_names[t]], ffn=dataclasses.replace(cfg.ffn, num_experts=k, router=router),
@@ -74,13 +74,12 @@ def extract_task(model: RoutedTransformer, task: str | int) -> RoutedTransformer
     state = {}
     for i in moe_layers:
         ffn = model.layers[i].ffn
-        kept = ffn.router.table[t]  # (k,) task t's experts, in table (slot) order
+        kept = ffn.router.experts_of(t)  # (k,) task t's experts, in table (slot) order
         prefix = f"layers.{i}.ffn."
         for name, tensor in ffn.experts.state_dict().items():
             state[f"{prefix}experts.{name}"] = tensor.index_select(0, kept.to(tensor.device))  # (k, ...)
-        if ffn.router.gate_logits is not None:
-            state[f"{prefix}router.gate_logits"] = ffn.router.gate_logits.detach()[t : t + 1]  # (1, k)
-        state[f"{prefix}router.table"] = torch.arange(k).unsqueeze(0)  # (1, k): the kept experts, in slot order
+        for name, tensor in ffn.router.restricted_to(t).items():  # a one-task router over the kept experts
+            state[f"{prefix}router.{name}"] = tensor
     for name, tensor in small.state_dict().items():
         if name not in state:
             state[name] = source[name]

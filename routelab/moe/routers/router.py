@@ -1,7 +1,9 @@
 """What every token -> expert router shares: the ``Routing`` it returns, the ``Router`` base class,
 and ``build_router``.
 
-A router only decides; the MoE layer applies capacity, dispatch, losses and statistics. Learned
+A router only decides; the MoE layer applies capacity, dispatch, losses and statistics, unless the
+router combines expert outputs its own way (soft MoE mixes slots): then the layer asks it to
+(``Router.forward_layer``, ``Router.gate_matrix``) and never branches on the router's kind. Learned
 routers hold ``weight`` (E, D) (the layer's parameter ``router.weight``) and compute their
 probabilities in float32 from ``logits = x @ weight.T``. Each router is one file in this package:
 its options dataclass (a ``RouterConfig`` subclass) and its class, registered together in
@@ -17,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,10 @@ from routelab.errors import ConfigError
 from routelab.options import RouterConfig
 from routelab.precision import run_fp32
 from routelab.registry import ROUTERS
+
+if TYPE_CHECKING:
+    from routelab.moe.experts import Experts
+    from routelab.moe.output import MoEOutput
 
 
 @dataclass
@@ -64,6 +70,20 @@ class SoftRouting:
     dispatch: Tensor
     combine: Tensor
     logits: Tensor
+
+
+class MoELayerParts(Protocol):
+    """What a router that combines expert outputs itself reads from its MoE layer
+    (``routelab.moe.layer.MoE`` is one; the routers never import it)."""
+
+    num_experts: int  # E
+    impl: str  # "sorted" (fast path) or "reference" (the slow, obviously correct one)
+    experts: Experts  # stacked expert weights, (E, ...)
+    shared: nn.Module | None  # always-on shared experts, or None
+
+    def router_input(self, x: Tensor, task_ids: Tensor | None) -> Tensor:
+        """x (..., D) plus each token's task embedding: what the router sees."""
+        ...
 
 
 class Router(nn.Module):
@@ -153,6 +173,21 @@ class Router(nn.Module):
         """Set data-dependent state before a fresh run's first step; ``token_counts()`` gives the (V,)
         occurrences of each token id in the training data. Returns whether anything changed."""
         return False
+
+    # The combine rule. Token-choice routers keep these defaults (None): the layer dispatches each
+    # token to its chosen experts and sums their outputs by gate. A router that combines another way
+    # (soft MoE: every expert on mixes of all tokens) overrides both, and the layer returns its answer.
+    def forward_layer(
+        self, layer: MoELayerParts, x: Tensor, padding_mask: Tensor | None, task_ids: Tensor | None
+    ) -> MoEOutput | None:
+        """The MoE layer's whole forward, x (..., D) -> ``MoEOutput``, by this router's combine rule;
+        None = token choice (the layer's own dispatch and combine)."""
+        return None
+
+    def gate_matrix(self, layer: MoELayerParts, x: Tensor, task_ids: Tensor | None) -> Tensor | None:
+        """For inspection, x (..., D) -> (..., E): the weight each expert's output gets for each token
+        under this router's combine rule; None = token choice (the layer computes it from ``Routing``)."""
+        return None
 
     def num_weight_rows(self) -> int:
         """Rows of ``weight``: one per expert (soft MoE: one per slot)."""

@@ -68,6 +68,20 @@ class TaskRouter(Router):
             return torch.full(tuple(self.table.shape), 1.0 / self.options.top_k, device=self.table.device)
         return self.gate_logits.float().softmax(-1)
 
+    def experts_of(self, task: int) -> Tensor:
+        """(k,) long: task ``task``'s experts, in table (slot) order: the only ones its tokens reach."""
+        return self.table[task]
+
+    def restricted_to(self, task: int) -> dict[str, Tensor]:
+        """The state (``state_dict`` names) of the task router of a one-task model that routes as task
+        ``task`` does here, its experts ``experts_of(task)`` renumbered 0..k-1 in slot order: table
+        [[0 .. k-1]] and, with learned gates, the task's row of gate logits."""
+        k = self.table.shape[1]
+        state = {"table": torch.arange(k).unsqueeze(0)}  # (1, k): the kept experts, in slot order
+        if self.gate_logits is not None:
+            state["gate_logits"] = self.gate_logits.detach()[task : task + 1]  # (1, k)
+        return state
+
     def forward(
         self, x: Tensor, token_ids: Tensor | None = None, selection_bias: Tensor | None = None, task_ids: Tensor | None = None
     ) -> Routing:
