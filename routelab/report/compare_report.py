@@ -33,7 +33,7 @@ COLUMNS = [  # (header, Row attribute, format); a value with a ``<attribute>_ci`
     ("steps to ref", "steps_to_target", "{:.0f}"),
     ("s to ref", "seconds_to_target", "{:.0f}"),
     ("expert CV", "expert_load_cv", "{:.2f}"),
-    ("dead experts", "dead_experts", "{}"),
+    ("dead experts", "dead_experts", "{:.3g}"),
     ("router H", "router_entropy", "{:.2f}"),
     ("router/expert grad", "router_grad_ratio", "{:.2f}"),
     ("vs ref", "vs_ref", "{:+.4f}"),

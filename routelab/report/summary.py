@@ -39,7 +39,7 @@ class Row:
     steps_to_target: int | None  # first evaluation reaching the reference's final val loss
     seconds_to_target: float | None
     expert_load_cv: float | None  # coefficient of variation of tokens per expert (mean over MoE layers)
-    dead_experts: int | None  # experts that got no token over the last logged steps (all layers)
+    dead_experts: float | None  # experts that got no token over the last logged steps (all layers; over seeds, the mean)
     router_entropy: float | None = None  # router entropy / ln E over the last logged steps, mean over MoE layers (1 = uniform)
     router_grad_ratio: float | None = None  # router gradient norm / experts' gradient norm, mean over the run's logged steps
     a2a_mb_per_step: float | None = None  # expert parallelism: MB each rank sent to others per step (all MoE layers)
@@ -261,7 +261,7 @@ def over_seeds(name: str, rows: dict[int, Row], reference: dict[int, Row] | None
     speeds = [r.tokens_per_s for r in rows.values() if r.tokens_per_s is not None]
     if speeds:
         fields.update(tokens_per_s=sum(speeds) / len(speeds), tokens_per_s_min=min(speeds), tokens_per_s_max=max(speeds))
-    for key in ("gain_kept", "router_entropy", "router_grad_ratio"):  # means, where every seed has one
+    for key in ("gain_kept", "router_entropy", "router_grad_ratio", "expert_load_cv", "dead_experts"):  # means, where every seed has one
         values = [getattr(r, key) for r in rows.values()]
         fields[key] = None if None in values else sum(values) / len(values)
     seconds = [r.seconds_to_target for r in rows.values()]

@@ -580,6 +580,11 @@ def test_a_moe_comparison_reports_router_entropy_and_gradient_share(base_yaml, t
     assert rows["switch"]["router_entropy"] == pytest.approx(np.mean([np.mean(c[1][-5:]) for c in curves]))
     assert rows["switch"]["router_grad_ratio"] == pytest.approx(np.mean([np.mean(c[2]) for c in curves]))
     assert 0.5 < rows["switch"]["router_entropy"] <= 1.0  # 4 steps from a near-uniform start
+    from routelab.report.summary import expert_load
+
+    loads = [expert_load(read_metrics(out / "switch" / f"seed-{s}")) for s in (0, 1)]
+    assert rows["switch"]["expert_load_cv"] == pytest.approx(np.mean([cv for cv, _ in loads]))  # every seed's, not seed 0's
+    assert rows["switch"]["dead_experts"] == pytest.approx(np.mean([dead for _, dead in loads]))
     report = (out / "report.md").read_text()
     assert "router H" in report and (out / "plots" / "routers.png").is_file()
 
