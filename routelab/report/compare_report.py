@@ -204,19 +204,26 @@ def make_plots(names: list[str], out: Path, rows: list[Row], cmp: Any) -> list[t
     return figs
 
 
+def over_seeds_curve(out: Path, name: str, seeds: int, curve: Any) -> tuple[list[int], np.ndarray] | None:
+    """``curve(records) -> {step: value or tuple}`` of each seed's metrics log of variant ``name``, at
+    the steps every seed has: (steps, array (seeds, steps, ...)); None when no step is common."""
+    curves = []
+    for s in range(seeds):
+        folder = seed_folder(out / name, s, seeds)
+        if (folder / "metrics.jsonl").is_file():
+            curves.append(curve(read_metrics(folder)))
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return (steps, np.array([[c[st] for st in steps] for c in curves], dtype=np.float64)) if steps else None
+
+
 def seed_bands(names: list[str], out: Path, seeds: int) -> dict[str, tuple[list[int], list[float], list[float], list[float]]]:
     """Per variant, its validation-loss curve over seeds at the steps every seed evaluated:
     (steps, mean, min, max)."""
     bands = {}
     for n in names:
-        curves = []
-        for s in range(seeds):
-            folder = seed_folder(out / n, s, seeds)
-            if (folder / "metrics.jsonl").is_file():
-                curves.append(dict(zip(*eval_curve(read_metrics(folder)))))
-        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if steps:
-            ys = np.array([[c[step] for step in steps] for c in curves])  # (seeds, steps)
+        found = over_seeds_curve(out, n, seeds, lambda records: dict(zip(*eval_curve(records))))
+        if found:
+            steps, ys = found  # (seeds, steps)
             bands[n] = (steps, ys.mean(0).tolist(), ys.min(0).tolist(), ys.max(0).tolist())
     return bands
 
@@ -226,17 +233,10 @@ def mean_router_curves(names: list[str], out: Path, seeds: int) -> dict[str, tup
     seed logged: (steps, entropy / ln E, router/expert gradient norm)."""
     result = {}
     for n in names:
-        per_seed = []
-        for s in range(seeds):
-            folder = seed_folder(out / n, s, seeds)
-            if (folder / "metrics.jsonl").is_file():
-                steps, entropy, ratio = router_curves(read_metrics(folder))
-                if steps:
-                    per_seed.append({st: (h, q) for st, h, q in zip(steps, entropy, ratio)})
-        common = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
-        if common:
-            values = np.array([[c[st] for st in common] for c in per_seed])  # (seeds, steps, 2)
-            result[n] = (common, values[..., 0].mean(0).tolist(), values[..., 1].mean(0).tolist())
+        found = over_seeds_curve(out, n, seeds, lambda records: {st: (h, q) for st, h, q in zip(*router_curves(records))})
+        if found:
+            steps, values = found  # (seeds, steps, 2)
+            result[n] = (steps, values[..., 0].mean(0).tolist(), values[..., 1].mean(0).tolist())
     return result
 
 
