@@ -459,6 +459,14 @@ def check_compare_target(out: Path, configs: dict[str, Config]) -> None:
 
     check_folder_target(out)
     check_only(out, known, "a comparison folder")
+    for variant in sorted({name.split("/")[0] for name in configs if "/" in name and not name.startswith(f"{PREPARE_DIR}/")}):
+        check_only(out / variant, seed_entry, "a variant's seed runs (seed-<s>/) or a one-seed run", f"variant {variant!r} folder")
+
+
+def seed_entry(p: Path) -> bool:
+    """What a multi-seed variant folder holds: its seeds' run folders and their staged configs
+    (``seed-<s>``, ``.seed-<s>.config.yaml``), or the files of a one-seed run it will adopt as seed 0."""
+    return re.fullmatch(r"\.?seed-\d+(\.config\.yaml)?", p.name) is not None or is_run_entry(p.name)
 
 
 def _compare(cmp: CompareConfig, configs: dict[str, Config], out: Path, force: bool, isolate: bool) -> Path:
