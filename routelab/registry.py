@@ -47,14 +47,15 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def names_where(self, flag: str) -> list[str]:
+    def names_where(self, flag: str, value: bool = True) -> list[str]:
         """Sorted names whose module class has the class attribute ``flag`` truthy (a capability such
-        as a router's ``supports_selection_bias``); a class without the attribute lacks it. A flag that
-        no registered class defines is a typo and raises."""
+        as a router's ``supports_selection_bias``), or with ``value=False`` falsy (those without a
+        property such as ``whole_batch``); a class without the attribute lacks it. A flag that no
+        registered class defines is a typo and raises."""
         classes = {name: entry.module_class for name, entry in self._entries.items()}
         if classes and not any(hasattr(c, flag) for c in classes.values()):
             raise AttributeError(f"no {self.family} kind defines the flag {flag!r}")
-        return sorted(name for name, c in classes.items() if getattr(c, flag, False))
+        return sorted(name for name, c in classes.items() if bool(getattr(c, flag, False)) == value)
 
     def get(self, name: Any) -> Entry:
         if name not in self._entries:

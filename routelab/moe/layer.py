@@ -135,11 +135,12 @@ class MoE(nn.Module):
                 f"capacity_factor={capacity_factor!r} is invalid for router {name!r}, which bounds each expert's"
                 " tokens itself; allowed: None (set the router's own capacity_factor option instead)"
             )
-        if causal and self.router.whole_batch:
-            raise ConfigError(
-                f"router {name!r} ranks all tokens of the batch together, so a token's expert would depend on "
-                "later tokens: it is refused in a causal model (use it in an encoder, or pick switch/topk/...)"
+        if causal:
+            refusal = (
+                f"router {name!r} ranks all tokens of the batch together, so a token's expert would depend on"
+                " later tokens: it is refused in a causal model (use it in an encoder)"
             )
+            require_capability(self.router, "whole_batch", refusal, value=False)
         if bias_balancing:
             refusal = f"bias_balancing={bias_balancing!r} is not supported by router {name!r}"
             require_capability(self.router, "supports_selection_bias", refusal)

@@ -45,6 +45,7 @@ from routelab.errors import ConfigError
 from routelab.moe.comm import CommCounters, now
 from routelab.moe.dispatch import grouped_experts, plan_dispatch
 from routelab.moe.experts import EXPERT_PARAMS
+from routelab.moe.routers.router import require_capability
 from routelab.precision import autocast_dtype
 
 
@@ -184,11 +185,11 @@ def check_expert_parallel(model: nn.Module, size: int, world_size: int) -> list[
         raise ConfigError(f"train.expert_parallel={size} is invalid: the model has no MoE layer (model.ffn.kind: moe)")
     for m in layers:
         check_divides_experts(size, m.num_experts)
-        if m.router.whole_batch or m.router.soft:
-            raise ConfigError(
-                f"router {m.router.kind!r} ranks the whole batch together, which expert parallelism splits between"
-                " processes; allowed with expert parallelism: routers that route each token on its own"
-            )
+        refusal = (
+            f"router {m.router.kind!r} ranks the whole batch together, which expert parallelism splits between"
+            " processes"
+        )
+        require_capability(m.router, "whole_batch", refusal, value=False)
         if m.impl != "sorted":
             raise ConfigError("expert parallelism runs the fast path only; set model.ffn.impl=sorted")
     return layers

@@ -214,13 +214,14 @@ class Router(nn.Module):
         return ", ".join([f"d_model={self.d_model}", f"num_experts={self.num_experts}", *(f"{k}={v}" for k, v in fields.items())])
 
 
-def require_capability(router: Router | type[Router] | str, flag: str, refusal: str) -> None:
+def require_capability(router: Router | type[Router] | str, flag: str, refusal: str, value: bool = True) -> None:
     """Refuse an option that needs a capability its router lacks: unless ``router`` (a router, its
-    class or its name) has the class flag ``flag`` truthy, raise ``ConfigError("<refusal>; allowed
-    with: <every router with the flag>")``, one line naming the option, the router and the way out."""
+    class or its name) has the class flag ``flag`` truthy (``value=False``: falsy, for a property
+    the option cannot live with, such as ``whole_batch``), raise ``ConfigError("<refusal>; allowed
+    with: <every router that qualifies>")``, one line naming the option, the router and the way out."""
     cls = ROUTERS.get(router).module_class if isinstance(router, str) else router
-    if not getattr(cls, flag):
-        raise ConfigError(f"{refusal}; allowed with: {', '.join(ROUTERS.names_where(flag))}")
+    if bool(getattr(cls, flag)) != value:
+        raise ConfigError(f"{refusal}; allowed with: {', '.join(ROUTERS.names_where(flag, value))}")
 
 
 def select_scores(logits: Tensor, bias: Tensor | None) -> Tensor:
