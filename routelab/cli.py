@@ -505,18 +505,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The ``routelab`` command (and ``python -m routelab``): ``main()`` on ``sys.argv``, after setting
-    ``openmp_wait_defaults`` for the commands that train. ``compare``'s variants train in child
-    processes, which inherit the variables. ``train`` runs in this process, whose OpenMP runtime has
-    already read the environment, so it re-executes itself once (same interpreter and arguments)."""
+    ``wait_defaults_for`` (OpenMP's wait, glibc's allocator) for the commands that train. ``compare``'s
+    variants train in child processes, which inherit the variables. ``train`` runs in this process,
+    whose OpenMP runtime and C library have already read the environment, so it re-executes itself
+    once (same interpreter and arguments)."""
     argv = sys.argv[1:]
     args = build_parser().parse_args(argv)  # --help, --version and usage errors exit here, as they are
     extra = wait_defaults_for(args.command)
     if extra:
         os.environ.update(extra)
         configure_logging(process_rank())
-        log.info("%s", describe_wait_defaults(extra))
+        for line in describe_wait_defaults(extra):
+            log.info("%s", line)
         if args.command == "train":
-            reexec()  # returns where it cannot re-execute: train on, with OpenMP's own default
+            reexec()  # returns where it cannot re-execute: train on, with the runtimes' own defaults
     code = main(argv)
     if code and launched():
         exit_now(code)

@@ -1,7 +1,10 @@
 """The CLI end to end on tiny data: train -> eval -> generate -> resume, and its error handling."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -128,14 +131,11 @@ def test_version_is_the_package_metadata(capsys):
 
 
 def _cli(*args, env=None, cwd=None):
-    """``python -m routelab ARGS`` in a child process, with no OpenMP wait variable unless ``env`` sets one."""
-    import os
-    import subprocess
-    import sys
-
+    """``python -m routelab ARGS`` in a child process, with no OpenMP wait or allocator variable unless
+    ``env`` sets one."""
     from routelab.cli import OPENMP_WAIT_VARS
 
-    base = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARS}
+    base = {k: v for k, v in os.environ.items() if k not in (*OPENMP_WAIT_VARS, "GLIBC_TUNABLES")}
     return subprocess.run([sys.executable, "-m", "routelab", *args], env={**base, **(env or {})}, cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
@@ -164,6 +164,40 @@ def test_openmp_wait_defaults_respect_the_users_own_choice():
     assert openmp_wait_defaults({"OMP_NUM_THREADS": "2"}, "libgomp") == {"GOMP_SPINCOUNT": "1000"}
 
 
+def test_allocator_defaults_only_on_glibc_and_never_over_the_users_own_tunables():
+    from routelab.threads import KEEP_FREED_MEMORY, allocator_defaults
+
+    assert allocator_defaults({}, "glibc") == {"GLIBC_TUNABLES": KEEP_FREED_MEMORY}
+    assert allocator_defaults({}, "other") == {}
+    assert allocator_defaults({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc") == {}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc and page-fault counts: Linux")
+def test_the_allocator_setting_lets_large_tensors_reuse_their_pages():
+    """What the setting is for: once the heap has grown, a 64 MiB tensor made and freed again and
+    again reuses its pages (glibc otherwise maps and unmaps every block over 32 MiB: each time, a
+    fault per page)."""
+    from routelab.threads import KEEP_FREED_MEMORY, c_library
+
+    if c_library() != "glibc":
+        pytest.skip("glibc only")
+    code = (
+        "import resource, torch\n"
+        "for _ in range(10): torch.ones(16 << 20)\n"  # the heap grows to its working size (a few rounds)
+        "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5): torch.ones(16 << 20)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n"
+    )
+    faults = {}
+    for name, extra in (("default", {}), ("kept", {"GLIBC_TUNABLES": KEEP_FREED_MEMORY})):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | extra
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        faults[name] = int(done.stdout.split()[-1])
+    pages = 5 * (64 << 20) // 4096
+    assert faults["default"] > pages // 2, faults  # every block faulted in anew
+    assert faults["kept"] < pages // 10, faults  # the pages were reused
+
+
 def test_train_command_sets_the_wait_before_openmp_loads_and_says_so(tiny_yaml, tmp_path):
     """The command re-executes itself once with the variable set (OpenMP read the environment when
     torch loaded): the training process reports it; a user's own setting is left alone."""
@@ -176,6 +210,10 @@ def test_train_command_sets_the_wait_before_openmp_loads_and_says_so(tiny_yaml, 
     lines = done.stderr.splitlines()
     assert sum(line.startswith(f"routelab: {chosen}: idle OpenMP threads") for line in lines) == 1, done.stderr
     assert any(re.fullmatch(rf"routelab: CPU threads: \d+ \(.+\), {chosen}", line) for line in lines), done.stderr
+    from routelab.threads import c_library
+
+    kept = sum(line.startswith("routelab: GLIBC_TUNABLES=glibc.malloc.mmap_max=0") for line in lines)
+    assert kept == (1 if c_library() == "glibc" else 0), done.stderr
     done = _cli(*args, "--out", str(tmp_path / "b"), "--set", "train.threads=1", env={"OMP_WAIT_POLICY": "ACTIVE"})
     assert done.returncode == 0, done.stderr
     assert "idle OpenMP threads" not in done.stderr
