@@ -11,6 +11,8 @@ the peak RSS growth (VmHWM) over the RSS before that step.
     python benchmarks/moe_layer.py [--reps 7] [--cases e8-top1 e64-top2 ...] [--activations relu swiglu]
         [--compare]  # also time the alternatives we measured before settling on the fused path
         [--threads N] [--no-memory] [--out FILE]
+    python benchmarks/moe_layer.py --profile --cases e64-top2 --activations swiglu
+        # where the time goes: one thread, torch.profiler, per op group, dense beside the MoE
     python benchmarks/moe_layer.py --device cuda --dtype bf16 --cases e64-top2 e128-top4 e256-top8
 
 On ``--device cuda`` the modules and tokens are cast to ``--dtype`` (default fp32), the shipped
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import write_json
+from common import training_env, write_json
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,6 +235,58 @@ def peak_memory(case: str, activation: str, impl: str) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+# op name prefix -> group, for --profile (first match wins; the rest is "other")
+OP_GROUPS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::addmv", "aten::bmm", "aten::_grouped_mm")),
+    ("gather/combine", ("aten::index_select", "aten::_embedding_bag", "aten::embedding_bag", "aten::index")),
+    ("routing", ("aten::topk", "aten::sort", "aten::argsort", "aten::bincount", "aten::_softmax", "aten::scatter")),
+    ("elementwise", ("aten::mul", "aten::silu", "aten::add", "aten::gelu", "aten::relu", "aten::threshold")),
+    ("reductions", ("aten::sum", "aten::linalg_vecdot", "aten::mean")),
+    ("copies/fills", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::zeros")),
+)
+
+
+def op_group(name: str) -> str:
+    for group, prefixes in OP_GROUPS:
+        if any(name == p or name.startswith(p + "_") or name.startswith(p + ".") for p in prefixes):
+            return group
+    return "other"
+
+
+def profile_case(case: str, activation: str, impls: list[str], steps: int = 3) -> dict[str, dict[str, float]]:
+    """Self CPU ms per step and op group, one thread (so every op is on this thread and the
+    profiler attributes it exactly), for dense and each candidate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    out = {}
+    for impl in ["dense", *impls]:
+        m = build(case, activation, impl)
+        for _ in range(2):
+            step(impl, m, x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step(impl, m, x)
+        groups: dict[str, float] = {}
+        for ev in prof.key_averages():
+            g = op_group(ev.key)
+            groups[g] = groups.get(g, 0.0) + ev.self_cpu_time_total / steps / 1000
+        out[impl] = groups
+    return out
+
+
+def print_profile(case: str, activation: str, prof: dict[str, dict[str, float]]) -> None:
+    groups = [g for g, _ in OP_GROUPS] + ["other"]
+    impls = list(prof)
+    print(f"{case} {activation}: self CPU ms per step, 1 thread (torch.profiler)")
+    print(f"  {'op group':<16}" + "".join(f"{i:>12}" for i in impls) + f"{'extra':>12}")
+    for g in [*groups, "total"]:
+        row = [sum(p.values()) if g == "total" else p.get(g, 0.0) for p in prof.values()]
+        extra = "".join(f"{r - row[0]:+12.0f}" for r in row[1:])
+        print(f"  {g:<16}" + "".join(f"{r:12.0f}" for r in row) + extra)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -246,10 +300,19 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="modules and tokens (default fp32)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_layer.json"))
+    p.add_argument("--profile", action="store_true", help="where the time goes: op groups, one thread")
+    p.add_argument("--os-env", action="store_true",
+                   help="keep the environment's OpenMP and allocator settings (default: routelab train's)")
     p.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         print(memory_child(*args.memory_child))
+        return
+    env = training_env(not args.os_env)
+    if args.profile:
+        for case in args.cases:
+            for act in args.activations:
+                print_profile(case, act, profile_case(case, act, args.impls or ["fused"]))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +320,7 @@ def main() -> None:
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, T={T}, d_model={D}, {args.dtype}, fwd+bwd, load {load}")
+    print(f"torch {torch.__version__}, {where}, T={T}, d_model={D}, {args.dtype}, fwd+bwd, load {load}; {env}")
     results = []
     for case in args.cases:
         for act in args.activations:
