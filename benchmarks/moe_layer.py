@@ -6,7 +6,10 @@ do the same expert matmul FLOPs; the MoE also pays for its router, sort, gather 
 Baseline and candidate run interleaved in one process after a warm-up; the ratio reported is
 the median of the per-pair ratios (timing on shared machines drifts; pairs cancel the drift).
 Peak memory: each (case, implementation) runs one step in a fresh subprocess (Linux); we report
-the peak RSS growth (VmHWM) over the RSS before that step.
+the peak RSS growth (VmHWM) over the RSS before that step. Per step of the timed loop, also the minor
+page faults and the system CPU time (``getrusage``): fresh pages the kernel had to zero.
+The script runs under the process settings ``routelab train`` chooses (OpenMP's wait, glibc's
+allocator; ``routelab.threads``), re-executing itself once to set them; ``--os-env`` keeps yours.
 
     python benchmarks/moe_layer.py [--reps 7] [--cases e8-top1 e64-top2 ...] [--activations relu swiglu]
         [--compare]  # also time the alternatives we measured before settling on the fused path
@@ -22,6 +25,7 @@ layer dispatches through ``torch._grouped_mm`` and peak memory is CUDA's allocat
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -156,12 +160,20 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
+KERNEL = {}  # impl -> [minor page faults, system CPU seconds] over its timed steps (this process)
+
+
 def step(impl: str, module: nn.Module, x: torch.Tensor) -> float:
     _sync(x)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     IMPLS[impl](module, x).sum().backward()
     _sync(x)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    k = KERNEL.setdefault(impl, [0, 0.0])
+    k[0] += r1.ru_minflt - r0.ru_minflt
+    k[1] += r1.ru_stime - r0.ru_stime
     x.grad = None
     for p in module.parameters():
         p.grad = None
@@ -176,6 +188,7 @@ def time_case(
     for _ in range(warmup):
         for impl, m in modules.items():
             step(impl, m, x)
+    KERNEL.clear()
     times: dict[str, list[float]] = {impl: [] for impl in modules}
     ratios: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(reps):  # interleaved: dense, then each candidate, every repetition
@@ -189,6 +202,8 @@ def time_case(
         "dense_ms": 1000 * statistics.median(times["dense"]),
         **{f"{impl}_ms": 1000 * statistics.median(times[impl]) for impl in impls},
         **{f"{impl}_ratio": statistics.median(ratios[impl]) for impl in impls},
+        **{f"{impl}_faults_per_step": KERNEL[impl][0] / reps for impl in modules},  # minor page faults
+        **{f"{impl}_sys_ms_per_step": 1000 * KERNEL[impl][1] / reps for impl in modules},  # kernel time, all threads
     }
 
 
@@ -346,6 +361,9 @@ def main() -> None:
                 else "  peak MB " + "/".join(f"{r[f'{impl}_peak_mb']:.0f}" for impl in ["dense", *impls])
             )
             goal = f" (goal <= {GOALS[case]}x)" if case in GOALS else ""
+            faults = "/".join(f"{r[f'{impl}_faults_per_step'] / 1000:.1f}k" for impl in ["dense", *impls])
+            sys_ms = "/".join(f"{r[f'{impl}_sys_ms_per_step']:.0f}" for impl in ["dense", *impls])
+            mem += f"  faults {faults} sys ms {sys_ms}"
             print(
                 f"{case:<10}{act:<7} E={E:<4}H={H:<5}K={K}  dense {r['dense_ms']:7.0f} ms  {cells}{mem}{goal}",
                 flush=True,
