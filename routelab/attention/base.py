@@ -92,9 +92,11 @@ class RotaryEmbedding(nn.Module):
 class KVCache:
     """Keys and values seen so far by one attention layer, for incremental decoding.
 
-    ``k``/``v`` are (B, H, S, hd) or None before the first step. ``offset`` is the absolute position
-    of the next token (equal to S for kinds that keep everything; kinds that evict keys keep
-    ``offset`` counting while S stays bounded).
+    ``k``/``v`` are (B, Hk, S, hd) or None before the first step: the cache stores what it is given,
+    which for ``QKVAttention`` kinds is the key/value heads (Hk = n_kv_heads; kmeans keeps its
+    shared-QK keys at n_heads). ``offset`` is the absolute position of the next token (equal to S
+    for kinds that keep everything; kinds that evict keys keep ``offset`` counting while S stays
+    bounded).
     """
 
     k: Tensor | None = None
@@ -103,7 +105,7 @@ class KVCache:
     extra: dict = field(default_factory=dict)  # kind-specific state (e.g. cluster assignments)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append new k, v (B, H, T, hd); return all keys/values (B, H, S+T, hd)."""
+        """Append new k, v (B, Hk, T, hd); return all keys/values (B, Hk, S+T, hd)."""
         if self.k is None:
             self.k, self.v = k, v
         else:
@@ -119,9 +121,11 @@ class QKVAttention(nn.Module):
     Parameter names follow common checkpoints: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``.
     Grouped-query attention (``model.n_kv_heads`` < ``n_heads``; Ainslie et al. 2023): ``k_proj`` and
     ``v_proj`` map to ``n_kv_heads * head_dim`` and each key/value head serves ``n_heads / n_kv_heads``
-    query heads. The heads are repeated right after RoPE (``_kv_heads``), so every kind, and the
-    cache, see ``n_heads`` heads and need no change (the cache holds the repeated heads: simple, not
-    the memory saving GQA allows at decoding).
+    query heads. ``attend_routes`` and ``attend`` receive keys/values with their ``n_kv_heads`` heads,
+    and the ``KVCache`` stores exactly those: a decoding cache is ``n_heads / n_kv_heads`` times
+    smaller than one of repeated heads. Heads are repeated (``repeat_kv``) only where attention is
+    computed, by the kinds that need ``n_heads`` of them; dense SDPA broadcasts them instead
+    (``enable_gqa``) where its kernel takes grouped heads (``dense.sdpa_broadcasts_kv``).
 
     No kind built on it is task-conditionable: their routes (moba, block_topp blocks, kmeans
     clusters) are hard choices from q and k, so a routing-only task vector would get no gradient.
@@ -157,7 +161,8 @@ class QKVAttention(nn.Module):
         return x.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
 
     def repeat_kv(self, x: Tensor) -> Tensor:
-        """(B, Hkv, T, hd) -> (B, H, T, hd): key/value head g serves query heads g*r .. g*r+r-1."""
+        """(B, Hkv, T, hd) -> (B, H, T, hd): key/value head g serves query heads g*r .. g*r+r-1.
+        A copy when r > 1: call it where attention is computed, never on what the cache keeps."""
         r = self.n_heads // self.n_kv_heads
         return x if r == 1 else x.repeat_interleave(r, dim=1)
 
@@ -186,22 +191,23 @@ class QKVAttention(nn.Module):
         offset = cache.offset if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope.rotate(q, offset), self.rope.rotate(k, offset)
-        k, v = self.repeat_kv(k), self.repeat_kv(v)  # (B, H, T, hd)
-        out, routes = self.attend_routes(q, k, v, padding_mask, cache)  # (B, H, T, hd)
+        out, routes = self.attend_routes(q, k, v, padding_mask, cache)  # k, v: (B, Hkv, T, hd) -> (B, H, T, hd)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, D))
         return (out, routes) if return_routes else out
 
     def attend_routes(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache | None):
-        """Extend the cache, then ``attend``; kinds with their own cache policy or routes override this."""
+        """q: (B, H, T, hd), k/v: (B, Hkv, T, hd). Extend the cache with the key/value heads as they
+        are, then ``attend``; kinds with their own cache policy or routes override this."""
         offset = cache.offset if cache is not None else 0
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, H, S, hd)
+            k, v = cache.append(k, v)  # (B, Hkv, S, hd)
         return self.attend(q, k, v, padding_mask, offset), None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
-        """q: (B, H, T, hd), k/v: (B, H, S, hd), queries at absolute positions offset.. -> (B, H, T, hd).
+        """q: (B, H, T, hd), k/v: (B, Hkv, S, hd), queries at absolute positions offset.. -> (B, H, T, hd).
 
-        Kinds implement this, or override ``attend_routes`` (own cache policy, learned routes).
+        Kinds implement this (repeating k/v with ``repeat_kv`` where they need H heads), or override
+        ``attend_routes`` (own cache policy, learned routes).
         """
         raise NotImplementedError(f"{type(self).__name__} must define attend or attend_routes (abstract hook)")
 

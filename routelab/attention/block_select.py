@@ -103,6 +103,7 @@ class BlockSelectAttention(QKVAttention):
         if cache is not None:
             return self._decode(q, k, v, padding_mask, cache)
         T = q.shape[2]
+        k, v = self.repeat_kv(k), self.repeat_kv(v)  # (B, Hkv, T, hd) -> (B, H, T, hd): routes are per query head
         keep = ~padding_mask if padding_mask is not None else None
         blocks = self._route_all(q, k, keep)
         return self._attend_blocks(q, k, v, blocks, padding_mask), self._routes(blocks, keep, T)
@@ -161,10 +162,11 @@ class BlockSelectAttention(QKVAttention):
 
     # -- decoding --------------------------------------------------------------------------------
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache):
-        """Cached steps: complete blocks' key means and each block's route live in ``cache.extra``."""
+        """Cached steps: complete blocks' key means and each block's route live in ``cache.extra``.
+        Keys, values and key means are kept with the key/value heads (Hkv) and repeated when used."""
         b = self.block_size
         offset, T = cache.offset, q.shape[2]
-        k_all, v_all = cache.append(k, v)  # (B, H, S, hd), S = offset + T
+        k_all, v_all = cache.append(k, v)  # (B, Hkv, S, hd), S = offset + T
         S = k_all.shape[2]
         keep = ~padding_mask[:, -S:] if padding_mask is not None else None
         if offset == 0:  # the prompt: the full block-sparse forward
@@ -186,11 +188,12 @@ class BlockSelectAttention(QKVAttention):
         if need > have:  # new blocks start inside these tokens: route them from their first query
             starts = torch.arange(have, need, device=q.device)
             rq = q[:, :, starts * b - offset] if self.router_query == "first" else None
-            new = self.route(rq, means[:, :, : need - 1], valid[:, : need - 1], starts)
+            new = self.route(rq, self.repeat_kv(means[:, :, : need - 1]), valid[:, : need - 1], starts)
             K = max(blocks.shape[-1], new.shape[-1])
             pad = lambda x: torch.nn.functional.pad(x, (0, K - x.shape[-1]), value=-1)  # noqa: E731
             blocks = torch.cat([pad(blocks), pad(new)], dim=2)
             cache.extra["blocks"] = blocks
         routes = BlockRoutes(blocks, b, self.causal)
         mask = routes.rows(torch.arange(offset, offset + T, device=q.device), S)  # (B, H, T, S): the new rows
+        k_all, v_all = self.repeat_kv(k_all), self.repeat_kv(v_all)
         return reference_attention(q, k_all, v_all, mask, None if keep is None else ~keep), routes

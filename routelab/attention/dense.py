@@ -22,6 +22,21 @@ class DenseAttentionConfig(AttentionConfig):
     """Dense attention has no options beyond the base (kind, dropout)."""
 
 
+_SDPA_GQA = torch.__version__ >= (2, 5)  # SDPA's enable_gqa argument
+
+
+def sdpa_broadcasts_kv(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether SDPA gets the key/value heads as they are (``enable_gqa``: nothing repeated in memory)
+    rather than repeated to the query heads. On the CPU every SDPA kernel takes grouped heads; on CUDA
+    only flash attention does (half precision, no explicit mask): the memory-efficient kernel (fp32,
+    masks) does not, and SDPA would fall back to its math kernel, which holds the (T, S) scores."""
+    if not _SDPA_GQA:
+        return False
+    if q.device.type == "cpu":
+        return True
+    return mask is None and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def dense_mask(q_len: int, k_len: int, offset: int, causal: bool, padding_mask: Tensor | None, device) -> Tensor | None:
     """Bool mask broadcastable to (B, H, T, S), True = may attend; None when nothing is masked."""
     mask = None
@@ -35,17 +50,30 @@ def dense_mask(q_len: int, k_len: int, offset: int, causal: bool, padding_mask: 
 
 @ATTENTION.register("dense", DenseAttentionConfig)
 class DenseAttention(QKVAttention):
-    """Full attention through SDPA: causal, bidirectional, with padding and a KV cache."""
+    """Full attention through SDPA: causal, bidirectional, with padding and a KV cache.
+
+    With grouped-query attention, k/v arrive with n_kv_heads heads (what the cache holds); SDPA
+    broadcasts them where it can (``sdpa_broadcasts_kv``), else they are repeated for this call only.
+    """
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
         T, S = q.shape[2], k.shape[2]
+        mask, is_causal = None, False
         if padding_mask is None and (not self.causal or T == 1):
-            mask = None  # one new token sees every cached key; encoders see everything
+            pass  # one new token sees every cached key; encoders see everything
         elif padding_mask is None and T == S:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout_p)
+            is_causal = True
         else:
             mask = dense_mask(T, S, offset, self.causal, padding_mask, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p)
+        gqa = {}
+        if k.shape[1] != q.shape[1]:
+            if sdpa_broadcasts_kv(q, mask):
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = self.repeat_kv(k), self.repeat_kv(v)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout_p, **gqa
+        )
 
     def mask(self, seq_len: int) -> Tensor:
         """Bool (seq_len, seq_len), True = may attend."""

@@ -197,11 +197,11 @@ class KMeansAttention(QKVAttention):
         one clustering, so a query-only task vector would move the keys too)."""
         B, T, D = x.shape
         r = F.layer_norm(self._heads(self.q_proj(x)), (self.head_dim,))  # (B, H, T, hd), shared Q = K
-        v = self.repeat_kv(self._kv_heads(self.v_proj(x)))  # (B, H, T, hd)
+        v = self._kv_heads(self.v_proj(x))  # (B, Hkv, T, hd)
         offset = cache.offset if cache is not None else 0
         q = self.rope.rotate(r, offset) if self.rope is not None else r
         if cache is None:
-            out, routes = self._full(r, q, v, padding_mask)
+            out, routes = self._full(r, q, self.repeat_kv(v), padding_mask)
         else:
             out, routes = self._decode(r, q, v, padding_mask, cache)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, D))
@@ -318,10 +318,14 @@ class KMeansAttention(QKVAttention):
         return scores.masked_fill(~routes.mask(T), float("-inf")).softmax(-1)
 
     def _decode(self, r: Tensor, q: Tensor, v: Tensor, padding_mask: Tensor | None, cache: KVCache):
-        """Cached steps: cluster ids, group ids and per-cluster counts live in ``cache.extra``."""
+        """Cached steps: cluster ids, group ids and per-cluster counts live in ``cache.extra``.
+
+        The keys are the shared queries, one per query head, so ``cache.k`` holds all H heads; only
+        the values (``cache.v``) shrink to the Hkv key/value heads under grouped-query attention, and
+        are repeated here for the attention of these T tokens."""
         B, H, T, hd = q.shape
         lh, offset = self.local_heads, cache.offset
-        k_all, v_all = cache.append(q, v)  # keys are the shared queries
+        k_all, v_all = cache.append(q, v)  # (B, H, S, hd) keys = the shared queries; (B, Hkv, S, hd) values
         S = k_all.shape[2]
         pad = padding_mask[:, -S:] if padding_mask is not None else torch.zeros(B, S, dtype=torch.bool, device=q.device)
         real = ~pad[:, -T:]
@@ -340,7 +344,7 @@ class KMeansAttention(QKVAttention):
         same = (groups[..., :, None] == all_groups[..., None, :]) & (groups[..., :, None] >= 0)  # (B, Hr, T, S)
         mask = torch.cat([band(qpos[:, None], kpos[None, :], self.window, True).expand(B, lh, T, S), same], 1)
         mask = mask & (kpos[None, :] <= qpos[:, None])
-        out = reference_attention(q, k_all, v_all, mask, pad)
+        out = reference_attention(q, k_all, self.repeat_kv(v_all), mask, pad)
         lead = torch.full((B, lh, S), -1, dtype=torch.long, device=q.device)
         routes = ClusterRoutes(
             torch.cat([lead, all_groups], 1), torch.cat([lead, all_clusters], 1), True, lh, self.window

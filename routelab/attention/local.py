@@ -55,7 +55,7 @@ class LocalAttention(SparsePatternAttention, QKVAttention):
         if cache is None:
             return self.attend(q, k, v, padding_mask, 0), None
         offset, T = cache.offset, q.shape[2]
-        k_all, v_all = cache.append(k, v)  # (B, H, S, hd): at most w kept + T new
+        k_all, v_all = cache.append(k, v)  # (B, Hkv, S, hd): at most w kept + T new
         S = k_all.shape[2]
         if offset == 0 and S == T:
             out = self.attend(q, k_all, v_all, padding_mask, 0)
@@ -63,7 +63,8 @@ class LocalAttention(SparsePatternAttention, QKVAttention):
             qpos = torch.arange(offset, offset + T, device=q.device)
             kpos = torch.arange(offset + T - S, offset + T, device=q.device)
             pad = padding_mask[:, -S:] if padding_mask is not None else None
-            out = reference_attention(q, k_all, v_all, self.allow(qpos[:, None], kpos[None, :]), pad)
+            allowed = self.allow(qpos[:, None], kpos[None, :])
+            out = reference_attention(q, self.repeat_kv(k_all), self.repeat_kv(v_all), allowed, pad)
         if S > self.window:  # the next query needs only the last w keys
             cache.k, cache.v = k_all[:, :, -self.window :].clone(), v_all[:, :, -self.window :].clone()
         return out, None

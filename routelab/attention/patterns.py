@@ -117,6 +117,7 @@ class SparsePatternAttention:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
         T, S = q.shape[2], k.shape[2]
+        k, v = self.repeat_kv(k), self.repeat_kv(v)  # (B, Hkv, S, hd) -> (B, H, S, hd): per-head engine parts
         if offset == 0 and T == S:
             backend = flex.choose_backend(self.cfg, q, padding_mask, self.dropout_p)
             if backend == "dense":  # the reference: O(T^2) mask

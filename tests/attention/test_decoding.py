@@ -1,10 +1,11 @@
-"""Cached decoding equals recomputing the full prefix, for every causal kind."""
+"""Cached decoding equals recomputing the full prefix, for every causal kind; with grouped-query
+attention too, whose cache keeps only the key/value heads."""
 
 import pytest
 import torch
 
 from routelab import RoutedTransformer
-from tests.conftest import tiny_config
+from tests.conftest import repeated_kv_twin, tiny_config
 
 CAUSAL_KINDS = {
     "dense": dict(kind="dense"),
@@ -21,17 +22,52 @@ CAUSAL_KINDS = {
 }
 
 
+# every kind with a KV cache except the synthesizer, whose projections are its own (it refuses n_kv_heads)
+GQA_KINDS = {name: kind for name, kind in CAUSAL_KINDS.items() if kind["kind"] != "synthesizer"}
+
+
+def decode_in_steps(model, x):
+    """Logits of x (B, 30) decoded with a cache: a prompt, single tokens, a chunk, single tokens."""
+    cache = model.new_cache()
+    steps = [model(x[:, :7], cache=cache).logits]
+    steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(7, 20)]
+    steps += [model(x[:, 20:26], cache=cache).logits]
+    steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(26, 30)]
+    return torch.cat(steps, dim=1), cache
+
+
 @pytest.mark.parametrize("name", list(CAUSAL_KINDS))
 def test_cached_decoding_equals_full_forward(name):
     model = RoutedTransformer(tiny_config(attention=CAUSAL_KINDS[name])).eval()
     x = torch.randint(0, 61, (2, 30))
     full = model(x).logits
-    cache = model.new_cache()
-    steps = [model(x[:, :7], cache=cache).logits]  # a prompt, single tokens, a chunk, single tokens
-    steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(7, 20)]
-    steps += [model(x[:, 20:26], cache=cache).logits]
-    steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(26, 30)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decode_in_steps(model, x)[0], full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 1])
+@pytest.mark.parametrize("name", list(GQA_KINDS))
+def test_gqa_cache_keeps_only_the_kv_heads_and_decodes_as_before(name, n_kv_heads):
+    """n_heads=4: cached decoding equals the full forward, both equal the multi-head twin with repeated
+    key/value weights (what the layer computed when its cache held repeated heads), and the cache
+    holds n_kv_heads heads: 4 / n_kv_heads times fewer bytes than the twin's. kmeans keys are its
+    shared queries (one per query head), so only its values shrink."""
+    model = RoutedTransformer(tiny_config(n_kv_heads=n_kv_heads, attention=GQA_KINDS[name])).eval()
+    twin = repeated_kv_twin(model)
+    x = torch.randint(0, 61, (2, 30))
+    with torch.no_grad():
+        full, (cached, cache) = model(x).logits, decode_in_steps(model, x)
+        twin_full, (twin_cached, twin_cache) = twin(x).logits, decode_in_steps(twin, x)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full, twin_full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached, twin_cached, atol=1e-6, rtol=0)
+    key_heads = 4 if name == "kmeans" else n_kv_heads
+    for c, t in zip(cache, twin_cache):
+        assert c.k.shape[1] == key_heads and c.v.shape[1] == n_kv_heads
+        assert t.k.shape[1] == t.v.shape[1] == 4 and c.k.shape[2:] == t.k.shape[2:]
+        assert c.v.nbytes * (4 // n_kv_heads) == t.v.nbytes
+        assert c.k.nbytes * (4 // key_heads) == t.k.nbytes
+        if "kmean" in c.extra:  # moba / block_topp keep their key-block means per key/value head too
+            assert c.extra["kmean"].shape[1] == n_kv_heads
 
 
 def test_cached_decoding_with_left_padding():
