@@ -22,6 +22,7 @@ one that has seen the whole input) instead of the leading CLS token.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,10 +125,7 @@ class RoutedTransformer(nn.Module):
             self.heads = nn.ModuleDict(
                 {name: self._new_head(h, n) for name, h, n in zip(cfg.task_names, cfg.task_heads, cfg.task_num_labels)}
             )
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
-            if name.endswith(("o_proj.weight", "w_out.weight")) or name.endswith("experts.w_out"):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.reset_parameters()
         for kind, head in self._heads():
             if kind == "lm" and cfg.tie_embeddings:
                 head.weight = self.tok_emb.weight
@@ -155,6 +153,28 @@ class RoutedTransformer(nn.Module):
         if not 0 <= task < len(cfg.task_names):
             raise ValueError(f"task id {task} is out of range; allowed: 0..{len(cfg.task_names) - 1} ({', '.join(cfg.task_names)})")
         return cfg.task_heads[task], self.heads[cfg.task_names[task]], cfg.task_num_labels[task]
+
+    def reset_parameters(self, names: Collection[str] | None = None) -> None:
+        """The model's initialisation: N(0, init_std) weights of every Linear and Embedding, zero
+        Linear biases, then GPT-2's scaled init N(0, init_std / sqrt(2 n_layers)) of the residual
+        projections (Radford et al. 2019). ``names``: re-initialise only the modules owning these
+        parameters, as a newly built model has them (an import initialises so the parameters its
+        checkpoint lacks); owners other than Linear, Embedding, LayerNorm and RMSNorm are refused,
+        since their constructors' initialisation is their own."""
+        if names is None:
+            self.apply(self._init_weights)
+        else:
+            for owner in sorted({name.rpartition(".")[0] for name in names}):
+                module = self.get_submodule(owner)
+                if not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
+                    raise ValueError(f"cannot re-initialise {owner!r} ({type(module).__name__}) alone; allowed: Linear, Embedding, LayerNorm and RMSNorm parameters")
+                module.reset_parameters()
+                self._init_weights(module)
+        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
+            if names is not None and name not in names:
+                continue
+            if name.endswith(("o_proj.weight", "w_out.weight")) or name.endswith("experts.w_out"):
+                nn.init.normal_(p, mean=0.0, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -1,6 +1,7 @@
 """Pretrained weights from elsewhere, converted into ordinary ``RoutedTransformer`` models, never wrapped.
 
-``hf``: Hugging Face checkpoints from a local folder (``from_hf``; ``routelab import hf``).
+``hf``: Hugging Face checkpoints from a local folder (``from_hf``; ``routelab import hf``), read lazily
+(``checkpoint``) into a model built without parameter memory and filled one tensor at a time (``fill``).
 ``upcycle``: a trained model mapped onto another routing config (dense FFN -> MoE experts, dense ->
 sparse attention, longer positions; ``routelab upcycle``, ``train.init_from``). The mapping lives in
 ``routelab.upcycle``, below ``train`` (which starts runs from it); ``pretrained.upcycle`` re-exports it.

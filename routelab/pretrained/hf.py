@@ -23,7 +23,6 @@ rotation compute Hugging Face's, and q.k is unchanged by the same reordering of 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,75 +35,12 @@ from torch import Tensor
 from routelab.config import ModelConfig, model_config_from_dict
 from routelab.errors import ConfigError
 from routelab.hf_folder import CONFIG_FILE, hf_model_type, read_config, resolve_folder  # noqa: F401  (CONFIG_FILE, hf_model_type: re-exported)
-from routelab.io import DamagedFileError
 from routelab.model import RoutedTransformer
+from routelab.pretrained.checkpoint import INDEX_FILE, WEIGHTS_FILE, Source, Tensors  # noqa: F401  (INDEX_FILE, WEIGHTS_FILE: re-exported)
+from routelab.pretrained.fill import empty_model, fill
 from routelab.pretrained.hf_keys import KEYS, check_layer_types, require, rope_base
 
 log = logging.getLogger("routelab.pretrained")
-
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# reading a folder (finding it and its config.json: ``routelab.hf_folder``)
-
-
-class Tensors:
-    """The tensors of a checkpoint, by name, read lazily from one or more safetensors files."""
-
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.files = files  # tensor name -> the file holding it
-        self.used: set[str] = set()
-
-    @classmethod
-    def open(cls, folder: Path) -> Tensors:
-        from safetensors import safe_open
-
-        index = folder / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DamagedFileError(index, f"it is not a safetensors index with a weight_map ({e})") from None
-            files = {name: folder / file for name, file in weight_map.items()}
-            for f in sorted(set(files.values())):
-                if not f.is_file():
-                    raise FileNotFoundError(f"{str(f)!r} is listed in {INDEX_FILE} but missing")
-            return cls(files)
-        single = folder / WEIGHTS_FILE
-        if not single.is_file():
-            pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-            hint = (
-                f"; found {', '.join(sorted(pickled))}, a pickle: routelab reads safetensors only "
-                "(convert it with transformers: model.save_pretrained(dir, safe_serialization=True))"
-                if pickled else ""
-            )
-            raise FileNotFoundError(f"{str(folder)!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}")
-        try:
-            with safe_open(str(single), framework="pt") as f:
-                names = list(f.keys())
-        except Exception as e:  # safetensors raises its own error types on a damaged header
-            raise DamagedFileError(single, f"it is not a readable safetensors file ({e})") from None
-        return cls({name: single for name in names})
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def get(self, name: str) -> Tensor:
-        """The tensor ``name`` as float32; a missing one raises ``DamagedFileError`` naming it."""
-        from safetensors import safe_open
-
-        if name not in self.files:
-            where = sorted(set(self.files.values()))
-            raise DamagedFileError(where[0] if len(where) == 1 else where[0].parent, f"tensor {name!r} is missing from the checkpoint")
-        self.used.add(name)
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return f.get_tensor(name).to(torch.float32)
-
-    def unused(self) -> list[str]:
-        return sorted(set(self.files) - self.used)
-
 
 # ----------------------------------------------------------------------------------------------
 # helpers shared by the families
@@ -149,31 +85,31 @@ def bert_config(c: dict) -> ModelConfig:
     })
 
 
-def bert_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Tensor]:
+def bert_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Source]:
     p = "bert." if "bert.embeddings.word_embeddings.weight" in t else ""  # BertFor* checkpoints nest the encoder
 
-    def norm(name: str) -> tuple[Tensor, Tensor]:  # old checkpoints call the LayerNorm parameters gamma/beta
+    def norm(name: str) -> tuple[Source, Source]:  # old checkpoints call the LayerNorm parameters gamma/beta
         if f"{name}.weight" not in t and f"{name}.gamma" in t:
-            return t.get(f"{name}.gamma"), t.get(f"{name}.beta")
-        return t.get(f"{name}.weight"), t.get(f"{name}.bias")
+            return t.source(f"{name}.gamma"), t.source(f"{name}.beta")
+        return t.source(f"{name}.weight"), t.source(f"{name}.bias")
 
     e = f"{p}embeddings"
     s = {
-        "tok_emb.weight": t.get(f"{e}.word_embeddings.weight"),
-        "pos_emb.weight": t.get(f"{e}.position_embeddings.weight"),
-        "type_emb.weight": t.get(f"{e}.token_type_embeddings.weight"),
+        "tok_emb.weight": t.source(f"{e}.word_embeddings.weight"),
+        "pos_emb.weight": t.source(f"{e}.position_embeddings.weight"),
+        "type_emb.weight": t.source(f"{e}.token_type_embeddings.weight"),
     }
     s["embed_norm.weight"], s["embed_norm.bias"] = norm(f"{e}.LayerNorm")
     for i in range(cfg.n_layers):
         h, o = f"{p}encoder.layer.{i}", f"layers.{i}"
         for ours, theirs in (("q_proj", "attention.self.query"), ("k_proj", "attention.self.key"),
                              ("v_proj", "attention.self.value"), ("o_proj", "attention.output.dense")):
-            s[f"{o}.attn.{ours}.weight"] = t.get(f"{h}.{theirs}.weight")
-            s[f"{o}.attn.{ours}.bias"] = t.get(f"{h}.{theirs}.bias")
+            s[f"{o}.attn.{ours}.weight"] = t.source(f"{h}.{theirs}.weight")
+            s[f"{o}.attn.{ours}.bias"] = t.source(f"{h}.{theirs}.bias")
         s[f"{o}.attn_norm.weight"], s[f"{o}.attn_norm.bias"] = norm(f"{h}.attention.output.LayerNorm")
         for ours, theirs in (("w_in", "intermediate.dense"), ("w_out", "output.dense")):
-            s[f"{o}.ffn.{ours}.weight"] = t.get(f"{h}.{theirs}.weight")
-            s[f"{o}.ffn.{ours}.bias"] = t.get(f"{h}.{theirs}.bias")
+            s[f"{o}.ffn.{ours}.weight"] = t.source(f"{h}.{theirs}.weight")
+            s[f"{o}.ffn.{ours}.bias"] = t.source(f"{h}.{theirs}.bias")
         s[f"{o}.ffn_norm.weight"], s[f"{o}.ffn_norm.bias"] = norm(f"{h}.output.LayerNorm")
     return s  # the classification head is new (the pooler and task heads are not imported)
 
@@ -232,32 +168,32 @@ def decoder_config(c: dict, family: str) -> ModelConfig:
     })
 
 
-def decoder_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Tensor]:
+def decoder_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Source]:
     H, Hkv, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    s = {"tok_emb.weight": t.get("model.embed_tokens.weight"), "norm.weight": t.get("model.norm.weight")}
+    s = {"tok_emb.weight": t.source("model.embed_tokens.weight"), "norm.weight": t.source("model.norm.weight")}
     if not cfg.tie_embeddings:
-        s["head.weight"] = t.get("lm_head.weight")
+        s["head.weight"] = t.source("lm_head.weight")
     for i in range(cfg.n_layers):
         h, o = f"model.layers.{i}", f"layers.{i}"
-        s[f"{o}.attn_norm.weight"] = t.get(f"{h}.input_layernorm.weight")
-        s[f"{o}.ffn_norm.weight"] = t.get(f"{h}.post_attention_layernorm.weight")
+        s[f"{o}.attn_norm.weight"] = t.source(f"{h}.input_layernorm.weight")
+        s[f"{o}.ffn_norm.weight"] = t.source(f"{h}.post_attention_layernorm.weight")
         for name, heads in (("q_proj", H), ("k_proj", Hkv), ("v_proj", None), ("o_proj", None)):
             for kind in ("weight", "bias"):
                 if kind == "bias" and (cfg.attn_bias == "none" or (name == "o_proj" and cfg.attn_bias == "qkv")):
                     continue
-                w = t.get(f"{h}.self_attn.{name}.{kind}")
-                s[f"{o}.attn.{name}.{kind}"] = halves_to_pairs(w, heads, hd) if heads else w
+                reorder = (lambda w, n=heads: halves_to_pairs(w, n, hd)) if heads else None
+                s[f"{o}.attn.{name}.{kind}"] = t.source(f"{h}.self_attn.{name}.{kind}", reorder)
         if cfg.ffn.kind == "moe":
             m = f"{h}.block_sparse_moe"
-            s[f"{o}.ffn.router.weight"] = t.get(f"{m}.gate.weight")  # (E, D)
+            s[f"{o}.ffn.router.weight"] = t.source(f"{m}.gate.weight")  # (E, D)
             E = cfg.ffn.num_experts
             for ours, theirs in (("w_gate", "w1"), ("w_in", "w3"), ("w_out", "w2")):  # Linear (out, in) -> (in, out)
-                s[f"{o}.ffn.experts.{ours}"] = torch.stack([t.get(f"{m}.experts.{e}.{theirs}.weight").t() for e in range(E)])
+                s[f"{o}.ffn.experts.{ours}"] = t.stacked([f"{m}.experts.{e}.{theirs}.weight" for e in range(E)], Tensor.t)
         else:
             for ours, theirs in (("w_gate", "gate_proj"), ("w_in", "up_proj"), ("w_out", "down_proj")):
-                s[f"{o}.ffn.{ours}.weight"] = t.get(f"{h}.mlp.{theirs}.weight")
+                s[f"{o}.ffn.{ours}.weight"] = t.source(f"{h}.mlp.{theirs}.weight")
                 if cfg.ffn.bias:
-                    s[f"{o}.ffn.{ours}.bias"] = t.get(f"{h}.mlp.{theirs}.bias")
+                    s[f"{o}.ffn.{ours}.bias"] = t.source(f"{h}.mlp.{theirs}.bias")
     return s
 
 
@@ -268,10 +204,10 @@ def decoder_weights(c: dict, cfg: ModelConfig, t: Tensors) -> dict[str, Tensor]:
 @dataclass(frozen=True)
 class Family:
     """How one ``model_type`` is imported: its ``ModelConfig`` (from a config checked and completed
-    by ``KEYS``) and its tensors under routelab's names."""
+    by ``KEYS``) and where each of the model's tensors comes from in the checkpoint (read lazily)."""
 
     config: Callable[[dict], ModelConfig]
-    weights: Callable[[dict, ModelConfig, Tensors], dict[str, Tensor]]
+    weights: Callable[[dict, ModelConfig, Tensors], dict[str, Source]]
 
 
 FAMILIES: dict[str, Family] = {
@@ -304,9 +240,9 @@ def hf_model_config(path: str | Path) -> ModelConfig:
     return family.config(c)
 
 
-def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
-    """Read the Hugging Face model folder ``path``: the ``ModelConfig`` it becomes, its tensors under
-    routelab's names (fp32), and the folder read. ``from_hf`` builds the model.
+def read_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Source], Path]:
+    """The ``ModelConfig`` the Hugging Face folder ``path`` becomes, the ``Source`` of each of the
+    model's tensors (nothing read yet, but every one checked to be there) and the folder read.
 
     Raises ``ConfigError`` (an architecture or feature not imported), ``FileNotFoundError`` (no
     config.json or safetensors weights) or ``DamagedFileError`` (a tensor missing), each one line
@@ -315,34 +251,30 @@ def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
     family, c = checked_config(read_config(folder))
     cfg = family.config(c)
     tensors = Tensors.open(folder)
-    state = family.weights(c, cfg, tensors)
-    skipped = [n for n in tensors.unused() if not n.endswith(("position_ids", "rotary_emb.inv_freq"))]
+    sources = family.weights(c, cfg, tensors)
+    referenced = {name for source in sources.values() for name in source.names}
+    skipped = [n for n in sorted(set(tensors.files) - referenced) if not n.endswith(("position_ids", "rotary_emb.inv_freq"))]
     if skipped:
         log.info("checkpoint tensors not imported: %s", ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
-    return cfg, state, folder
+    return cfg, sources, folder
+
+
+def convert_hf(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path]:
+    """Read the Hugging Face model folder ``path``: the ``ModelConfig`` it becomes, its tensors under
+    routelab's names (fp32, all in memory at once) and the folder read; errors as ``read_hf``.
+    ``from_hf`` does not use it: it copies one tensor at a time into the model."""
+    cfg, sources, folder = read_hf(path)
+    return cfg, {name: source.read().to(torch.float32) for name, source in sources.items()}, folder
 
 
 def from_hf(path: str | Path) -> RoutedTransformer:
     """Import a Hugging Face model folder (BERT, Llama, Mistral, Qwen2, Mixtral; safetensors),
-    converted into a ``RoutedTransformer`` in eval mode (see the module docstring)."""
-    cfg, state, folder = convert_hf(path)
-    model = RoutedTransformer(cfg)
-    model.load_state_dict(complete_state(model.state_dict(), state, folder))
-    return model.eval()
-
-
-def complete_state(expected: dict[str, Tensor], state: dict[str, Tensor], folder: Path) -> dict[str, Tensor]:
-    """``state`` checked against a built model's ``expected`` state dict (same shapes), completed by
-    the model's own initialisation where the checkpoint has no counterpart (BERT's new head)."""
-    for name, tensor in state.items():
-        if name not in expected:
-            raise ConfigError(f"import of {str(folder)!r} produced {name!r}, which the model lacks (a bug in the family's mapping)")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise DamagedFileError(folder, f"its tensor for {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
-    new = sorted(set(expected) - set(state))
-    if new:
-        log.info("not in the checkpoint, initialised fresh: %s", ", ".join(new))
-    return {**expected, **state}
+    converted into a ``RoutedTransformer`` in eval mode (see the module docstring). The model is
+    built without parameter memory and filled tensor by tensor (``routelab.pretrained.fill``), so
+    the import's peak memory is about the float32 model plus one checkpoint tensor; the parameters
+    the checkpoint lacks (BERT's classification head) are initialised as in a new model."""
+    cfg, sources, folder = read_hf(path)
+    return fill(empty_model(cfg), sources).eval()
 
 
 def load_hf_tokenizer(path: str | Path) -> Any:
