@@ -9,6 +9,7 @@
     routelab inspect RUN_DIR [--text TEXT | --example N] [--out DIR] [--task NAME] [--device DEV]
     routelab import hf PATH --out DIR [--force] [--check [--device DEV]]
     routelab extract RUN_DIR --task NAME --out DIR
+    routelab export RUN_DIR --out DIR [--checkpoint STEP|latest] [--force]
 
 Errors a user can cause (bad config, missing file, bad data, a --device this machine lacks) print
 one clear line and exit 2. Commands that run a saved model take ``--device`` (default: the run's own
@@ -244,6 +245,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from routelab.train.export import export_checkpoint
+
+    out, step = export_checkpoint(args.run_dir, args.out, args.checkpoint, force=args.force)
+    print(f"exported step {step} of {args.run_dir} -> {out}")
+    return 0
+
+
 def command_device(args: argparse.Namespace):
     """``--device`` checked (a name torch does not know, or one this machine lacks, is a ``ConfigError``:
     one line, exit 2), or None when not given: ``load_run`` then uses the run's own ``train.device``."""
@@ -349,7 +358,7 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
 
 
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
-    """``upcycle`` and ``extract``: a run folder's model made into another one."""
+    """``upcycle`` and ``extract``: a run folder's model made into another one; ``export``: a checkpoint as a model folder."""
     u = sub.add_parser("upcycle", help="turn a trained model into another routing config (dense FFN -> MoE, sparse attention)",
                        description="Map a run's (or saved model's) weights onto the model the --set options describe: "
                        "dense FFNs become MoE layers whose experts start as copies (Komatsuzaki et al. 2023), dense "
@@ -371,6 +380,16 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--task", required=True, help="task name, one of the run's model.task_names")
     x.add_argument("--out", required=True, help="new run folder to write")
     x.set_defaults(func=cmd_extract)
+
+    ex = sub.add_parser("export", help="write a checkpoint of a run as a saved model folder",
+                        description="Write a run's checkpoint as a model folder (model.safetensors, config.json, "
+                        "tokenizer.json) that RoutedTransformer.from_pretrained reads. The weights are copied one tensor "
+                        "at a time, so the memory it needs is about one tensor, not the model.")
+    ex.add_argument("run_dir", help="run folder (config.yaml, checkpoints/)")
+    ex.add_argument("--out", required=True, help="model folder to write")
+    ex.add_argument("--checkpoint", default="latest", metavar="STEP", help="the checkpoint's step, or latest (default)")
+    ex.add_argument("--force", action="store_true", help="replace a model folder in --out (only once the new one is complete)")
+    ex.set_defaults(func=cmd_export)
 
 
 def add_inspect_command(sub: argparse._SubParsersAction) -> None:

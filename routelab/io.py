@@ -11,6 +11,13 @@ A full disk (or quota) raises ``DiskFullError``, an ``OSError`` whose one-line m
 folder, the bytes the write needed and the bytes free, and leaves no temporary file behind. Writers
 that know their size (``save_state_dict``, a checkpoint) check the free space before writing anything.
 
+Safetensors files are written tensor by tensor (``write_safetensors``): the header first, then each
+tensor's bytes as its producer hands it over, hashed on the way, so the extra memory of a write is one
+tensor (a contiguous host copy at most), never the serialized model. The bytes are those
+``safetensors.torch.save_file`` writes for the same tensors (same order, header and padding), so
+checksums do not depend on which writer wrote a file; with several metadata keys (routelab writes one)
+safetensors orders them differently in each process, and this writer keeps the order given.
+
 Reading is strict: a truncated or corrupted safetensors file, a file whose SHA-256 differs from the
 one recorded when it was written, or malformed JSON raises ``DamagedFileError`` naming the file.
 """
@@ -21,17 +28,18 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 
 class DamagedFileError(ValueError):
@@ -289,23 +297,110 @@ def safetensors_size(state: dict[str, torch.Tensor]) -> int:
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
     """Save tensors to safetensors atomically; return the written file's SHA-256 (hex). A disk without
-    room for them raises ``DiskFullError`` before anything is written.
+    room for them raises ``DiskFullError`` before anything is written. Written by
+    ``write_safetensors``: one tensor at a time (a GPU tensor is copied to the host alone).
 
     Tensors sharing storage (tied weights) are stored once and restored as aliases on load."""
     size = safetensors_size(state)
     check_free_space(Path(path).parent, size, Path(path).name)
     tensors, aliases = unique_tensors(state)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     meta = dict(metadata or {})
     meta["routelab_aliases"] = json.dumps(aliases)
-    digest: list[str] = []
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype, lambda t=t: t.detach()) for name, t in tensors.items()]
+    return write_safetensors(path, specs, meta, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# the safetensors format, written one tensor at a time
+
+# safetensors' dtype names, in the order its writer ranks them: a file holds the highest rank's tensors
+# first (then by name), which keeps every tensor aligned to its element size
+SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3",
+    torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+    torch.uint32: "U32", torch.float32: "F32", torch.complex64: "C64", torch.float64: "F64", torch.int64: "I64",
+    torch.uint64: "U64",
+}
+DTYPE_OF = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+_RANK = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES)}
+
+
+class TensorSpec(NamedTuple):
+    """One tensor of a file to write: known up front (the header needs it), produced only when its
+    bytes are written (``produce()`` returns a tensor of that shape and dtype, on any device)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+
+def safetensors_layout(tensors: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> tuple[bytes, list[TensorSpec]]:
+    """The header (length prefix included) and the tensors in the order their bytes follow it.
+
+    The safetensors format: an 8-byte little-endian header length N, N bytes of JSON (``__metadata__``
+    first when given, then name -> dtype, shape and [begin, end) byte offsets into the data, in data
+    order), padded with spaces to a multiple of 8, then the tensors' raw little-endian bytes."""
+    ordered = sorted(tensors, key=lambda s: (-_rank(s), s.name))
+    names = [s.name for s in ordered]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tensor names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
+    for s in ordered:
+        end = offset + _nbytes(s)
+        header[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, ordered
+
+
+def _rank(spec: TensorSpec) -> int:
+    if spec.dtype not in _RANK:
+        raise ValueError(f"tensor {spec.name!r} has dtype {spec.dtype}, which routelab does not write to safetensors; "
+                         f"allowed: {', '.join(str(d).removeprefix('torch.') for d in SAFETENSORS_DTYPES)}")
+    return _RANK[spec.dtype]
+
+
+def _nbytes(spec: TensorSpec) -> int:
+    return math.prod(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of ``t`` (no copy for a contiguous host tensor on a little-endian host)."""
+    flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    if sys.byteorder == "big" and t.element_size() > 1:
+        flat = flat.view(-1, t.element_size()).flip(1).reshape(-1)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def write_safetensors(
+    path: str | Path, tensors: Iterable[TensorSpec], metadata: dict[str, str] | None = None, size: int | None = None
+) -> str:
+    """Write a safetensors file atomically, holding one tensor at a time; return its SHA-256 (hex),
+    hashed as the bytes are written. ``size``: the bytes to find free first (default: the file's own).
+    A produced tensor whose shape or dtype differs from its spec raises ``ValueError`` (the header
+    already promised them) and leaves no file."""
+    header, ordered = safetensors_layout(tensors, metadata)
+    digest = hashlib.sha256()
 
     def write(tmp: str) -> None:
-        save_file(tensors, tmp, metadata=meta)
-        digest.append(file_sha256(tmp))  # hashed before the rename: what is in place is what was hashed
+        with open(tmp, "wb") as f:
+            f.write(header)
+            digest.update(header)
+            for spec in ordered:
+                t = spec.produce()
+                if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
+                    raise ValueError(f"tensor {spec.name!r} was announced as {spec.dtype} {tuple(spec.shape)} but"
+                                     f" produced as {t.dtype} {tuple(t.shape)}")
+                data = tensor_bytes(t)
+                f.write(data)
+                digest.update(data)
+                del t, data  # before the next one is produced
 
-    atomic_write(path, write, size)
-    return digest[0]
+    atomic_write(path, write, size if size is not None else len(header) + sum(_nbytes(s) for s in ordered))
+    return digest.hexdigest()
 
 
 def load_state_dict(
@@ -328,6 +423,39 @@ def load_state_dict(
             raise DamagedFileError(path, f"alias {alias!r} points at missing tensor {target!r}")
         state[alias] = state[target]
     return state
+
+
+def lazy_tensors(path: str | Path) -> tuple[list[TensorSpec], dict[str, str] | None]:
+    """A safetensors file's tensors as ``TensorSpec``s whose ``produce()`` reads that one tensor, and
+    its metadata: what ``write_safetensors`` takes to rewrite the file holding one tensor at a time.
+    Only the header is read here. Each tensor is read through its own ``safe_open``, which maps the
+    file: closing it unmaps the pages read, which would otherwise stay resident until the last one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            found = [(name, f.get_slice(name)) for name in f.keys()]
+            layout = [(name, tuple(s.get_shape()), s.get_dtype()) for name, s in found]
+    except Exception as e:
+        raise DamagedFileError(path, f"cannot read it as safetensors ({type(e).__name__}: {e})") from None
+    specs = []
+    for name, shape, dtype in layout:
+        if dtype not in DTYPE_OF:
+            raise DamagedFileError(path, f"tensor {name!r} has dtype {dtype}, which routelab does not read")
+        specs.append(TensorSpec(name, shape, DTYPE_OF[dtype], lambda name=name: _read_tensor(path, name)))
+    return specs, meta
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+    except OSError:
+        raise
+    except Exception as e:
+        raise DamagedFileError(path, f"cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
 
 
 def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

@@ -320,13 +320,14 @@ class RoutedTransformer(nn.Module):
 
         ``config.json`` is the model config plus ``weights_sha256``, the checksum of the weights
         written with it; it is written last, so a folder whose two files do not belong together (a
-        write killed between them, a copied-over file) fails ``from_pretrained``'s check."""
-        from routelab.io import atomic_write_json, save_state_dict
+        write killed between them, a copied-over file) fails ``from_pretrained``'s check. The weights
+        are written one tensor at a time (``routelab.io.save_state_dict``)."""
+        from routelab.io import save_state_dict
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         digest = save_state_dict(self.state_dict(), directory / WEIGHTS_FILE)
-        atomic_write_json(directory / CONFIG_JSON, {**to_dict(self.cfg), "weights_sha256": digest})
+        write_config_json(directory, self.cfg, digest)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> RoutedTransformer:
@@ -374,6 +375,14 @@ class RoutedTransformer(nn.Module):
                     weight[i] = torch.tensor(vec, dtype=weight.dtype, device=weight.device)
                     filled += 1
         return filled
+
+
+def write_config_json(directory: str | Path, cfg: ModelConfig, weights_sha256: str) -> None:
+    """A saved model's ``config.json``: ``cfg`` plus the SHA-256 of the weights written beside it.
+    Written last (atomically): it is what makes the folder a complete model."""
+    from routelab.io import atomic_write_json
+
+    atomic_write_json(Path(directory) / CONFIG_JSON, {**to_dict(cfg), "weights_sha256": weights_sha256})
 
 
 # ----------------------------------------------------------------------------------------------

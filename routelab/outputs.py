@@ -1,13 +1,14 @@
 """Where a command may write: never over what it reads, never over files routelab did not write.
 
 Every command with ``--out`` (``train``, ``compare``, ``import hf``, ``upcycle``, ``extract``,
-``inspect``, ``data listops``) checks its target here before it writes anything:
+``export``, ``inspect``, ``data listops``) checks its target here before it writes anything:
 
 - **no overlap with its inputs**: ``--out`` may not be a source folder (or file), contain one, or lie
   inside one (``import hf models/llama --out models --force`` would replace the folder holding the
   checkpoint it reads);
 - **only its own kind of folder**: a non-empty ``--out`` must hold nothing but what that command
-  writes (``RUN_ENTRIES`` for a run folder; the command's own outputs otherwise). A folder holding
+  writes (``RUN_ENTRIES`` for a run folder, ``MODEL_ENTRIES`` for a model folder; the command's own
+  outputs otherwise). A folder holding
   anything else (a Hugging Face checkpoint, a user's ``config.yaml`` or notes) is refused, ``--force``
   or not, naming the first entries routelab did not write.
 
@@ -29,6 +30,8 @@ RUN_ENTRIES = frozenset({
     "config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints", "model", "summary.json", "tensorboard", "inspect",
     LOCK_FILE,
 })
+# what a saved model folder holds (``RoutedTransformer.save_pretrained`` plus the tokenizer; ``routelab export``)
+MODEL_ENTRIES = frozenset({"config.json", "model.safetensors", "tokenizer.json", LOCK_FILE})
 # what ``routelab inspect`` writes (experts.html, routes.json, experts_<layer>.png, attention_layer<i>.png, ...)
 INSPECT_SUFFIXES = (".html", ".png", ".json")
 
@@ -108,6 +111,24 @@ def check_run_target(out: str | Path, sources: Iterable[tuple[str, str | Path | 
             raise OutputFolderError(
                 f"{what} {str(out)!r} holds {_shown(stray)} but no config.yaml, so it is not a routelab run folder;"
                 f" choose another {what} (or remove them if a run of yours left them)"
+            )
+    return out
+
+
+def check_model_target(out: str | Path, sources: Iterable[tuple[str, str | Path | None]] = (), what: str = "--out") -> Path:
+    """The checks before a model folder is written to ``out`` (``export``): not a file, no overlap with
+    ``sources``, and nothing in it but what a model folder holds, with its ``config.json`` (a lone
+    ``tokenizer.json`` may be a user's own). Whether an existing model may be replaced is the caller's."""
+    out = Path(out)
+    check_folder_target(out, f"{what} folder")
+    check_no_overlap(out, sources, what)
+    check_only(out, lambda p: p.name in MODEL_ENTRIES or is_staging(p.name), "a routelab model folder", what)
+    if not is_empty(out) and not (out / "config.json").is_file():
+        stray = foreign_entries(out, lambda p: p.name == LOCK_FILE or is_staging(p.name))
+        if stray:
+            raise OutputFolderError(
+                f"{what} {str(out)!r} holds {_shown(stray)} but no config.json, so it is not a routelab model folder;"
+                f" choose another {what} (or remove them if an export of yours left them)"
             )
     return out
 

@@ -169,6 +169,19 @@ CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
         None, ["train", "multitask-tiny", "--out", "TMP/new", "--init-from", "RUN", "--no-sample"],
         r"train\.init_from=.* is invalid.*null in a multi-task run",
     ),
+    "export-not-a-run": (None, ["export", "TMP", "--out", "TMP/m"], r"is not a routelab run folder: config.yaml is missing"),
+    "export-no-checkpoint": (
+        lambda r: shutil.rmtree(r / "checkpoints"), ["export", "RUN", "--out", "TMP/m"],
+        r"holds no complete checkpoint.*its model/ folder is already a saved model",
+    ),
+    "export-unknown-step": (None, ["export", "RUN", "--out", "TMP/m", "--checkpoint", "4"], r"no checkpoint at step 4; its checkpoints: 3, 6"),
+    "export-bad-step": (None, ["export", "RUN", "--out", "TMP/m", "--checkpoint", "newest"], r"--checkpoint 'newest' is invalid"),
+    "export-damaged-checkpoint": (
+        lambda r: _truncate(_ckpt(r, 6) / "model.safetensors"), ["export", "RUN", "--out", "TMP/m"],
+        r"step_0000006/model.safetensors' is damaged",
+    ),
+    "export-out-is-the-run": (None, ["export", "RUN", "--out", "RUN"], r"--out .* contains the checkpoint"),
+    "export-out-is-a-file": (None, ["export", "RUN", "--out", "TMP/file"], r"existing file"),
     "tensorboard-missing": (
         None, ["train", "CFG", "--out", "TMP/tb", "--set", "train.tensorboard=true"], r"pip install tensorboard",
     ),

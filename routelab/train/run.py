@@ -156,7 +156,7 @@ def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
             f"cannot resume {str(out)!r}: the requested config differs from the run's config.yaml in "
             f"{', '.join(differing)} (only {', '.join(RESUMABLE_CHANGES)} may change on resume)"
         )
-    ckpt, damaged = newest_intact_checkpoint(out, _shapes(saved, saved_path))
+    ckpt, damaged = newest_intact_checkpoint(out, run_shapes(saved, saved_path))
     if ckpt is None:
         raise RunError(f"cannot resume {str(out)!r}: no intact checkpoint; {damaged[0][1]}")
     for path, err in damaged:
@@ -168,7 +168,7 @@ def prepare_run_dir(out: Path, cfg: Config, resume: bool) -> Path | None:
     return ckpt
 
 
-def _shapes(cfg: Config, config_path: Path) -> dict[str, tuple[int, ...]]:
+def run_shapes(cfg: Config, config_path: Path) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes of the model ``cfg`` describes (a saved, resolved config)."""
     labels_unset = (cfg.model.head != "lm" and cfg.model.num_labels is None) if cfg.model.task_names is None else (
         any(h != "lm" and n is None for h, n in zip(cfg.model.task_heads, cfg.model.task_num_labels))
@@ -455,7 +455,7 @@ def load_run(
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise RunError(f"{str(run_dir)!r} has neither a final model ({MODEL_DIR}/) nor a complete checkpoint")
-        verify_checkpoint(ckpt, _shapes(cfg, cfg_path), files=(MODEL_FILE,))  # eval needs no optimizer
+        verify_checkpoint(ckpt, run_shapes(cfg, cfg_path), files=(MODEL_FILE,))  # eval needs no optimizer
         model = RoutedTransformer(cfg.model)
         model.load_state_dict(load_state_dict(ckpt / MODEL_FILE))
         model.to(map_location)

@@ -69,11 +69,10 @@ def assert_step_2_intact(run: Path, cfg_path: Path) -> None:
 def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_leaves_the_old_one(checkpointed, monkeypatch, capsys):
     cfg_path, run = checkpointed
 
-    def fill_then_fail(tensors, filename, metadata=None):  # what safetensors does when the disk fills mid-write
-        Path(filename).write_bytes(b"\0" * 100)
-        raise SafetensorError(FULL)
+    def fill_then_fail(t):  # the disk fills while the tensors are written, after the header
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(rio, "save_file", fill_then_fail)
+    monkeypatch.setattr(rio, "tensor_bytes", fill_then_fail)
     capsys.readouterr()
     assert main(["train", str(cfg_path), "--out", str(run), "--resume", "--set", "train.steps=4", "--no-sample"]) == 2
     line = one_error_line(capsys)
@@ -87,7 +86,7 @@ def test_too_little_free_space_is_refused_before_a_checkpoint_is_written(checkpo
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(rio.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
     written = []
-    monkeypatch.setattr(rio, "save_file", lambda *a, **k: written.append(a))
+    monkeypatch.setattr(rio, "write_safetensors", lambda *a, **k: written.append(a))
     capsys.readouterr()
     assert main(["train", str(cfg_path), "--out", str(run), "--resume", "--set", "train.steps=4", "--no-sample"]) == 2
     line = one_error_line(capsys)
@@ -117,7 +116,7 @@ def test_an_export_that_fills_the_disk_keeps_the_previous_model(tmp_path, monkey
     folder = tmp_path / "run" / "model"
     trainer_mod.export_model(model, ByteTokenizer(), folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    monkeypatch.setattr(rio, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError(FULL)))
+    monkeypatch.setattr(rio, "tensor_bytes", lambda t: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(DiskFullError, match=r"in '.*run' to write model/model.safetensors \(about .* needed"):
         trainer_mod.export_model(model, ByteTokenizer(), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
