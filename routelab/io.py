@@ -403,22 +403,38 @@ def write_safetensors(
     return digest.hexdigest()
 
 
+RowSelector = Callable[[str, tuple[int, ...]], tuple[int, int] | None]  # (name, stored shape) -> rows to read, None = all
+
+
 def load_state_dict(
-    path: str | Path, map_location: str | torch.device = "cpu", sha256: str | None = None
+    path: str | Path, map_location: str | torch.device = "cpu", sha256: str | None = None,
+    rows: RowSelector | None = None, keys: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Load a file written by ``save_state_dict`` (or any safetensors file), checking ``sha256`` if given."""
+    """Load a file written by ``save_state_dict`` (or any safetensors file), checking ``sha256`` if given.
+
+    ``rows(name, shape)`` (shape as stored) may return ``(lo, hi)``: only rows lo:hi of dimension 0 of
+    that tensor are read (``get_slice``: the other rows are never copied; expert parallelism reads
+    its experts so). ``keys(name)`` False: that tensor is not read at all."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} not found")
     verify_sha256(path, sha256)
+
+    def read(f: Any, k: str) -> torch.Tensor:
+        part = f.get_slice(k)
+        span = rows(k, tuple(part.get_shape())) if rows is not None else None
+        return f.get_tensor(k) if span is None else part[span[0] : span[1]]
+
     try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: read(f, k) for k in f.keys() if keys is None or keys(k)}
             meta = f.metadata() or {}
         aliases = json.loads(meta.get("routelab_aliases", "{}"))
     except Exception as e:  # SafetensorError (truncated, bad header), JSON in the metadata, I/O
         raise DamagedFileError(path, f"cannot read it as safetensors ({type(e).__name__}: {e})") from None
     for alias, target in aliases.items():
+        if keys is not None and not keys(alias):
+            continue
         if target not in state:
             raise DamagedFileError(path, f"alias {alias!r} points at missing tensor {target!r}")
         state[alias] = state[target]

@@ -35,6 +35,7 @@ from routelab.attention.base import Combine
 from routelab.config import ModelConfig, model_config_from_dict, to_dict
 from routelab.errors import ConfigError
 from routelab.ffn import build_ffn
+from routelab.moe.experts import Experts
 
 IGNORE_INDEX = -100  # label value that is not scored (padding, positions without a label)
 # tensors added after checkpoints without them were written; absent = zero gives the older model exactly
@@ -74,14 +75,14 @@ def build_norm(cfg: ModelConfig) -> nn.Module:
 class Block(nn.Module):
     """One Transformer block, pre-norm or post-norm (``cfg.norm_position``)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, expert_slice: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.post_norm = cfg.norm_position == "post"
         self.attn_norm = build_norm(cfg)
         self.attn = build_attention(cfg, layer_idx)
         self.combine = Combine(cfg.d_model, cfg.attention.combine)  # x + a, or a linear map of [x; a]
         self.ffn_norm = build_norm(cfg)
-        self.ffn = build_ffn(cfg, layer_idx)
+        self.ffn = build_ffn(cfg, layer_idx, expert_slice)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, padding_mask=None, cache=None, token_ids=None, return_routes=False, task_ids=None):
@@ -103,9 +104,13 @@ class Block(nn.Module):
 
 
 class RoutedTransformer(nn.Module):
-    """A Transformer whose attention and FFN layers are chosen by config (see module docstring)."""
+    """A Transformer whose attention and FFN layers are chosen by config (see module docstring).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``expert_slice`` (index, size): every MoE layer holds only slice ``index`` of its experts split in
+    ``size`` (expert parallelism builds each process's model so); every tensor, and every held
+    expert, starts as in the model built whole from the same seed."""
+
+    def __init__(self, cfg: ModelConfig, expert_slice: tuple[int, int] | None = None) -> None:
         super().__init__()
         if cfg.vocab_size is None:
             raise ConfigError("model.vocab_size is None; set it, or let the trainer take it from the tokenizer")
@@ -117,7 +122,7 @@ class RoutedTransformer(nn.Module):
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = build_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, expert_slice) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg) if cfg.norm_position == "pre" else None  # post-norm blocks end normalised
         if cfg.task_names is None:
             self.head = self._new_head(cfg.head, cfg.num_labels)
@@ -173,8 +178,11 @@ class RoutedTransformer(nn.Module):
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if names is not None and name not in names:
                 continue
-            if name.endswith(("o_proj.weight", "w_out.weight")) or name.endswith("experts.w_out"):
-                nn.init.normal_(p, mean=0.0, std=self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers))
+            std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+            if name.endswith(("o_proj.weight", "w_out.weight")):
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("experts.w_out"):  # a slice draws its rows of the whole tensor's values
+                self.get_submodule(name.rpartition(".")[0]).normal_(p, std)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -311,6 +319,16 @@ class RoutedTransformer(nn.Module):
             if name not in state and name.endswith(ZERO_IF_ABSENT):
                 state[name] = torch.zeros_like(tensor)
         return super().load_state_dict(state, strict=strict, assign=assign)
+
+    def expert_rows(self) -> dict[str, tuple[int, int, int]]:
+        """State-dict name -> (lo, hi, total) of every expert tensor that holds only rows lo:hi of its
+        layer's (total, ...) experts (a model built with ``expert_slice``); empty for a whole model."""
+        rows = {}
+        for prefix, m in self.named_modules():
+            if isinstance(m, Experts) and m.expert_slice is not None:
+                lo = m.first_expert
+                rows.update({f"{prefix}.{n}": (lo, lo + m.num_experts, m.total_experts) for n, _ in m.named_parameters()})
+        return rows
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -48,6 +48,7 @@ from routelab.config import ModelConfig, to_dict
 from routelab.device import device_of
 from routelab.errors import ConfigError
 from routelab.model import RoutedTransformer
+from routelab.moe.sliced_init import normal_rows
 
 __all__ = ["Conversion", "check_convertible", "config_changes", "fill_from_source", "upcycle", "upcycle_into", "upcycle_with_conversion"]
 
@@ -189,11 +190,15 @@ def upcycle_into(
     """Fill ``target`` (built from its own config, so its fresh tensors are initialised) from the
     state dict of a ``RoutedTransformer(source_cfg)``; see the module docstring. ``noise``: std of
     the Gaussian noise added to the weight matrices of every expert made from a dense FFN (drawn
-    from ``generator``, on the CPU). Returns what was done with each tensor."""
+    from ``generator``, on the CPU). Returns what was done with each tensor.
+
+    A target holding a slice of its experts (``expert_slice``: expert parallelism) gets exactly its
+    rows of what the whole target would get (its experts' noise included: the whole draw, rows kept)."""
     check_convertible(source_cfg, target.cfg)
     if noise < 0:
         raise ConfigError(f"noise={noise!r} is invalid; allowed: a number >= 0 (the std of the noise on expert copies)")
     state = target.state_dict()
+    rows = target.expert_rows()  # name -> (lo, hi, total) of a sliced target's expert tensors
     done = Conversion(changes=config_changes(source_cfg, target.cfg))
     used: set[str] = set()
     shared = getattr(target.cfg.ffn, "num_shared_experts", 0)
@@ -201,12 +206,14 @@ def upcycle_into(
     new: dict[str, Tensor] = {}
     for name, t in state.items():
         src = source_state.get(name)
+        if src is not None and name in rows and tuple(src.shape) == (rows[name][2], *t.shape[1:]):
+            src = src[rows[name][0] : rows[name][1]]  # the target's rows of the source's experts
         if src is not None and src.shape == t.shape:
             new[name] = src
             used.add(name)
             done.copied.append(name)
             continue
-        made = _from_dense(name, t, source_state, shared, split, noise, generator)
+        made = _from_dense(name, t, source_state, shared, split, noise, generator, rows.get(name))
         if made is not None:
             new[name], dense_names = made
             used.update(dense_names)
@@ -231,10 +238,12 @@ def upcycle_into(
 
 
 def _from_dense(
-    name: str, t: Tensor, source: dict[str, Tensor], shared: int, split: float, noise: float, gen: torch.Generator | None
+    name: str, t: Tensor, source: dict[str, Tensor], shared: int, split: float, noise: float, gen: torch.Generator | None,
+    span: tuple[int, int, int] | None = None,
 ) -> tuple[Tensor, list[str]] | None:
     """Target tensor ``name`` (stacked experts (E, ...) or the shared experts' FFN) made from the dense
-    FFN of the same layer in ``source``, with the dense names used; None if it is not such a tensor."""
+    FFN of the same layer in ``source``, with the dense names used; None if it is not such a tensor.
+    ``span`` (lo, hi, E): the target holds experts lo:hi of E (their noise: those rows of E's)."""
     m = EXPERT_KEY.match(name)
     if m and m.group(2) in EXPERT_FROM_DENSE:
         dense_name, transpose = EXPERT_FROM_DENSE[m.group(2)]
@@ -245,7 +254,9 @@ def _from_dense(
         if m.group(2) in ("w_out", "b_out"):
             one = one * split
         stacked = one.unsqueeze(0).expand(t.shape[0], *one.shape).clone()  # (E, ...): E copies
-        if noise > 0 and transpose:  # weight matrices only; biases stay exact copies
+        if noise > 0 and transpose and span is not None:
+            stacked += noise * normal_rows(span[2], tuple(one.shape), span[0], span[1], 1.0, generator=gen).to(stacked)
+        elif noise > 0 and transpose:  # weight matrices only; biases stay exact copies
             stacked += noise * torch.randn(stacked.shape, generator=gen).to(stacked)
         return stacked, [m.group(1) + dense_name]
     m = SHARED_KEY.match(name)

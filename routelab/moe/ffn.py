@@ -143,7 +143,7 @@ class MoEFFNConfig(FFNConfig):
 class MoEFFN(MoE):
     """The ``MoE`` layer built from a ``ModelConfig`` (parameter names as in ``MoE``)."""
 
-    def __init__(self, cfg, layer_idx: int = 0) -> None:
+    def __init__(self, cfg, layer_idx: int = 0, expert_slice: tuple[int, int] | None = None) -> None:
         f: MoEFFNConfig = cfg.ffn
         if ROUTERS.get(f.router.kind).module_class.needs_task_ids and not cfg.task_names:
             raise ConfigError(
@@ -176,6 +176,7 @@ class MoEFFN(MoE):
                 num_tasks=cfg.num_tasks,
                 task_conditioned=f.task_conditioned,
                 routed_scale=f.routed_scale,
+                expert_slice=expert_slice,
             )
         except ConfigError as e:
             raise ConfigError(f"model.ffn (layer {layer_idx}): {e}") from None

@@ -73,6 +73,9 @@ class MoE(nn.Module):
             the papers' combine). A top-1 softmax gate starts near 1/E, so a Switch layer's output
             starts about E times smaller than a dense FFN's; s = E undoes that (the balance, z and
             entropy losses read the router's probabilities, not the scaled gates).
+        expert_slice: (index, size): hold only slice ``index`` of the experts split in ``size``
+            (``Experts``); the layer then runs only under expert parallelism
+            (``routelab.moe.parallel.apply_expert_parallel``).
         **router_options: the router's own options (see its ``RouterConfig`` subclass in
             ``routelab.moe.routers``); unknown ones are refused with the known ones listed.
     """
@@ -104,6 +107,7 @@ class MoE(nn.Module):
         num_tasks: int = 1,
         task_conditioned: bool = False,
         routed_scale: float = 1.0,
+        expert_slice: tuple[int, int] | None = None,
         **router_options,
     ) -> None:
         super().__init__()
@@ -151,7 +155,7 @@ class MoE(nn.Module):
         self.entropy_loss_weight = entropy_loss_weight
         self.bias_update_rate = bias_update_rate
         self.routed_scale = routed_scale
-        self.experts = Experts(num_experts, d_model, hidden, activation, bias)
+        self.experts = Experts(num_experts, d_model, hidden, activation, bias, expert_slice)
         # num_shared always-on experts (DeepSeekMoE, Qwen-MoE) as one FFN of width num_shared * H: the
         # sum of n FFNs equals one FFN with their hidden units side by side (and summed output biases)
         self.shared = FeedForward(d_model, num_shared_experts * hidden, activation, bias) if num_shared_experts else None
@@ -276,6 +280,9 @@ class MoE(nn.Module):
         r, chosen, active = self._decide(x, token_ids, pos, task_ids)
         if self.selection_bias is not None and self.training and (T > 0 or self._global_group() is not None):
             self._update_selection_bias(r.expert_idx, chosen)
+        if self.experts.expert_slice is not None and self.expert_parallel is None:
+            raise RuntimeError("this MoE layer holds a slice of its experts: it runs under expert parallelism only"
+                               " (routelab.moe.parallel.apply_expert_parallel)")
         if self.impl == "reference":
             y = reference_combine(self.experts, x, r.expert_idx, r.gates, active)
         elif self.expert_parallel is not None:  # experts spread over ranks (routelab.moe.parallel)

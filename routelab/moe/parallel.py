@@ -198,18 +198,24 @@ def check_expert_parallel(model: nn.Module, size: int, world_size: int) -> list[
 def apply_expert_parallel(model: nn.Module, groups: ExpertGroups) -> list[str]:
     """Keep, in every MoE layer, only this rank's slice of the stacked expert weights and route its
     experts' work through ``ExpertParallel``; returns the names of the sliced parameters (for
-    ``DistributedDataParallel`` to leave alone and ``sync_expert_grads`` to reduce). A transform of a
-    built model: the model code does not change."""
+    ``DistributedDataParallel`` to leave alone and ``sync_expert_grads`` to reduce). A model built
+    with this rank's ``expert_slice`` (``RoutedTransformer(cfg, expert_slice=(groups.index, groups.size))``,
+    what the trainer does: no process ever holds every expert) is used as it is; a model holding every
+    expert is sliced here (its full tensors are freed once nothing else refers to them)."""
     layers = check_expert_parallel(model, groups.size, groups.world_size)
     names = []
     for m in layers:
         L = m.num_experts // groups.size
         lo = groups.index * L
-        for p in EXPERT_PARAMS:
-            t = getattr(m.experts, p)
-            if t is not None:
-                setattr(m.experts, p, nn.Parameter(t.detach()[lo : lo + L].clone()))
-        m.experts.num_experts = L
+        held = m.experts.expert_slice
+        if held is not None and held != (groups.index, groups.size):
+            raise ValueError(f"the model holds expert slice {held} but this rank's is {(groups.index, groups.size)}")
+        if held is None:
+            for p in EXPERT_PARAMS:
+                t = getattr(m.experts, p)
+                if t is not None:
+                    setattr(m.experts, p, nn.Parameter(t.detach()[lo : lo + L].clone()))
+            m.experts.num_experts, m.experts.expert_slice = L, (groups.index, groups.size)
         m.expert_parallel = ExpertParallel(groups, m.num_experts)
     prefix = {id(m): n for n, m in model.named_modules()}
     for m in layers:

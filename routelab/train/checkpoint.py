@@ -34,6 +34,7 @@ from torch import nn
 from routelab.device import device_of
 from routelab.io import (
     DamagedFileError,
+    RowSelector,
     atomic_write_json,
     check_free_space,
     load_state_dict,
@@ -271,6 +272,8 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     rng: bool = True,
+    rows: dict[str, tuple[int, int, int]] | None = None,
+    moment_rows: RowSelector | None = None,
 ) -> dict:
     """Load weights into ``model`` (and state into ``optimizer``, and the RNG states if ``rng``),
     after ``verify_checkpoint`` (checksums, and the weights' shapes against ``model``).
@@ -279,22 +282,29 @@ def load_checkpoint(
     records none), so a run resumes on another device; the optimizer's moments follow their
     parameters (``Optimizer.load_state_dict``) and the RNG states stay host tensors.
 
+    ``rows`` (name -> (lo, hi, total)): the model holds rows lo:hi of that stored (total, ...) tensor
+    (expert parallelism's slice of the experts), and only they are read; ``moment_rows`` likewise
+    for the optimizer's tensors (``load_optimizer_state``).
+
     Returns:
         the checkpoint's ``state.json`` (step and bookkeeping).
     """
     path = Path(path)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rows = rows or {}
+    shapes = {k: (rows[k][2], *v.shape[1:]) if k in rows else tuple(v.shape) for k, v in model.state_dict().items()}
     state = verify_checkpoint(path, shapes)
-    model.load_state_dict(load_state_dict(path / MODEL_FILE, map_location=device_of(model)))
+    weights = load_state_dict(path / MODEL_FILE, map_location=device_of(model), rows=lambda k, _: rows[k][:2] if k in rows else None)
+    model.load_state_dict(weights)
+    del weights
     if optimizer is not None or rng:
-        load_optimizer_state(path, optimizer, state, device=device_of(model) if rng else None)
+        load_optimizer_state(path, optimizer, state, device=device_of(model) if rng else None, rows=moment_rows)
     return state
 
 
 def read_extra_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     """The ``extra_tensors`` saved in checkpoint folder ``path`` whose names start with ``prefix``
     (after ``verify_checkpoint``, which checks the file's checksum)."""
-    return {k: t for k, t in load_state_dict(Path(path) / OPTIMIZER_FILE).items() if k.startswith(prefix)}
+    return load_state_dict(Path(path) / OPTIMIZER_FILE, keys=lambda k: k.startswith(prefix))
 
 
 def load_optimizer_state(
@@ -303,12 +313,16 @@ def load_optimizer_state(
     state: dict,
     device: torch.device | None = None,
     tensor_map: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    rows: RowSelector | None = None,
 ) -> None:
     """Load a checkpoint's optimizer state into ``optimizer`` (if given) and its RNG states (if
-    ``device``); ``tensor_map(key, tensor)`` may transform each ``state.{idx}.{name}`` tensor first
-    (expert parallelism keeps this rank's slice of the experts' moments)."""
+    ``device``); ``tensor_map(key, tensor)`` may transform each ``state.{idx}.{name}`` tensor first;
+    ``rows(key, stored shape)`` may name the rows lo:hi of a tensor to read instead of all (expert
+    parallelism reads only this rank's slice of the experts' moments). Without ``optimizer`` only
+    the RNG tensors are read."""
     path = Path(path)
-    tensors = load_state_dict(path / OPTIMIZER_FILE)
+    wanted = None if optimizer is not None else (lambda k: k.startswith("rng."))
+    tensors = load_state_dict(path / OPTIMIZER_FILE, rows=rows, keys=wanted)
     if tensor_map is not None:
         tensors = {k: tensor_map(k, t) if k.startswith("state.") else t for k, t in tensors.items()}
     try:

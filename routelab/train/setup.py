@@ -1,5 +1,6 @@
 """Building a run before its first step: the folder and the checkpoint to resume, the data, the
-model (fresh, from ``train.init_from``, or restored), the distillation teacher, the expert shards,
+expert-parallel groups, the model (fresh, from ``train.init_from``, or restored; under expert
+parallelism holding only this process's experts), the distillation teacher, the expert shards,
 the optimizer and loss scaler, the metrics log, and the parallel wrappers.
 
 ``build_run`` does it all in the order the RNG streams depend on (the model's initialisation, then
@@ -26,7 +27,7 @@ from routelab.data import MultiTaskData
 from routelab.data.batches import seed_everything, token_counts
 from routelab.model import RoutedTransformer
 from routelab.moe.layer import MoE
-from routelab.moe.parallel import check_expert_parallel, expert_groups
+from routelab.moe.parallel import ExpertGroups, check_expert_parallel, expert_groups
 from routelab.moe.routers import Router
 from routelab.precision import grad_scaler, slow_precision_warning
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state
@@ -82,11 +83,12 @@ def build_run(
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     cfg, data = load_data(cfg, out, ctx)
-    model = build_model(cfg, data, source, ckpt, device)
+    groups = make_expert_groups(cfg, ctx)  # before the model: each process builds only its experts
+    model = build_model(cfg, data, source, ckpt, device, groups)
     del source  # the starting weights are in the model now
     # knowledge distillation: the student with a frozen teacher (routelab.train.distill)
     distiller = build_distiller(cfg, model, out / TOKENIZER_FILE, device) if cfg.train.distill.teacher else None
-    experts, state = shard_experts(cfg, model, ckpt, ctx)
+    experts, state = shard_experts(cfg, model, ckpt, ctx, groups)
     optimizer = make_optimizer(model, cfg.train)
     scaler = make_scaler(device, cfg.train.precision)  # fp16 only; its state is checkpointed with the bookkeeping
     slow = slow_precision_warning(device, cfg.train.precision)  # fp16 on a CPU, bf16 on one without bf16 instructions
@@ -134,10 +136,24 @@ def load_data(cfg: Config, out: Path, ctx: DistContext) -> tuple[Config, Any]:
     return resolve_config(cfg, data), data
 
 
-def build_model(cfg: Config, data: Any, source: Any, ckpt: Path | None, device: torch.device) -> RoutedTransformer:
+def make_expert_groups(cfg: Config, ctx: DistContext) -> ExpertGroups | None:
+    """The expert-parallel process groups (``train.expert_parallel`` > 1), else None."""
+    if cfg.train.expert_parallel <= 1:
+        return None
+    return expert_groups(cfg.train.expert_parallel, ctx.rank, ctx.world_size, timeout_s=cfg.train.dist_timeout)
+
+
+def build_model(
+    cfg: Config, data: Any, source: Any, ckpt: Path | None, device: torch.device, groups: ExpertGroups | None = None
+) -> RoutedTransformer:
     """The model on ``device``: initialised from ``source`` (``train.init_from``) if given; a fresh run
-    also fits data-dependent routers and loads ``model.embeddings_path`` (a resume loads them instead)."""
-    model = RoutedTransformer(cfg.model).to(device)
+    also fits data-dependent routers and loads ``model.embeddings_path`` (a resume loads them instead).
+    With expert ``groups`` every MoE layer holds only this rank's slice of its experts from the start
+    (initialised as those experts of the whole model, ``RoutedTransformer``'s ``expert_slice``)."""
+    if groups is not None:  # the layers' own refusals first, on a model that allocates nothing
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # (the run's RNG stream left alone)
+            check_expert_parallel(RoutedTransformer(cfg.model), groups.size, groups.world_size)
+    model = RoutedTransformer(cfg.model, expert_slice=(groups.index, groups.size) if groups else None).to(device)
     if source is not None:
         init_model(model, source, cfg)
     if ckpt is None:  # data-dependent router state (a frequency-balanced hash table); a resume loads it
@@ -153,17 +169,18 @@ def build_model(cfg: Config, data: Any, source: Any, ckpt: Path | None, device: 
 
 
 def shard_experts(
-    cfg: Config, model: RoutedTransformer, ckpt: Path | None, ctx: DistContext
+    cfg: Config, model: RoutedTransformer, ckpt: Path | None, ctx: DistContext, groups: ExpertGroups | None
 ) -> tuple[ShardedExperts | None, dict[str, Any] | None]:
-    """Expert parallelism (``train.expert_parallel`` > 1): this rank keeps its slice of every MoE
-    layer's experts. A checkpoint holds every expert, so it is loaded whole first (its state is
-    returned for ``restore``). ``(None, None)`` otherwise."""
-    if cfg.train.expert_parallel <= 1:
+    """Expert parallelism (``train.expert_parallel`` > 1): the model, holding this rank's slice of
+    every MoE layer's experts, runs them through ``ExpertParallel``. A checkpoint holds every expert:
+    only this rank's rows of each expert tensor are read, with the RNG states (the checkpoint's
+    state is returned for ``restore``). ``(None, None)`` otherwise."""
+    if groups is None:
         return None, None
     check_expert_parallel(model, cfg.train.expert_parallel, ctx.world_size)
-    state = load_checkpoint(ckpt, model, None, rng=True) if ckpt is not None else None
-    groups = expert_groups(cfg.train.expert_parallel, ctx.rank, ctx.world_size, timeout_s=cfg.train.dist_timeout)
-    return ShardedExperts(model, groups), state
+    experts = ShardedExperts(model, groups)
+    state = load_checkpoint(ckpt, model, None, rng=True, rows=experts.rows()) if ckpt is not None else None
+    return experts, state
 
 
 def restore(run: Run, state: dict[str, Any] | None) -> None:
@@ -177,7 +194,7 @@ def restore(run: Run, state: dict[str, Any] | None) -> None:
     if run.experts is None:
         state = load_checkpoint(run.ckpt, run.model, run.optimizer)  # also restores the RNG states
     else:
-        load_optimizer_state(run.ckpt, run.optimizer, state, tensor_map=run.experts.slicer(run.optimizer))
+        load_optimizer_state(run.ckpt, run.optimizer, state, rows=run.experts.moment_rows(run.optimizer))
     run.step = state["step"]
     resume_distillation(run.distiller, state["bookkeeping"].get("distill"), run.ckpt)  # same teacher? the projection
     run.book.update({k: v for k, v in state["bookkeeping"].items() if k != "distill"})  # the teacher as found now

@@ -1,9 +1,11 @@
 """The trainer's side of expert parallelism: a model whose MoE layers keep only this rank's experts
-(``routelab.moe.parallel``), and the full model and optimizer state gathered back from all ranks,
-so checkpoints and the exported model are the same whatever the number of processes.
+(``routelab.moe.parallel``; the trainer builds it so, ``RoutedTransformer(cfg, expert_slice=...)``),
+and the full model and optimizer state gathered back from all ranks, so checkpoints and the
+exported model are the same whatever the number of processes.
 
 Optimizer state follows its parameter: an expert parameter's moments (AdamW's ``exp_avg`` and
-``exp_avg_sq``, shaped like it) are sliced on load and gathered on save along dimension 0.
+``exp_avg_sq``, shaped like it) are read as this rank's rows on load (``moment_rows``, as the
+weights: ``rows``) and gathered on save along dimension 0.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch import nn
 
 from routelab.config import ModelConfig
 from routelab.model import RoutedTransformer
-from routelab.moe.parallel import ExpertGradients, ExpertGroups, apply_expert_parallel, gather_experts, slice_experts
+from routelab.moe.parallel import ExpertGradients, ExpertGroups, apply_expert_parallel, gather_experts
 from routelab.train.checkpoint import optimizer_to_flat
 
 
@@ -38,10 +40,28 @@ class ShardedExperts:
         experts = {i for i, p in enumerate(params) if id(p) in self.gradients.expert_ids}
         return lambda key, t: int(key.split(".")[1]) in experts and t.dim() > 0
 
-    def slicer(self, optimizer: torch.optim.Optimizer):
-        """``tensor_map`` for ``load_optimizer_state``: this rank's rows of the experts' moments."""
-        is_expert = self._expert_moment(optimizer)
-        return lambda key, t: slice_experts(t, self.groups) if is_expert(key, t) else t
+    def rows(self) -> dict[str, tuple[int, int, int]]:
+        """``rows`` for ``load_checkpoint``: each expert parameter's (lo, hi, total) rows of its full tensor."""
+        out = {}
+        for n in self.names:
+            experts = self.model.get_submodule(n.rpartition(".")[0])
+            lo = experts.first_expert
+            out[n] = (lo, lo + experts.num_experts, experts.total_experts)
+        return out
+
+    def moment_rows(self, optimizer: torch.optim.Optimizer):
+        """``rows`` for ``load_optimizer_state``: this rank's rows of the experts' stored moments."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        experts = {i for i, p in enumerate(params) if id(p) in self.gradients.expert_ids}
+        P, index = self.groups.size, self.groups.index
+
+        def rows(key: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
+            if not (key.startswith("state.") and int(key.split(".")[1]) in experts and shape):
+                return None
+            L = shape[0] // P
+            return index * L, (index + 1) * L
+
+        return rows
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict, experts gathered from the group (every rank calls it)."""
