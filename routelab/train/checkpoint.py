@@ -303,17 +303,19 @@ def load_optimizer_state(
     state: dict,
     device: torch.device | None = None,
     tensor_map: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    apply: Callable[[dict], None] | None = None,
 ) -> None:
     """Load a checkpoint's optimizer state into ``optimizer`` (if given) and its RNG states (if
     ``device``); ``tensor_map(key, tensor)`` may transform each ``state.{idx}.{name}`` tensor first
-    (expert parallelism keeps this rank's slice of the experts' moments)."""
+    (expert parallelism keeps this rank's slice of the experts' moments). ``apply(state_dict)``
+    replaces ``optimizer.load_state_dict`` (FSDP keeps this rank's shards: ``routelab.train.fsdp``)."""
     path = Path(path)
     tensors = load_state_dict(path / OPTIMIZER_FILE)
     if tensor_map is not None:
         tensors = {k: tensor_map(k, t) if k.startswith("state.") else t for k, t in tensors.items()}
     try:
         if optimizer is not None:
-            optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+            (apply or optimizer.load_state_dict)(optimizer_from_flat(tensors, state["optimizer"]))
         if device is not None:
             restore_rng(tensors, state["rng"], device)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
