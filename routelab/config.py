@@ -362,6 +362,7 @@ class TrainConfig:
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # torchrun runs: auto = NCCL on CUDA, gloo on CPU
     dist_timeout: float = 300.0  # seconds a collective may wait (a dead rank ends the run after this)
     expert_parallel: int = 1  # P: spread each MoE layer's experts over groups of P processes (divides both)
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicate dense weights (ddp) or shard them (fsdp, routelab.train.fsdp)
     init_from: str | None = None  # a run or save_pretrained folder whose weights start the run (upcycled if the model differs)
     init_noise: float = 0.0  # with init_from: std of Gaussian noise on experts copied from a dense FFN (Komatsuzaki et al. 2023)
     distill: DistillConfig = field(default_factory=DistillConfig)  # a teacher's soft targets (off by default)
@@ -386,6 +387,18 @@ class TrainConfig:
             self.precision,
             "'fp32' or 'bf16' with train.expert_parallel > 1 (fp16's loss scaler would see each rank's own expert"
             " gradients and could skip a step on one rank only)",
+        )
+        check(
+            not (self.data_parallel == "fsdp" and self.expert_parallel > 1),
+            "train.data_parallel",
+            self.data_parallel,
+            "'ddp' with train.expert_parallel > 1 (fsdp does not compose with expert parallelism yet)",
+        )
+        check(
+            not (self.data_parallel == "fsdp" and self.distill.teacher),
+            "train.data_parallel",
+            self.data_parallel,
+            "'ddp' with train.distill.teacher (fsdp does not shard the distiller's projection yet)",
         )
 
 
@@ -436,6 +449,8 @@ class Config:
         check(not self.train.distill.teacher, "train.distill.teacher", self.train.distill.teacher,
               "null in a multi-task run (distillation reads one head)")
         check(not self.train.init_from, "train.init_from", self.train.init_from, "null in a multi-task run (heads differ)")
+        check(self.train.data_parallel == "ddp", "train.data_parallel", self.train.data_parallel,
+              "'ddp' in a multi-task run (fsdp needs every process to run the same forwards; not yet)")
 
     def _resolve_expert_groups(self) -> None:
         """Device-limited routing counts ranks: ``model.ffn.expert_groups`` null means one group per

@@ -96,3 +96,19 @@ def test_a_renamed_attention_kind_still_loads():
     """``topp`` was renamed ``block_topp`` (the MoE router keeps ``topp``): saved configs still load."""
     cfg = ModelConfig(vocab_size=11, attention={"kind": "topp", "block_size": 8})
     assert cfg.attention.kind == "block_topp" and cfg.attention.block_size == 8
+
+
+@pytest.mark.parametrize(
+    "train, pattern",
+    [
+        ({"data_parallel": "zero3"}, r"train.data_parallel='zero3' is invalid; allowed: .*'ddp', 'fsdp'"),
+        ({"data_parallel": "fsdp", "expert_parallel": 2},
+         r"^train.data_parallel='fsdp' is invalid; allowed: 'ddp' with train.expert_parallel > 1 \(fsdp does not compose"),
+        ({"data_parallel": "fsdp", "distill": {"teacher": "runs/t"}}, r"^train.data_parallel='fsdp' is invalid; allowed: 'ddp' with train.distill.teacher"),
+    ],
+)
+def test_data_parallel_modes_and_what_fsdp_does_not_compose_with_yet(train, pattern):
+    assert Config.from_dict({}).train.data_parallel == "ddp"
+    assert Config.from_dict({"train": {"data_parallel": "fsdp"}}).train.data_parallel == "fsdp"
+    with pytest.raises(ConfigError, match=pattern):
+        Config.from_dict({"train": train})

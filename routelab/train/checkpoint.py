@@ -314,12 +314,14 @@ def load_optimizer_state(
     device: torch.device | None = None,
     tensor_map: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     rows: RowSelector | None = None,
+    apply: Callable[[dict], None] | None = None,
 ) -> None:
     """Load a checkpoint's optimizer state into ``optimizer`` (if given) and its RNG states (if
     ``device``); ``tensor_map(key, tensor)`` may transform each ``state.{idx}.{name}`` tensor first;
     ``rows(key, stored shape)`` may name the rows lo:hi of a tensor to read instead of all (expert
     parallelism reads only this rank's slice of the experts' moments). Without ``optimizer`` only
-    the RNG tensors are read."""
+    the RNG tensors are read. ``apply(state_dict)`` replaces ``optimizer.load_state_dict`` (FSDP
+    keeps this rank's shards: ``routelab.train.fsdp``)."""
     path = Path(path)
     wanted = None if optimizer is not None else (lambda k: k.startswith("rng."))
     tensors = load_state_dict(path / OPTIMIZER_FILE, rows=rows, keys=wanted)
@@ -327,7 +329,7 @@ def load_optimizer_state(
         tensors = {k: tensor_map(k, t) if k.startswith("state.") else t for k, t in tensors.items()}
     try:
         if optimizer is not None:
-            optimizer.load_state_dict(optimizer_from_flat(tensors, state["optimizer"]))
+            (apply or optimizer.load_state_dict)(optimizer_from_flat(tensors, state["optimizer"]))
         if device is not None:
             restore_rng(tensors, state["rng"], device)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:

@@ -30,6 +30,7 @@ from routelab.data import (
 from routelab.device import device_of, to_device
 from routelab.precision import autocast
 from routelab.train.distributed import DistContext
+from routelab.train.fsdp import is_sharded
 
 
 @torch.no_grad()
@@ -87,6 +88,7 @@ def _evaluate_lm(model, data: LMData, cfg: Config, split: str, max_batches: int,
         raise ValueError(f"LM data has no split {split!r}; allowed: {', '.join(splits)}")
     total_nats, total_tokens = 0.0, 0
     batches = lm_eval_batches(splits[split], cfg.train.batch_size, cfg.data.seq_len, max_batches)
+    i, x = -1, None
     for i, x in enumerate(batches):  # (b, T)
         if i % ctx.world_size != ctx.rank:  # this rank's share of the batches
             continue
@@ -95,6 +97,8 @@ def _evaluate_lm(model, data: LMData, cfg: Config, split: str, max_batches: int,
         n = x.shape[0] * (x.shape[1] - 1)  # predicted positions: t predicts t + 1
         total_nats += out.task_loss.item() * n
         total_tokens += n
+    if _short_of_a_batch(model, i + 1, ctx):
+        model(x.to(device), labels=x.to(device))
     total_nats, total_tokens = ctx.sum([total_nats, total_tokens], device)
     total_tokens = int(total_tokens)
     loss = total_nats / total_tokens
@@ -137,6 +141,13 @@ class _TaskConfigView:
         self.data, self.train = data, train
 
 
+def _short_of_a_batch(model: nn.Module, batches: int, ctx: DistContext) -> bool:
+    """Whether this rank must run one more forward, whose result it drops, so that every rank runs as
+    many as the others: a sharded model (``train.data_parallel: fsdp``) all-gathers its weights in each
+    forward, a collective every rank joins, and rank r scored every world_size-th of ``batches``."""
+    return is_sharded(model) and batches % ctx.world_size != 0 and ctx.rank >= batches % ctx.world_size
+
+
 def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
     """Mean nats per token -> bits per UTF-8 byte, for a split of ``tokens`` tokens and ``n_bytes`` bytes."""
     return loss_nats / math.log(2) * tokens / n_bytes
@@ -152,9 +163,11 @@ def _evaluate_classification(
     if not examples:
         raise ValueError(f"the {split!r} split is empty")
     total_nats, correct, seen, n_examples = 0.0, 0, 0, 0
+    count, last = 0, None
     for i, batch in enumerate(classification_eval_batches(examples, cfg.train.batch_size)):
         if max_batches and i >= max_batches:
             break
+        count, last = i + 1, batch
         if i % ctx.world_size != ctx.rank:  # this rank's share of the batches
             continue
         b = to_device(data.collate(batch, cfg.data.seq_len, cfg.data.truncate), device)
@@ -167,6 +180,9 @@ def _evaluate_classification(
         correct += int(((out.logits.argmax(-1) == labels) & scored).sum())
         seen += n
         n_examples += len(batch)
+    if _short_of_a_batch(model, count, ctx):
+        b = to_device(data.collate(last, cfg.data.seq_len, cfg.data.truncate), device)
+        model(b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"])
     total_nats, correct, seen, n_examples = ctx.sum([total_nats, correct, seen, n_examples], device)
     if not seen:
         raise ValueError(f"the {split!r} split has no scored labels (all are {IGNORE_INDEX})")

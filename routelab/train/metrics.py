@@ -64,7 +64,10 @@ def moe_grad_norms(model: torch.nn.Module) -> dict[str, float]:
             experts += [p.grad for p in module.experts.parameters() if p.grad is not None]
     if not routers and not experts:
         return {}
-    norm = torch.nn.utils.get_total_norm
+    def norm(grads):  # a norm over FSDP shards is a DTensor: whole, the same on every rank
+        total = torch.nn.utils.get_total_norm(grads)
+        return total.full_tensor() if hasattr(total, "full_tensor") else total
+
     return {
         "router_grad_norm": float(norm(routers)) if routers else 0.0,
         "expert_grad_norm": float(norm(experts)) if experts else 0.0,

@@ -76,13 +76,14 @@ RESUMABLE_CHANGES = (
     "train.dist_backend",
     "train.dist_timeout",
     "train.expert_parallel",
+    "train.data_parallel",
     "train.init_from",  # read at step 0 only
     "train.init_noise",
     "train.distill.teacher",
 )
 # how a run is laid out, not what it computes (up to float summation order)
 DISPLAY_ONLY = ("train.progress", "train.tensorboard", "train.threads", "train.dist_backend", "train.dist_timeout",
-                "train.expert_parallel")  # never change what a run computes
+                "train.expert_parallel", "train.data_parallel")  # never change what a run computes
 # nor do these change its results (metrics, model): a comparison reuses a variant that differs only here
 NO_EFFECT_ON_RESULTS = (*DISPLAY_ONLY, "train.checkpoint_every", "train.keep_checkpoints")
 

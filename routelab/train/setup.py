@@ -33,6 +33,7 @@ from routelab.precision import grad_scaler, slow_precision_warning
 from routelab.train.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state
 from routelab.train.distill import Distiller, build_distiller, resume_distillation
 from routelab.train.distributed import DistContext
+from routelab.train.fsdp import is_sharded, load_sharded_checkpoint, shard_model
 from routelab.train.init_from import copy_tokenizer, init_model, resumed_sizes, start_from
 from routelab.train.metrics import METRICS_FILE, MetricsLog, open_tensorboard
 from routelab.train.optim import build_optimizer
@@ -89,6 +90,8 @@ def build_run(
     # knowledge distillation: the student with a frozen teacher (routelab.train.distill)
     distiller = build_distiller(cfg, model, out / TOKENIZER_FILE, device) if cfg.train.distill.teacher else None
     experts, state = shard_experts(cfg, model, ckpt, ctx, groups)
+    if cfg.train.data_parallel == "fsdp" and ctx.enabled:  # before the optimizer: it steps on the shards
+        shard_model(model, device, ctx.world_size)
     optimizer = make_optimizer(model, cfg.train)
     scaler = make_scaler(device, cfg.train.precision)  # fp16 only; its state is checkpointed with the bookkeeping
     slow = slow_precision_warning(device, cfg.train.precision)  # fp16 on a CPU, bf16 on one without bf16 instructions
@@ -191,7 +194,9 @@ def restore(run: Run, state: dict[str, Any] | None) -> None:
         run.book["distill"] = run.distiller.record()  # the teacher's folder and weights checksum
     if run.ckpt is None:
         return
-    if run.experts is None:
+    if is_sharded(run.model):  # every rank reads the whole checkpoint and keeps its shards
+        state = load_sharded_checkpoint(run.ckpt, run.model, run.optimizer)
+    elif run.experts is None:
         state = load_checkpoint(run.ckpt, run.model, run.optimizer)  # also restores the RNG states
     else:
         load_optimizer_state(run.ckpt, run.optimizer, state, rows=run.experts.moment_rows(run.optimizer))
@@ -206,7 +211,8 @@ def restore(run: Run, state: dict[str, Any] | None) -> None:
 
 def wrap_parallel(run: Run) -> nn.Module:
     """What a step runs: the distiller (if any) or the model, in ``DistributedDataParallel`` when
-    distributed (the teacher is in neither: each rank holds its own copy)."""
+    distributed (the teacher is in neither: each rank holds its own copy); a model sharded by
+    ``train.data_parallel: fsdp`` (``routelab.train.fsdp``) runs as it is."""
     trained = run.distiller if run.distiller is not None else run.model
     ctx, cfg, experts = run.ctx, run.cfg, run.experts
     if not ctx.enabled:
@@ -216,7 +222,10 @@ def wrap_parallel(run: Run) -> nn.Module:
             m.balance_group = dist.group.WORLD
     log.info("%d processes (%s), global batch %d = %d per process%s", ctx.world_size, dist.get_backend(),
              cfg.train.batch_size, cfg.train.batch_size // ctx.world_size,
-             f"; experts spread over groups of {experts.groups.size}" if experts else "")
+             f"; experts spread over groups of {experts.groups.size}" if experts else
+             "; dense weights, gradients and optimizer state sharded (fsdp)" if is_sharded(run.model) else "")
+    if is_sharded(run.model):
+        return trained
     if experts is not None:  # expert gradients are reduced over their replicas only (ExpertGradients)
         prefix = "student." if run.distiller is not None else ""
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trained, [prefix + n for n in experts.names])

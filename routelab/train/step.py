@@ -26,6 +26,7 @@ from routelab.precision import autocast, grad_scaler
 from routelab.train.device import to_device
 from routelab.train.distill import DistillOutput
 from routelab.train.distributed import DistContext
+from routelab.train.fsdp import full_norm, is_sharded
 from routelab.train.metrics import flatten_routing, mean_records, moe_grad_norms
 from routelab.train.run import RunError
 from routelab.train.schedule import lr_at
@@ -166,10 +167,12 @@ def forward_backward(
 ) -> None:
     """One forward (under autocast) and backward of ``batch``, added into ``acc``. ``part`` is
     ``(task, share, last)``: a multi-task ``task`` weights its loss by the task's ``loss_weight`` and
-    its ``share`` of the rows; DDP all-reduces the gradients only after the update's ``last`` backward."""
+    its ``share`` of the rows; DDP all-reduces the gradients only after the update's ``last`` backward.
+    FSDP reduce-scatters every backward's gradients and keeps only its shards (memory over traffic)."""
     t = cfg.train
     task, share, last = part
-    with contextlib.nullcontext() if last or not ctx.enabled else model.no_sync():  # all-reduce once per update
+    once = last or not ctx.enabled or is_sharded(model)
+    with contextlib.nullcontext() if once else model.no_sync():  # DDP: all-reduce once per update
         with autocast(device, t.precision):
             out = model(**batch)
         loss = out.loss
@@ -193,15 +196,16 @@ def clip_gradients(
 ) -> torch.Tensor:
     """Unscale (fp16), then clip to ``grad_clip`` (0: no clipping); returns the norm before clipping.
     Under expert parallelism the expert gradients are first reduced over their replicas and the norm
-    is the global one (``routelab.train.sharded``)."""
+    is the global one (``routelab.train.sharded``). Under FSDP the norm is over every rank's shards
+    (``clip_grad_norm_`` reduces over the mesh), returned whole on every rank."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler.unscale_(optimizer)  # fp16: true gradients before clipping and the norm (a no-op otherwise)
     if experts is not None:  # expert parallelism: expert gradients over their replicas, the global norm
         experts.gradients.sync()
         return experts.gradients.clip(params, grad_clip)
     if grad_clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return full_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    return full_norm(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def distill_means(distill: dict[str, Any], grad_accum: int, ctx: DistContext, device: torch.device) -> dict[str, float]:

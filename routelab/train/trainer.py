@@ -45,6 +45,7 @@ from routelab.train.distill import preflight_teacher
 from routelab.train.distributed import DistContext, init_distributed, rank_device, shutdown
 from routelab.train.evaluation import evaluate
 from routelab.train.export import export_model
+from routelab.train.fsdp import full_model, full_model_state, full_optimizer_tensors, is_sharded
 from routelab.train.metrics import format_duration, peak_rss_mb
 from routelab.train.optim import build_optimizer
 from routelab.train.run import MODEL_DIR, SUMMARY_FILE, config_sha256, preflight, resolve_device
@@ -156,6 +157,8 @@ def _train(
         checkpoint(run, loop)
     if run.step >= steps or loop.out_of_time:  # completed
         final_model = run.experts.full_model(run.cfg.model) if run.experts else run.model
+        if is_sharded(run.model):  # gathered whole on rank 0
+            final_model = full_model(run.model, run.cfg.model)
         ctx.on_main(lambda: export_model(final_model, run.data.tokenizer, out / MODEL_DIR))
     summary = summarize(run, loop, final)
     ctx.on_main(lambda: atomic_write_json(out / SUMMARY_FILE, summary))  # after model/: the export is complete
@@ -275,6 +278,8 @@ def checkpoint(run: Run, loop: Loop) -> None:
     if run.scaler.is_enabled():
         book["grad_scaler"] = run.scaler.state_dict()
     full = run.experts.full_states(run.optimizer) if run.experts else (None, None)  # every expert, from all ranks
+    if is_sharded(run.model):  # fsdp: the shards gathered whole on rank 0, in the one-process format
+        full = (full_model_state(run.model), full_optimizer_tensors(run.model, run.optimizer))
     extra = run.distiller.extra_tensors() if run.distiller is not None else None  # the projection: not part of the model
     keep = run.cfg.train.keep_checkpoints
     run.ctx.on_main(lambda: save_checkpoint(run.out, run.step, run.model, run.optimizer, {"bookkeeping": dict(book)}, keep, *full, extra))
