@@ -10,7 +10,6 @@ import textwrap
 
 import torch
 
-from routelab.config import Config
 from routelab.io import load_state_dict
 from tests.train.test_distributed import MOE, _env, write_tiny
 
