@@ -57,8 +57,10 @@ def c_library() -> str:
 
 def allocator_defaults(environ: Mapping[str, str], libc: str) -> dict[str, str]:
     """The variable ``run()`` adds for the allocator: ``GLIBC_TUNABLES`` keeping freed memory in the
-    process (see the module docstring), on glibc only, and only when the user set no tunable."""
-    if libc != "glibc" or ALLOCATOR_VAR in environ:
+    process (see the module docstring), on glibc only, and only when the user chose nothing about
+    glibc's allocator: no ``GLIBC_TUNABLES`` and none of its older ``MALLOC_*_`` variables (e.g.
+    ``MALLOC_MMAP_THRESHOLD_``)."""
+    if libc != "glibc" or ALLOCATOR_VAR in environ or any(k.startswith("MALLOC_") and k.endswith("_") for k in environ):
         return {}
     return {ALLOCATOR_VAR: KEEP_FREED_MEMORY}
 

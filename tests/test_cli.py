@@ -170,6 +170,8 @@ def test_allocator_defaults_only_on_glibc_and_never_over_the_users_own_tunables(
     assert allocator_defaults({}, "glibc") == {"GLIBC_TUNABLES": KEEP_FREED_MEMORY}
     assert allocator_defaults({}, "other") == {}
     assert allocator_defaults({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc") == {}
+    assert allocator_defaults({"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc") == {}  # glibc's older variables
+    assert allocator_defaults({"MALLOC_CHECK": "x"}, "glibc") == {"GLIBC_TUNABLES": KEEP_FREED_MEMORY}
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc and page-fault counts: Linux")

@@ -23,6 +23,8 @@ size, and back. Loading gives every rank the full tensors and each keeps its sha
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,12 @@ def is_sharded(model: nn.Module) -> bool:
 def shard_model(model: RoutedTransformer, device: torch.device, world_size: int) -> None:
     """``fully_shard`` each ``Block`` of ``model``, then the model itself (the rest: embeddings,
     final norm, heads), over all ``world_size`` processes. In place; before the optimizer is built."""
+    if device.type == "cpu" and "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", ""):
+        logging.getLogger("routelab.train").warning(
+            "fsdp on CPU with glibc's mmap off (GLIBC_TUNABLES, routelab's default): the per-block all-gather"
+            " buffers stay in the heap and each process peaks above ddp's; for fsdp's memory saving start the"
+            " run with MALLOC_MMAP_THRESHOLD_=65536 (routelab then leaves the allocator alone)"
+        )
     mesh = init_device_mesh(device.type, (world_size,))
     for block in model.modules():
         if isinstance(block, Block):
