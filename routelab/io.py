@@ -456,12 +456,27 @@ def lazy_tensors(path: str | Path) -> tuple[list[TensorSpec], dict[str, str] | N
             layout = [(name, tuple(s.get_shape()), s.get_dtype()) for name, s in found]
     except Exception as e:
         raise DamagedFileError(path, f"cannot read it as safetensors ({type(e).__name__}: {e})") from None
+    if meta:  # in the file's order: safe_open's mapping comes from a hash map, whose order varies by process
+        meta = _header_metadata(path) or meta
     specs = []
     for name, shape, dtype in layout:
         if dtype not in DTYPE_OF:
             raise DamagedFileError(path, f"tensor {name!r} has dtype {dtype}, which routelab does not read")
         specs.append(TensorSpec(name, shape, DTYPE_OF[dtype], lambda name=name: _read_tensor(path, name)))
     return specs, meta
+
+
+def _header_metadata(path: Path) -> dict[str, str] | None:
+    """A safetensors file's ``__metadata__`` as its header lists it (8-byte little-endian header
+    length, then the JSON header), or None if the header cannot be read that way."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
 
 
 def _read_tensor(path: Path, name: str) -> torch.Tensor:
